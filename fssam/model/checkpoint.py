@@ -1,0 +1,124 @@
+"""Checkpoint loading: official SAM 2 / 2.1, official DINOv2 hub, official FSSAM training files.
+
+All loads are strict: missing or unexpected keys and shape mismatches raise one CheckpointError
+that lists them. Files are read with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+
+import torch
+from torch import nn
+
+from fssam.errors import CheckpointError
+from fssam.model.dino import convert_dinov2_state_dict
+
+FORMATS = ("fssam", "sam2", "dinov2")
+_MAX_LISTED = 12
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str) -> dict:
+    """The object stored in `path`, read safely; a clear error for missing or corrupt files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be read: corrupt, not a PyTorch file, or holding Python objects "
+            f"that weights_only=True refuses ({first_line})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def detect_format(obj: dict) -> str:
+    """'fssam' ({"state_dict": sam2.*/dino.*}), 'sam2' ({"model": ...}) or 'dinov2' (bare hub keys)."""
+    if isinstance(obj.get("state_dict"), dict):
+        return "fssam"
+    if isinstance(obj.get("model"), dict):
+        return "sam2"
+    if "pos_embed" in obj and "patch_embed.proj.weight" in obj:
+        return "dinov2"
+    keys = ", ".join(list(obj)[:5])
+    raise CheckpointError(
+        "unrecognised checkpoint layout (keys: "
+        f"{keys}): expected an FSSAM training file {{'state_dict': ...}}, a SAM 2 file {{'model': ...}} "
+        "or a DINOv2 hub state dict"
+    )
+
+
+def _strip_module(state: dict) -> dict:
+    return {key[len("module.") :] if key.startswith("module.") else key: value for key, value in state.items()}
+
+
+def _to_model_keys(obj: dict, kind: str, model: nn.Module) -> tuple[dict, str]:
+    """(state dict in the model's key space, prefix of the part of the model it covers)."""
+    grid = model.config.dino_grid
+    if kind == "fssam":
+        state = _strip_module(obj["state_dict"])
+        sam2 = {k: v for k, v in state.items() if k.startswith("sam2.")}
+        dino = {k[len("dino.") :]: v for k, v in state.items() if k.startswith("dino.")}
+        other = {k: v for k, v in state.items() if not k.startswith(("sam2.", "dino."))}
+        out = dict(sam2)
+        out.update(other)
+        out.update({"dino." + k: v for k, v in convert_dinov2_state_dict(dino, grid).items()})
+        return out, ""
+    if kind == "sam2":
+        return {"sam2." + k: v for k, v in obj["model"].items()}, "sam2."
+    return {"dino." + k: v for k, v in convert_dinov2_state_dict(_strip_module(obj), grid).items()}, "dino."
+
+
+def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dict:
+    """Load `path` into `model` strictly. Returns {"path", "format", "sha256"}."""
+    obj = read_checkpoint(path)
+    found = detect_format(obj)
+    if kind is not None and kind != found:
+        raise CheckpointError(f"checkpoint {path!r} is in {found!r} format, but {kind!r} was asked for")
+    try:
+        state, prefix = _to_model_keys(obj, found, model)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path!r}: {error}") from None
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
+    ]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+            problems.append(f"{title}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path!r} ({found} format) does not fit config {model.config.name!r}: " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=(prefix == ""))
+    return {"path": os.path.abspath(path), "format": found, "sha256": file_sha256(path)}
+
+
+def save_fssam_checkpoint(model: nn.Module, path: str) -> None:
+    """Write the model in the official FSSAM training layout ({"state_dict": sam2.*, dino.*}, hub DINOv2 keys)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("dino.vit."):
+            key = "dino." + key[len("dino.vit.") :]
+        state[key] = value.detach().clone()
+    torch.save({"state_dict": state}, path)
