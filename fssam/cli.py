@@ -70,6 +70,68 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fssam.export import ParityError, export, format_report
+    from fssam.model import describe_weights
+
+    try:
+        manifest = export(
+            args.config,
+            out=args.out,
+            checkpoint=args.checkpoint,
+            shots=args.shots,
+            precision=args.precision,
+            tensorrt=args.tensorrt,
+            seed=args.seed,
+            progress=not args.no_progress,
+            num_refine=args.num_refine,
+            refine_version=args.refine_version,
+            scma_mode=args.scma_mode,
+        )
+    except ParityError as error:
+        print(str(error), file=sys.stderr)
+        raise ParityError(f"parity gate failed: nothing was written to {args.out}", error.report) from None
+    print(format_report(manifest["parity"]["onnxruntime"], manifest["stages"]))
+    if "tensorrt" in manifest:
+        print("TensorRT " + format_report(manifest["tensorrt"]["parity"], manifest["stages"]))
+    weights = manifest["weights"]
+    print(f"wrote {len(manifest['stages'])} ONNX files and manifest.json to {args.out} "
+          f"({args.config}, {args.shots}-shot, {args.precision}; weights: {weights['source']})")
+    if "note" in weights:
+        print("note: " + weights["note"], file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fssam.export import OnnxStages, ParityError, format_report, load_manifest, parity_report
+    from fssam.export.parity import sample_episode
+    from fssam.model import build
+
+    manifest = load_manifest(args.artifacts)
+    cfg = manifest["config"]
+    checkpoints = [entry["path"] for entry in manifest["weights"]["checkpoints"]]
+    seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
+    model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
+                  refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
+    if args.backend == "tensorrt":
+        from fssam.export.tensorrt import TensorRTStages, _CpuView
+
+        runner = _CpuView(TensorRTStages(args.artifacts))
+    else:
+        runner = OnnxStages(args.artifacts)
+    episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
+    report = parity_report(model, runner, manifest["precision"], episode)
+    print(format_report(report, manifest["stages"]))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    if not report["passed"]:
+        raise ParityError("parity gate failed", report)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssam", description="FSSAM few-shot segmentation: run, export, serve, measure.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +149,23 @@ def make_parser() -> argparse.ArgumentParser:
     predict.add_argument("--query", required=True, help="query image")
     predict.add_argument("--out", required=True, help="output mask PNG (an overlay PNG is written beside it)")
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="export every stage to ONNX (+ TensorRT on a GPU), with a manifest and parity gate")
+    _add_model_args(export)
+    export.add_argument("--shots", type=int, default=1, help="K support images per episode (fixed in the graphs)")
+    export.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
+    export.add_argument("--out", default="artifacts", help="output folder (replaced atomically)")
+    export.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a CUDA GPU)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
+
+    compare = sub.add_parser("compare", help="run the parity gate on an export folder against eager PyTorch")
+    compare.add_argument("--artifacts", required=True, help="folder written by fssam export")
+    compare.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
+    compare.add_argument("--batch", type=int, default=1, help="episodes per call")
+    compare.add_argument("--episode-seed", type=int, default=2024)
+    compare.add_argument("--json", help="also write the report as JSON here")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -88,7 +88,8 @@ def coco(tmp_path_factory):
     lines = []
     for n, c in enumerate([1, 1, 1, 5, 5, 9, 9, 9]):
         name = f"COCO_val2014_{n:012d}"
-        write_pair(f"{root}/val2014/{name}.jpg", f"{root}/annotations/val2014/{name}.png", make_label([(c, *BIG), (2, *RIGHT)]))
+        label = make_label([(c, *BIG), (2, *RIGHT)])
+        write_pair(f"{root}/val2014/{name}.jpg", f"{root}/annotations/val2014/{name}.png", label)
         pair = (f"{listed}/val2014/{name}.jpg", f"{listed}/annotations/val2014/{name}.png")
         lines.append(" ".join(pair) + "\n")
         class_files[c].append(pair)
@@ -144,7 +145,8 @@ def test_written_lists_use_the_official_prefix(pascal, pascal_fold):
     _, lists = pascal
     with open(f"{lists}/fss_list/val/data_list_0.txt") as f:
         first = f.readline()
-    assert first == "../data/VOCdevkit2012/VOC2012/JPEGImages/c1_0.jpg ../data/VOCdevkit2012/VOC2012/SegmentationClassAug/c1_0.png\n"
+    prefix = "../data/VOCdevkit2012/VOC2012"
+    assert first == f"{prefix}/JPEGImages/c1_0.jpg {prefix}/SegmentationClassAug/c1_0.png\n"
 
 
 def test_scan_train_keeps_base_only_images(pascal):

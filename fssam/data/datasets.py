@@ -71,7 +71,9 @@ def map_list_path(path: str, root: str, official_root: str) -> str:
         return os.path.join(root, path[len(prefix) + 1 :])
     if os.path.isabs(path):
         return path
-    raise DataError(f"list path {path!r} does not start with {prefix + '/'!r}; pass official_root= the prefix the list uses")
+    raise DataError(
+        f"list path {path!r} does not start with {prefix + '/'!r}; pass official_root= the prefix the list uses"
+    )
 
 
 def read_label(path: str) -> np.ndarray:
@@ -127,7 +129,8 @@ def load_fold(
     class_files = {c: tuple(mapped(pair, class_list) for pair in raw[c]) for c in classes}
     if check_files:
         _require_files([p for pair in items for p in pair], f"{data_list}, root {root}")
-        _require_files([p for pairs in class_files.values() for pair in pairs for p in pair], f"{class_list}, root {root}")
+        support_paths = [p for pairs in class_files.values() for pair in pairs for p in pair]
+        _require_files(support_paths, f"{class_list}, root {root}")
     return FoldData(dataset, fold, mode, root, tuple(classes), items, class_files)
 
 
@@ -162,7 +165,8 @@ def scan_fold(
             items.append(pair)
             for c in kept:
                 class_files[c].append(pair)
-    return FoldData(dataset, fold, mode, root, tuple(classes), tuple(items), {c: tuple(v) for c, v in class_files.items()})
+    frozen = {c: tuple(pairs) for c, pairs in class_files.items()}
+    return FoldData(dataset, fold, mode, root, tuple(classes), tuple(items), frozen)
 
 
 def write_fold(data: FoldData, list_root: str, official_root: str | None = None) -> tuple[str, str]:

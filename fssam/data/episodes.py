@@ -37,7 +37,7 @@ class EpisodeSpec:
     supports: tuple[Pair, ...]  # K pairs, in the order the official loader stacks them
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Episode:
     """One loaded episode; labels are binarised for `class_id` (0/1, 255 ignore)."""
 
@@ -103,8 +103,11 @@ def binarize_label(label: np.ndarray, class_id: int, ignore_label: int = IGNORE_
 def resize_pair(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Resize as the official val transform: image bilinear (as float32), label nearest, to size x size."""
     if image.ndim != 3 or label.ndim != 2 or image.shape[:2] != label.shape:
-        raise InputError(f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}")
-    image = cv2.resize(image.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)  # (size, size, 3) float32
+        raise InputError(
+            f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}"
+        )
+    image = image.astype(np.float32)  # the official loader resizes float32 images
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)  # (size, size, 3) float32
     label = cv2.resize(label, (size, size), interpolation=cv2.INTER_NEAREST)  # (size, size)
     return image, label
 

@@ -22,7 +22,7 @@ EPSILON = 1e-10  # the official denominator guard
 def intersection_and_union(
     pred, label, num_classes: int = 2, ignore_label: int = IGNORE_LABEL
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class pixel counts (intersection, union, label area), ignoring `ignore_label` pixels.  # 3 x (num_classes,) int64"""
+    """Per-class pixel counts (intersection, union, label area) over pixels not labelled `ignore_label`."""
     pred, label = _as_numpy(pred), _as_numpy(label)
     if pred.shape != label.shape:
         raise InputError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
@@ -34,8 +34,9 @@ def intersection_and_union(
     valid = label != ignore_label
     pred, label = pred[valid], label[valid]
     if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise InputError(f"label values must lie in 0..{num_classes - 1} or be {ignore_label}, got {np.unique(label)[:8].tolist()}")
-    area_intersection = np.bincount(pred[pred == label], minlength=num_classes)
+        found = np.unique(label)[:8].tolist()
+        raise InputError(f"label values must lie in 0..{num_classes - 1} or be {ignore_label}, got {found}")
+    area_intersection = np.bincount(pred[pred == label], minlength=num_classes)  # (num_classes,) int64
     area_pred = np.bincount(pred, minlength=num_classes)
     area_label = np.bincount(label, minlength=num_classes)
     return area_intersection, area_pred + area_label - area_intersection, area_label

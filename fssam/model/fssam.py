@@ -13,6 +13,7 @@ from torch import nn
 
 from fssam.model.config import FSSAMConfig
 from fssam.model.dino import IMAGENET_MEAN, IMAGENET_STD, PriorBackbone
+from fssam.model.episode import encode_support, run_episode, segment
 from fssam.model.prior import pseudo_prompts
 from fssam.model.refine import iterative_memory_refinement
 from fssam.model.sam2_assembly import build_sam2
@@ -46,7 +47,8 @@ class FSSAM(nn.Module):
         """Hiera + FPN features of images (n, 3, S, S): (n, C/8, 4h, 4w), (n, C/4, 2h, 2w), (n, C, h, w)."""
         x = (images / 255.0 - self.pixel_mean) / self.pixel_std
         features = self.sam2.forward_image(x)["backbone_fpn"]  # levels 0, 1 already projected for the decoder
-        return features[0], features[1], features[2]
+        # sam2's FPN upsamples in fp32: hand the stages the input's dtype back
+        return tuple(f.to(images.dtype) for f in features[:3])
 
     # ---------------------------------------------------------------- stage 3
     def prior(self, query_features, support_features, support_masks):
@@ -137,43 +139,33 @@ class FSSAM(nn.Module):
         sparse, dense = sam2.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_prompt)
         masks, ious, tokens, object_score = sam2.sam_mask_decoder(
             image_embeddings=features,
-            image_pe=sam2.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            image_pe=sam2.sam_prompt_encoder.get_dense_pe().to(features.dtype),
+            sparse_prompt_embeddings=sparse.to(features.dtype),
+            dense_prompt_embeddings=dense.to(features.dtype),
             multimask_output=multimask,
             repeat_image=False,
             high_res_features=[feat_s0, feat_s1],
         )
         return masks, ious, tokens[:, 0], object_score
 
+    def to_dtype(self, dtype: torch.dtype) -> "FSSAM":
+        """The whole model in `dtype` (fp16/bf16 inference), except the prompt encoder's random
+        Fourier matrix, which sam2 always applies to fp32 coordinates."""
+        self.to(dtype)
+        pe = self.sam2.sam_prompt_encoder.pe_layer
+        pe.positional_encoding_gaussian_matrix.data = pe.positional_encoding_gaussian_matrix.data.float()
+        return self
+
     # ---------------------------------------------------------------- composed
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> dict:
-        """Everything an episode needs from the support set (cacheable): support_images (B, K, 3, S, S)."""
-        b, k = support_images.shape[:2]
-        flat_images = support_images.flatten(0, 1)
-        flat_masks = support_masks.flatten(0, 1).unsqueeze(1)  # (BK, 1, S, S)
-        dino_features = self.prior_backbone(flat_images)
-        s0, s1, s2 = self.image_encoder(flat_images)
-        memory, pointers = self.memory_encoder(s0, s1, s2, flat_masks)
-        return {
-            "dino_features": dino_features.unflatten(0, (b, k)),  # (B, K, D, g, g)
-            "memory": memory.unflatten(0, (b, k)),  # (B, K, M, h, w)
-            "pointers": pointers.unflatten(0, (b, k)),  # (B, K, C)
-            "masks": support_masks,  # (B, K, S, S)
-        }
+        """Everything an episode needs from the support set (cacheable)."""
+        return encode_support(self, support_images, support_masks)
 
     def segment(self, query_images: torch.Tensor, support: dict) -> torch.Tensor:
         """Query mask logits (B, 1, S, S) given an encoded support set."""
-        query_dino = self.prior_backbone(query_images)
-        s0, s1, s2 = self.image_encoder(query_images)
-        prior_fg, prior_ae = self.prior(query_dino, support["dino_features"], support["masks"])
-        fg_memory, _ = self.memory_encoder(s0, s1, s2, prior_fg)
-        ae_memory, ae_pointer = self.memory_encoder(s0, s1, s2, prior_ae)
-        refined_memory, _ = self.refine(support["memory"], support["masks"], fg_memory, ae_memory, prior_fg, prior_ae)
-        return self.head(s0, s1, s2, support["memory"], support["pointers"], refined_memory, ae_pointer, support["masks"])
+        return segment(self, query_images, support)
 
     def forward(self, query_images, support_images, support_masks):
         """query_images (B, 3, S, S), support_images (B, K, 3, S, S), support_masks (B, K, S, S) with
         values 0/1 (255 = ignore, treated as background as in the official code) -> logits (B, 1, S, S)."""
-        support_masks = torch.where(support_masks == 255, torch.zeros_like(support_masks), support_masks).float()
-        return self.segment(query_images, self.encode_support(support_images, support_masks))
+        return run_episode(self, query_images, support_images, support_masks)

@@ -1,0 +1,194 @@
+"""SCMA benchmark: fused Triton kernel vs the PyTorch reference vs plain SDPA (no calibration).
+
+    python benchmarks/bench_scma.py [--batches 1 4 16] [--shots 1 5] [--dtypes fp16 bf16]
+                                    [--tokens 1024] [--head-dim 256] [--heads 1] [--out benchmarks/results]
+
+Shapes: q (B, H, N, c), k/v (B, H, K*N + N + P, c) with P = 4 * (K + 1) pointer tokens.
+Rows:
+  triton     `fssam.kernels.triton_scma.triton_scma` (calibration inputs in PyTorch + fused kernel)
+  fused      `fssam.kernels.triton_scma.scma_fused` alone (calibration inputs precomputed)
+  reference  `fssam.model.scma.scma_reference` (materialises the N x (2N + P) scores)
+  sdpa       F.scaled_dot_product_attention on the shot-mean keys/values (2N + P), i.e. the
+             same attention without the calibration: a floor for what SCMA can cost.
+Times are the median of CUDA-event timed runs (triton.testing.do_bench); memory is the peak
+allocated during one call minus what was allocated before it. Writes a markdown table to
+stdout, JSON (with the device name) and a PNG plot under --out. Needs a CUDA GPU: on a machine
+without one it exits with a message and writes nothing (no CPU numbers are passed off as GPU ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--tokens", type=int, default=1024, help="N = h * w query tokens")
+    parser.add_argument("--head-dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--mode", default="paper", choices=["paper", "official"])
+    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement")
+    parser.add_argument("--rep", type=int, default=100, help="ms of timed repetitions per measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return parser.parse_args(argv)
+
+
+def make_inputs(batch, shots, tokens, head_dim, heads, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    pointers = 4 * (shots + 1)
+    length = (shots + 1) * tokens + pointers
+    q = torch.randn(batch, heads, tokens, head_dim, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=g)
+    masks = (torch.rand(batch, shots, tokens, device="cuda", generator=g) > 0.5).to(dtype)
+    return q, k, v, masks
+
+
+def peak_memory(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return int(peak)
+
+
+def run(args):
+    import triton.testing
+
+    from fssam.kernels.triton_scma import calibration_term, scma_fused, triton_scma
+    from fssam.model.scma import calibration_inputs, scma_reference
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for shots in args.shots:
+            for batch in args.batches:
+                q, k, v, masks = make_inputs(batch, shots, args.tokens, args.head_dim, args.heads, dtype)
+                keys, values, w, _ = calibration_inputs(k, v, masks, args.mode)
+                keys, values, cal = keys.contiguous(), values.contiguous(), calibration_term(w)
+                impls = {
+                    "triton": lambda: triton_scma(q, k, v, masks, args.mode),
+                    "fused": lambda: scma_fused(q, keys, values, cal),
+                    "reference": lambda: scma_reference(q, k, v, masks, args.mode),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q, keys, values),
+                }
+                expected = impls["reference"]().float()
+                for name, fn in impls.items():
+                    error = None
+                    if name in ("triton", "fused"):
+                        error = float((fn().float() - expected).abs().max())
+                    ms = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+                    row = dict(
+                        impl=name, dtype=dtype_name, batch=batch, shots=shots, tokens=args.tokens,
+                        head_dim=args.head_dim, heads=args.heads, pointers=4 * (shots + 1),
+                        time_ms=ms, peak_mem_mib=peak_memory(fn) / 2**20, max_abs_err_vs_reference=error,
+                    )
+                    rows.append(row)
+                    print(f"  {name:9s} {dtype_name} B={batch:2d} K={shots}: {ms:8.3f} ms "
+                          f"{row['peak_mem_mib']:9.1f} MiB", file=sys.stderr)
+                del q, k, v, masks, keys, values, cal, expected
+                torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = [
+        "| dtype | batch | K | triton ms | fused ms | reference ms | sdpa ms | speed-up vs ref "
+        "| triton MiB | reference MiB | sdpa MiB | triton max err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keyed = {(r["dtype"], r["batch"], r["shots"], r["impl"]): r for r in rows}
+    for dtype, batch, shots in sorted({(r["dtype"], r["batch"], r["shots"]) for r in rows}):
+        t, fu, ref, sd = (keyed[(dtype, batch, shots, impl)] for impl in ("triton", "fused", "reference", "sdpa"))
+        lines.append(
+            f"| {dtype} | {batch} | {shots} | {t['time_ms']:.3f} | {fu['time_ms']:.3f} | {ref['time_ms']:.3f} "
+            f"| {sd['time_ms']:.3f} "
+            f"| {ref['time_ms'] / t['time_ms']:.2f}x | {t['peak_mem_mib']:.1f} | {ref['peak_mem_mib']:.1f} "
+            f"| {sd['peak_mem_mib']:.1f} | {t['max_abs_err_vs_reference']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit("bench_scma: the plot needs matplotlib (pip install matplotlib)") from exc
+    groups = sorted({(r["dtype"], r["shots"]) for r in rows})
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 7), squeeze=False)
+    for col, (dtype, shots) in enumerate(groups):
+        for impl, marker in (("triton", "o"), ("fused", "x"), ("reference", "s"), ("sdpa", "^")):
+            sel = sorted((r for r in rows if (r["dtype"], r["shots"], r["impl"]) == (dtype, shots, impl)),
+                         key=lambda r: r["batch"])
+            batches = [r["batch"] for r in sel]
+            axes[0][col].plot(batches, [r["time_ms"] for r in sel], marker=marker, label=impl)
+            axes[1][col].plot(batches, [r["peak_mem_mib"] for r in sel], marker=marker, label=impl)
+        axes[0][col].set_title(f"{dtype}, K={shots}")
+        for row, ylabel in ((0, "time (ms)"), (1, "peak memory (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "bench_scma: no CUDA GPU on this machine. The benchmark times GPU kernels and reports "
+            "nothing without one (run it on a GPU machine)."
+        )
+    device = torch.cuda.get_device_name()
+    print(f"SCMA benchmark on {device}: N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1), "
+          f"mode {args.mode}", file=sys.stderr)
+    rows = run(args)
+    table = markdown(rows)
+    print(f"### SCMA on {device} (N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1))\n")
+    print(table)
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
+    meta = dict(
+        device=device, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(), date=stamp,
+        tokens=args.tokens, head_dim=args.head_dim, heads=args.heads, mode=args.mode,
+        timing="triton.testing.do_bench median, CUDA events", memory="peak allocated during one call minus baseline",
+    )
+    json_path = args.out / f"scma_{slug}_{stamp}.json"
+    json_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    png_path = json_path.with_suffix(".png")
+    plot(rows, png_path, f"SCMA on {device}: N={args.tokens}, c={args.head_dim}")
+    print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

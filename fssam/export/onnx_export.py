@@ -1,0 +1,198 @@
+"""`fssam export`: one ONNX file per stage, a manifest, the parity gate; TensorRT engines on a GPU.
+
+Everything is written into a temporary folder beside DIR and renamed to DIR at the end, so an
+interrupted or failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+from tqdm import tqdm
+
+import fssam
+from fssam.errors import FSSAMError, InputError
+from fssam.export.manifest import FORMAT, write_manifest
+from fssam.export.parity import DTYPES, ParityError, format_report, parity_report, sample_episode
+from fssam.export.stages import BATCH, STAGE_MODULES, STAGE_ORDER, stage_samples, stage_specs
+from fssam.model import build, describe_weights
+from fssam.model.checkpoint import file_sha256
+
+log = logging.getLogger("fssam")
+OPSET = 18
+EXPORT_BATCH = 2  # example batch for tracing: 1 would be specialised as a constant
+MAX_BATCH = 64
+
+
+class ExportError(FSSAMError):
+    """The export could not be completed."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings of its own: keep them out of the user's terminal."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield sink
+        finally:
+            logging.disable(previous)
+
+
+def export_stage(model, name: str, example_args: tuple, spec, path: str) -> None:
+    """Export one stage (the model's own method, wrapped) with a dynamic batch dimension."""
+    module = STAGE_MODULES[name](model).eval()
+    batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
+    dynamic_shapes = {t.name: {0: batch} for t in spec.inputs}
+    with _quiet() as sink, torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                module,
+                example_args,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+        except Exception as error:  # the exporter raises many types; name the stage
+            raise ExportError(f"stage {name}: ONNX export failed: {str(error).splitlines()[0]}\n{sink.getvalue()[-2000:]}") from error
+        program.save(path)  # weights go to external data only past the 2 GB protobuf limit
+
+
+def _check_onnx(path: str) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(path)
+    ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _examples(model, shots: int, dtype) -> dict[str, tuple]:
+    """Real stage inputs from an eager episode at the export batch, cast to the export dtype."""
+    episode = [t.to(dtype) for t in sample_episode(model.config, shots, batch=EXPORT_BATCH, seed=99)]
+    records = stage_samples(model, *episode)
+    examples = {}
+    for name in STAGE_ORDER:
+        args = records[name][-1][0]  # memory_encoder: a query call (batch = episodes); any call has the layout
+        examples[name] = tuple(a.to(dtype) for a in args)
+    return examples
+
+
+def _weights_entry(model) -> dict:
+    if model.random_init_seed is not None:
+        return {
+            "source": f"random-init seed {model.random_init_seed}",
+            "checkpoints": model.checkpoints,
+            "note": describe_weights(model),
+        }
+    return {"source": "checkpoint", "checkpoints": model.checkpoints}
+
+
+def _replace_folder(tmp: str, out: str) -> None:
+    """Move the finished temp folder to `out`, replacing an earlier export there."""
+    if os.path.exists(out):
+        if not os.path.isfile(os.path.join(out, "manifest.json")) and os.listdir(out):
+            raise ExportError(f"{out!r} exists and is not an fssam export folder: refusing to overwrite it")
+        backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(backup, "previous"))
+        os.rename(tmp, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def export(
+    config: str = "small",
+    out: str = "artifacts",
+    checkpoint=None,
+    shots: int = 1,
+    precision: str = "fp32",
+    tensorrt: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    gate: bool = True,
+    **overrides,
+) -> dict:
+    """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
+    report) when the gate fails, and leaves no `out` behind in that case."""
+    if precision not in DTYPES:
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    if shots < 1:
+        raise InputError(f"shots must be >= 1, got {shots}")
+    if tensorrt:
+        from fssam.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before the long work, not after it
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise InputError(f"output parent folder {parent!r} does not exist")
+    model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
+    dtype = DTYPES[precision]
+    export_model = model if dtype == torch.float32 else copy.deepcopy(model).to_dtype(dtype)
+    specs = stage_specs(model.config, shots, dtype=str(dtype).replace("torch.", ""))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        bar = tqdm(total=len(STAGE_ORDER) + 1 + (len(STAGE_ORDER) if tensorrt else 0), disable=not progress,
+                   desc="export", unit="step")
+        examples = _examples(export_model, shots, dtype)
+        stages = {}
+        for name in STAGE_ORDER:
+            bar.set_postfix_str(f"{name} -> ONNX")
+            path = os.path.join(tmp, f"{name}.onnx")
+            export_stage(export_model, name, examples[name], specs[name], path)
+            _check_onnx(path)
+            stages[name] = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict()}
+            bar.update()
+        manifest = {
+            "format": FORMAT,
+            "fssam_version": fssam.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": model.config.to_dict(),
+            "shots": shots,
+            "precision": precision,
+            "dtype": str(dtype).replace("torch.", ""),
+            "weights": _weights_entry(model),
+            "opset": OPSET,
+            "torch": torch.__version__,
+            "pipeline": list(STAGE_ORDER),
+            "stages": stages,
+        }
+        write_manifest(tmp, manifest)
+        bar.set_postfix_str("parity gate")
+        from fssam.export.runtime import OnnxStages
+
+        report = parity_report(model, OnnxStages(tmp), precision, sample_episode(model.config, shots, batch=1, seed=seed + 7))
+        manifest["parity"] = {"onnxruntime": report}
+        bar.update()
+        if gate and not report["passed"]:
+            raise ParityError(format_report(report, stages), report)
+        if tensorrt:
+            from fssam.export.tensorrt import build_engines
+
+            manifest["tensorrt"] = build_engines(tmp, manifest, model, progress=bar)
+            if gate and not manifest["tensorrt"]["parity"]["passed"]:
+                raise ParityError(format_report(manifest["tensorrt"]["parity"], stages), manifest["tensorrt"]["parity"])
+        write_manifest(tmp, manifest)
+        bar.close()
+        _replace_folder(tmp, out)
+        return manifest
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""TensorRT 10 quickly-deployable plugin (`tensorrt.plugin`) for the ONNX node fssam::SCMA.
+
+The node (emitted by `fssam.kernels.scma` during `torch.onnx.export` inside
+`fssam.kernels.onnx_custom_node(True)`, see `fssam.kernels.op`) is exactly the fused Triton
+kernel of `fssam.kernels.triton_scma`:
+    inputs  q (B, H, N, c), keys (B, H, L, c), values (B, H, L, c), cal (B, H, N) float32
+    output  (B, H, N, c) in q's dtype;  L = 2N + P'
+so the plugin is one Triton launch, with two implementations:
+  * AOT (`@trtp.aot_impl`, the default: node attribute aot=1): the kernel is compiled to PTX
+    when the engine is built; TensorRT launches it itself, no Python at inference time; the
+    engine can be serialized and run from C++ (trtexec) given the plugin library of TRT.
+  * JIT (`@trtp.impl`, node attribute aot=0): Python callback launching the Triton kernel with
+    PyTorch tensors on TensorRT's stream (needs Python + torch at inference time).
+
+Hidden scratch parameters (Triton >= 3.3). Triton appends hidden pointer parameters to every
+compiled kernel after the user parameters: `global_scratch` (Triton 3.3) and, in later
+releases, `profile_scratch` (the Triton 3.8 used here emits both). Triton's own launcher
+allocates them and passes them behind the scenes; TensorRT's AOT launcher does not know of them
+and passes exactly [inputs..., extra_args..., outputs...]. Left alone, the driver would read
+the kernel-parameter array past its end (undefined behaviour: garbage pointers, crashes). So
+`compile_aot_kernel`
+  1. requires metadata.global_scratch_size == profile_scratch_size == 0 (the kernel never
+     dereferences them; this kernel needs no scratch), else it refuses the AOT path;
+  2. checks that the PTX body never references those parameters;
+  3. deletes their declarations from the PTX `.entry` signature, so the parameter list is
+     exactly what TensorRT passes.
+(Passing them as extra SymInt32(0) args instead is wrong: the extra args are 32-bit scalars and
+the hidden parameters are 64-bit pointers.)
+
+AOT kernels also need dynamic shared memory <= 48 KiB (above that CUDA needs an opt-in that the
+AOT launch path does not make): `compile_aot_kernel` shrinks stages / tiles until the kernel
+fits, and reports the choice.
+
+This module imports without tensorrt and without a GPU; `register()` and the engine helpers
+raise RuntimeError(REQUIREMENT) when either is missing. `compile_aot_kernel` only needs Triton
+(it compiles for an explicit target, e.g. GPUTarget("cuda", 90, 32), on a CPU-only machine too,
+provided TRITON_INTERPRET is not set in that process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+
+import torch
+
+PLUGIN_NAMESPACE = "fssam"
+PLUGIN_NAME = "SCMA"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+REQUIREMENT = "TensorRT plugin needs the tensorrt package and a CUDA device"
+MAX_STATIC_LAUNCH_SHARED = 48 * 1024
+
+# kernel parameter positions (see _scma_fwd_kernel): pointers and the multiples-of-c strides
+_POINTER_ARGS = ("Q", "K", "V", "CAL", "O")
+_HEAD_DIM_MULTIPLE_ARGS = (
+    "stride_qb", "stride_qh", "stride_qn",
+    "stride_kb", "stride_kh", "stride_kn",
+    "stride_vb", "stride_vh", "stride_vn",
+    "stride_ob", "stride_oh", "stride_on",
+)
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+_registered = {"done": False}
+
+
+def available() -> bool:
+    """True when tensorrt is importable and a CUDA device is present."""
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def require() -> None:
+    if not available():
+        raise RuntimeError(REQUIREMENT)
+
+
+@dataclasses.dataclass(frozen=True)
+class AotKernel:
+    name: str
+    ptx: str
+    shared: int  # bytes of dynamic shared memory
+    num_warps: int
+    block_m: int
+    block_n: int
+    num_stages: int
+    num_params: int  # parameters in the PTX entry after stripping the hidden ones
+    stripped: tuple  # names of the hidden parameters removed
+
+
+def strip_hidden_params(ptx: str, kernel_name: str, num_user_params: int) -> tuple[str, tuple]:
+    """Remove Triton's hidden trailing parameters (global/profile scratch) from a PTX entry.
+
+    Raises if any of them is referenced in the body (then the kernel really needs them)."""
+    entry = re.search(r"\.entry\s+" + re.escape(kernel_name) + r"\s*\((.*?)\)", ptx, re.S)
+    if entry is None:
+        raise RuntimeError(f"no .entry {kernel_name} in the PTX")
+    params = [p.strip() for p in entry.group(1).split(",") if p.strip()]
+    if len(params) < num_user_params:
+        raise RuntimeError(f"PTX entry has {len(params)} parameters, expected at least {num_user_params}")
+    hidden = params[num_user_params:]
+    names = tuple(p.split()[-1] for p in hidden)
+    body = ptx[entry.end():]
+    for name in names:
+        if re.search(r"\b" + re.escape(name) + r"\b", body):
+            raise RuntimeError(f"hidden Triton parameter {name} is used by the kernel: cannot drop it for TensorRT AOT")
+    kept = ",\n\t".join(params[:num_user_params])
+    new_ptx = ptx[: entry.start(1)] + "\n\t" + kept + "\n" + ptx[entry.end(1):]
+    return new_ptx, names
+
+
+def _candidate_configs(head_dim: int, dtype: torch.dtype):
+    from fssam.kernels.triton_scma import kernel_config
+
+    base = kernel_config(head_dim, 1 << 20, dtype, interpret=False)
+    seen = set()
+    for block_m, block_n, stages in (
+        (base["BLOCK_M"], base["BLOCK_N"], base["num_stages"]),
+        (base["BLOCK_M"], base["BLOCK_N"], 1),
+        (base["BLOCK_M"], max(16, base["BLOCK_N"] // 2), 1),
+        (max(16, base["BLOCK_M"] // 2), max(16, base["BLOCK_N"] // 2), 1),
+        (16, 16, 1),
+    ):
+        key = (block_m, block_n, stages)
+        if key not in seen:
+            seen.add(key)
+            yield dict(base, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages)
+
+
+def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKernel:
+    """PTX of `_scma_fwd_kernel` for TensorRT's AOT launch: fixed dtype and head dim, int32
+    shapes/strides, 16-byte aligned pointers (TensorRT allocations are), hidden params removed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs, interpreting
+
+    if interpreting():
+        raise RuntimeError("AOT compilation needs the real Triton compiler: unset TRITON_INTERPRET")
+    if dtype not in _TRITON_TYPE:
+        raise TypeError(f"unsupported dtype {dtype}")
+    if target is None:
+        target = triton.runtime.driver.active.get_current_target()
+    elif isinstance(target, tuple):
+        target = GPUTarget(*target)
+    fn = _scma_fwd_kernel
+    ty = _TRITON_TYPE[dtype]
+    tried = []
+    for config in _candidate_configs(head_dim, dtype):
+        consts = constexprs(head_dim, dtype, config)
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name == "CAL":
+                signature[name] = "*fp32"
+            elif name in _POINTER_ARGS:
+                signature[name] = "*" + ty
+            else:
+                signature[name] = "i32"
+        aligned = list(_POINTER_ARGS) + (list(_HEAD_DIM_MULTIPLE_ARGS) if head_dim % 16 == 0 else [])
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(
+            src, target=target, options=dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        )
+        meta = compiled.metadata
+        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+            raise RuntimeError("the SCMA kernel needs Triton scratch memory: TensorRT AOT cannot provide it; use aot=0")
+        tried.append((config["BLOCK_M"], config["BLOCK_N"], config["num_stages"], meta.shared))
+        if meta.shared > MAX_STATIC_LAUNCH_SHARED:
+            continue
+        num_user = sum(1 for kind in signature.values() if kind != "constexpr")
+        ptx, stripped = strip_hidden_params(compiled.asm["ptx"], meta.name, num_user)
+        return AotKernel(meta.name, ptx, meta.shared, meta.num_warps, config["BLOCK_M"], config["BLOCK_N"],
+                         config["num_stages"], num_user, stripped)
+    raise RuntimeError(f"no SCMA kernel config fits {MAX_STATIC_LAUNCH_SHARED} B of shared memory "
+                       f"(tried BLOCK_M, BLOCK_N, stages, shared = {tried}); use aot=0")
+
+
+def register() -> None:
+    """Register the fssam::SCMA plugin with TensorRT (idempotent). Then the ONNX parser maps
+    nodes op "SCMA" with attribute plugin_namespace="fssam" to it."""
+    require()
+    if _registered["done"]:
+        return
+    import numpy as np  # noqa: F401  (tensorrt.plugin expects numpy)
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+
+    @trtp.register(PLUGIN_ID)
+    def _describe(q: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, cal: trtp.TensorDesc) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.autotune(PLUGIN_ID)
+    def _autotune(q, keys, values, cal, outputs):
+        # q, keys, values, out share one of fp32/fp16/bf16 (paired index-wise); cal is always fp32
+        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32, FP32|FP16|BF16", "LINEAR")]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(q: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, cal: trtp.TensorDesc,
+             outputs, tactic: int):
+        head_dim = q.shape_expr[3]
+        if not head_dim.is_constant:
+            raise RuntimeError("fssam::SCMA AOT needs a static head dim")
+        kernel = compile_aot_kernel(torch_dtype[q.dtype], int(head_dim.constant_value))
+        b, h, n, c = (q.shape_expr[i] for i in range(4))
+        length = keys.shape_expr[2]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(n, kernel.block_m)
+        launch.grid_y = b * h
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared
+        # the int32 scalars of _scma_fwd_kernel, in order (contiguous tensors)
+        scalars = [
+            h * n * c, n * c, c,  # q strides b, h, n
+            h * length * c, length * c, c,  # keys
+            h * length * c, length * c, c,  # values
+            h * n, n,  # cal
+            h * n * c, n * c, c,  # out
+            h, n, length,
+        ]
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+        return kernel.name.encode(), kernel.ptx.encode(), launch, extra
+
+    @trtp.impl(PLUGIN_ID)
+    def _jit(q: trtp.Tensor, keys: trtp.Tensor, values: trtp.Tensor, cal: trtp.Tensor, outputs, stream: int):
+        from fssam.kernels.triton_scma import scma_fused
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            # __cuda_array_interface__ has no bfloat16: bf16 engines should use the AOT path
+            tq, tk, tv, tc = (torch.as_tensor(t, device="cuda") for t in (q, keys, values, cal))
+            out = torch.as_tensor(outputs[0], device="cuda")
+            scma_fused(tq, tk, tv, tc, out=out)
+
+    _registered["done"] = True
+
+
+def build_engine(onnx_model: bytes, fp16: bool = False, bf16: bool = False) -> bytes:
+    """Serialized TensorRT engine from an ONNX model (bytes) that may contain fssam::SCMA nodes."""
+    register()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_model):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse the ONNX model: {errors}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if bf16:
+        config.set_flag(trt.BuilderFlag.BF16)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RuntimeError("TensorRT engine build failed")
+    return bytes(engine)
+
+
+def run_engine(engine_bytes: bytes, inputs: dict) -> dict:
+    """Run a serialized engine on CUDA torch tensors {name: tensor}; returns {name: tensor}."""
+    require()
+    import tensorrt as trt
+
+    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+              trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    context = engine.create_execution_context()
+    keep, outputs = [], {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            tensor = inputs[name].cuda().to(dtypes[engine.get_tensor_dtype(name)]).contiguous()
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+            keep.append(tensor)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtypes[engine.get_tensor_dtype(name)],
+                              device="cuda")
+            context.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("TensorRT execution failed")
+    stream.synchronize()
+    return outputs

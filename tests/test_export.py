@@ -1,0 +1,166 @@
+"""Per-stage ONNX export of the tiny config: files, manifest, parity gate, dynamic batch, failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from fssam.errors import CheckpointError, InputError
+from fssam.export import OnnxStages, ParityError, export, load_manifest
+from fssam.export.parity import sample_episode
+from fssam.export.stages import STAGE_ORDER
+from fssam.model import build
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export") / "tiny")
+    manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
+    return out, manifest
+
+
+def test_six_onnx_files_and_manifest(artifacts):
+    out, manifest = artifacts
+    assert sorted(os.listdir(out)) == sorted([f"{name}.onnx" for name in STAGE_ORDER] + ["manifest.json"])
+    for name in STAGE_ORDER:
+        model = onnx.load(os.path.join(out, f"{name}.onnx"))
+        onnx.checker.check_model(model)
+        first = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert first.dim_param, f"{name}: batch dimension is not dynamic"
+        assert [i.name for i in model.graph.input] == [t["name"] for t in manifest["stages"][name]["inputs"]]
+    assert manifest["weights"]["source"] == "random-init seed 0"
+    assert manifest["parity"]["onnxruntime"]["passed"]
+
+
+def test_each_stage_matches_eager_within_gate(artifacts):
+    _, manifest = artifacts
+    report = manifest["parity"]["onnxruntime"]
+    assert set(report["stages"]) == set(STAGE_ORDER)
+    for stage, outputs in report["stages"].items():
+        for key, stats in outputs.items():
+            assert stats["max_abs"] <= stats["limit"], (stage, key, stats)
+    assert report["end_to_end"]["max_abs"] <= 1e-3 and report["end_to_end"]["mask_iou"] >= 0.999
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dynamic_batch_end_to_end(artifacts, batch):
+    out, _ = artifacts
+    model = build("tiny", seed=0)
+    stages = OnnxStages(out)
+    query, supports, masks = sample_episode(model.config, 1, batch=batch, seed=batch)
+    with torch.no_grad():
+        expected = model(query, supports, masks)
+    got = stages(query, supports, masks)
+    assert got.shape == (batch, 1, 64, 64)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
+def test_manifest_round_trip_and_tampering(artifacts, tmp_path):
+    out, manifest = artifacts
+    loaded = load_manifest(out)
+    assert loaded == json.loads(json.dumps(manifest))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(out):
+        (copy / name).write_bytes((open(os.path.join(out, name), "rb")).read())
+    with open(copy / "prior.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(InputError, match="does not match its sha256"):
+        load_manifest(str(copy))
+    os.remove(copy / "manifest.json")
+    with pytest.raises(InputError, match="not an fssam export folder"):
+        load_manifest(str(copy))
+
+
+def test_wrong_shot_count_is_a_clear_error(artifacts):
+    out, _ = artifacts
+    stages = OnnxStages(out)
+    query, supports, masks = sample_episode(build("tiny").config, 2, batch=1)
+    with pytest.raises(InputError, match=r"support_features: shape \(1, 2, "):
+        stages(query, supports, masks)
+
+
+def test_compare_command_passes(artifacts):
+    out, _ = artifacts
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "compare", "--artifacts", out, "--batch", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "PASSED" in result.stdout and "end_to_end.logits" in result.stdout
+
+
+def test_fp16_five_shot_gate(tmp_path):
+    """fp16: each error vs fp32 eager at most 2x eager PyTorch fp16's own; 5 shots in the graphs."""
+    manifest = export("tiny", out=str(tmp_path / "fp16"), shots=5, precision="fp16", progress=False)
+    report = manifest["parity"]["onnxruntime"]
+    assert report["passed"], report["failures"]
+    end = report["end_to_end"]
+    assert end["max_abs"] <= 2 * end["eager_same_dtype_max_abs"] + 1e-6
+    assert manifest["stages"]["prior"]["inputs"][1]["shape"][1] == 5
+    assert manifest["dtype"] == "float16"
+
+
+def test_failing_gate_fails_the_export_and_writes_nothing(tmp_path, monkeypatch):
+    import fssam.export.parity as parity
+
+    monkeypatch.setattr(parity, "FP32_LOGITS_ATOL", 0.0)  # any real error now fails the gate
+    monkeypatch.setattr(parity, "FP32_STAGE_RTOL", 0.0)
+    out = tmp_path / "gated"
+    with pytest.raises(ParityError, match="FAILED") as info:
+        export("tiny", out=str(out), progress=False)
+    assert info.value.report["failures"]
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    import fssam.export.onnx_export as onnx_export
+
+    real = onnx_export.export_stage
+    calls = []
+
+    def interrupt(model, name, *args):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, name, *args)
+
+    monkeypatch.setattr(onnx_export, "export_stage", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export("tiny", out=str(tmp_path / "out"), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_checkpoints_and_options(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        export("tiny", out=str(tmp_path / "a"), checkpoint=str(corrupt), progress=False)
+    unknown = tmp_path / "unknown.pth"
+    torch.save({"something": {"x": torch.zeros(1)}}, unknown)
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "export", "--config", "tiny", "--checkpoint", str(unknown),
+                             "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "unrecognised checkpoint layout" in result.stderr
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        export("tiny", out=str(tmp_path / "c"), precision="fp8")
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.pth", "unknown.pth"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; the GPU test below builds engines")
+def test_tensorrt_without_gpu_says_so(tmp_path):
+    from fssam.export.tensorrt import TensorRTUnavailable
+
+    with pytest.raises(TensorRTUnavailable, match="no CUDA device"):
+        export("tiny", out=str(tmp_path / "trt"), tensorrt=True)
+    assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; this machine has none")
+def test_tensorrt_engines_pass_the_gate(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package (pip install 'fssam-deploy[gpu]')")
+    for precision in ("fp32", "fp16"):
+        manifest = export("tiny", out=str(tmp_path / precision), precision=precision, tensorrt=True, progress=False)
+        assert manifest["tensorrt"]["parity"]["passed"], manifest["tensorrt"]["parity"]["failures"]
+        assert all(os.path.isfile(tmp_path / precision / e["file"]) for e in manifest["tensorrt"]["engines"].values())
