@@ -166,6 +166,10 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--episode-seed", type=int, default=2024)
     compare.add_argument("--json", help="also write the report as JSON here")
     compare.set_defaults(func=cmd_compare)
+
+    from fssam.bench.commands import register as register_bench
+
+    register_bench(sub)
     return parser
 
 

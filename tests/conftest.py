@@ -26,3 +26,13 @@ def random_episode(batch=1, shots=1, size=64, seed=0):
             top, left = torch.randint(0, size // 2, (2,), generator=g).tolist()
             masks[b, k, top : top + size // 3, left : left + size // 3] = 1
     return query, supports, masks
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """The tiny config exported once (1-shot, fp32) for every test that needs ONNX artifacts."""
+    from fssam.export import export
+
+    out = str(tmp_path_factory.mktemp("export") / "tiny")
+    manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
+    return out, manifest

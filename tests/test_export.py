@@ -17,10 +17,8 @@ from fssam.model import build
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("export") / "tiny")
-    manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
-    return out, manifest
+def artifacts(tiny_artifacts):
+    return tiny_artifacts
 
 
 def test_six_onnx_files_and_manifest(artifacts):

@@ -1,0 +1,1 @@
+"""Benchmarks: every backend against eager PyTorch on the same inputs."""

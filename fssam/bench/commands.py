@@ -1,0 +1,138 @@
+"""`fssam bench`: every mode on the same inputs in one run, reported as ratios to eager fp32."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from fssam.bench.harness import StageMode, run_interleaved
+from fssam.bench.report import machine, markdown, write
+from fssam.errors import ConfigError, InputError
+
+MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "tensorrt")
+DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime")
+QUICK = {"config": "tiny", "iterations": 3, "warmup": 1, "shots": "1", "modes": "eager_fp32,eager_bf16,onnxruntime"}
+
+
+class CompiledStages:
+    """torch.compile of each stage method of the eager model (compiled on first use)."""
+
+    def __init__(self, model):
+        from fssam.export.stages import STAGE_ORDER
+
+        self._compiled = {name: torch.compile(getattr(model, name), dynamic=False) for name in STAGE_ORDER}
+
+    def __getattr__(self, name):
+        try:
+            return self._compiled[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _artifacts_for(args, shots: int, progress: bool) -> str:
+    """The export folder for `shots`: --artifacts when its manifest matches, else a fresh export."""
+    from fssam.export import export, load_manifest
+
+    if args.artifacts:
+        manifest = load_manifest(args.artifacts)
+        if manifest["shots"] == shots and manifest["config"]["name"] == args.config:
+            return args.artifacts
+        if len(args.shot_list) == 1:
+            raise InputError(
+                f"--artifacts {args.artifacts!r} holds {manifest['config']['name']} {manifest['shots']}-shot graphs, "
+                f"but the bench asks for {args.config} {shots}-shot"
+            )
+    folder = os.path.join(args.out, f"artifacts-{shots}shot")
+    if not os.path.isfile(os.path.join(folder, "manifest.json")):
+        print(f"exporting {args.config} {shots}-shot to {folder} ...", file=sys.stderr)
+        export(args.config, out=folder, checkpoint=args.checkpoint, shots=shots, seed=args.seed, progress=progress)
+    return folder
+
+
+def _modes(args, model, shots: int, progress: bool):
+    modes = []
+    for name in args.mode_list:
+        if name == "eager_fp32":
+            modes.append(StageMode(name, model))
+        elif name == "eager_bf16":
+            modes.append(StageMode(name, model, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+        elif name == "compile":
+            modes.append(StageMode(name, CompiledStages(model)))
+        elif name == "onnxruntime":
+            from fssam.export import OnnxStages
+
+            modes.append(StageMode(name, OnnxStages(_artifacts_for(args, shots, progress))))
+        elif name == "tensorrt":
+            from fssam.export.tensorrt import TensorRTStages, _CpuView
+
+            modes.append(StageMode(name, _CpuView(TensorRTStages(_artifacts_for(args, shots, progress)))))
+    return modes
+
+
+def run_bench(args) -> dict:
+    from fssam.export.parity import sample_episode
+    from fssam.model import build, describe_weights
+
+    unknown = [m for m in args.mode_list if m not in MODES]
+    if unknown:
+        raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}: expected some of {', '.join(MODES)}")
+    if "tensorrt" in args.mode_list:
+        from fssam.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    progress = not args.no_progress
+    os.makedirs(args.out, exist_ok=True)
+    model = build(args.config, checkpoint=args.checkpoint, seed=args.seed)
+    result = {
+        "config": args.config,
+        "weights": describe_weights(model),
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "machine": machine(),
+        "runs": {},
+    }
+    for shots in args.shot_list:
+        modes = _modes(args, model, shots, progress)
+        inputs = sample_episode(model.config, shots, batch=1, seed=args.seed + 100)
+        bar = tqdm(total=(args.warmup + args.iterations) * len(modes), desc=f"bench {shots}-shot", disable=not progress)
+        runs = {"modes": run_interleaved(modes, inputs, args.iterations, args.warmup, progress=bar)}
+        bar.close()
+        result["runs"][str(shots)] = runs
+    files = write(result, args.out)
+    result["files"] = files
+    return result
+
+
+def cmd_bench(args) -> int:
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == PARSER_DEFAULTS[key]:
+                setattr(args, key, value)
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.shot_list = [int(k) for k in str(args.shots).split(",")]
+    result = run_bench(args)
+    print(markdown(result))
+    print(f"wrote {result['files']['json']}, {result['files']['markdown']} and {len(result['files']['plots'])} plots")
+    return 0
+
+
+PARSER_DEFAULTS = {"config": "small", "iterations": 10, "warmup": 2, "shots": "1,5", "modes": ",".join(DEFAULT_MODES)}
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="latency/throughput of eager, compiled and exported modes on the same inputs")
+    bench.add_argument("--config", default=PARSER_DEFAULTS["config"])
+    bench.add_argument("--checkpoint", action="append")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots must match)")
+    bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"], help=f"comma list of {', '.join(MODES)}")
+    bench.add_argument("--shots", default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
+    bench.add_argument("--iterations", type=int, default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
+    bench.add_argument("--warmup", type=int, default=PARSER_DEFAULTS["warmup"])
+    bench.add_argument("--quick", action="store_true", help="tiny config, 3 runs: checks the pipeline, not the timings")
+    bench.add_argument("--out", required=True, help="results folder (JSON, markdown, PNG plots)")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=cmd_bench)

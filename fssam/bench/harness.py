@@ -1,0 +1,162 @@
+"""Latency, throughput and memory of every backend on the same inputs, interleaved.
+
+Each mode is a "runner" with the six stage methods (eager model, autocast, torch.compile,
+ONNX Runtime, ...) or a whole-episode callable (a served model). Iterations run mode after mode
+(A B C A B C ...), so drift of the machine hits all modes alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+
+import torch
+
+from fssam.export.stages import STAGE_ORDER
+from fssam.model.episode import encode_support, run_episode, segment
+
+
+class TimedStages:
+    """Wraps a stage runner: every stage call is timed (summed per stage over one episode)."""
+
+    def __init__(self, runner, context=contextlib.nullcontext):
+        self.runner = runner
+        self.context = context
+        self.times: dict[str, float] = {}
+
+    def __getattr__(self, name):
+        if name not in STAGE_ORDER:
+            raise AttributeError(name)
+        method = getattr(self.runner, name)
+
+        def call(*args):
+            start = time.perf_counter()
+            with self.context():
+                out = method(*args)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        return call
+
+
+class StageMode:
+    """A mode whose runner exposes the six stages: per-stage times, full and cached-support episodes."""
+
+    per_stage = True
+
+    def __init__(self, name: str, runner, context=contextlib.nullcontext):
+        self.name = name
+        self.timed = TimedStages(runner, context)
+        self.support = None
+
+    def episode(self, query, supports, masks) -> tuple[float, dict]:
+        self.timed.times = {}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            run_episode(self.timed, query, supports, masks)
+        return time.perf_counter() - start, dict(self.timed.times)
+
+    def cached(self, query, supports, masks) -> float:
+        with torch.inference_mode():
+            if self.support is None:
+                self.support = encode_support(self.timed, supports, masks)
+            start = time.perf_counter()
+            segment(self.timed, query, self.support)
+        return time.perf_counter() - start
+
+
+class EpisodeMode:
+    """A mode that only runs whole episodes (a served model): no per-stage times.
+
+    `call(query, supports, masks)` runs one episode; the cached figure is a second call with the
+    same support set, which a server with a support cache answers without re-encoding it.
+    """
+
+    per_stage = False
+
+    def __init__(self, name: str, call):
+        self.name = name
+        self.call = call
+
+    def episode(self, query, supports, masks):
+        start = time.perf_counter()
+        self.call(query, supports, masks, cache=False)
+        return time.perf_counter() - start, {}
+
+    def cached(self, query, supports, masks) -> float:
+        start = time.perf_counter()
+        self.call(query, supports, masks, cache=True)
+        return time.perf_counter() - start
+
+
+class RssSampler:
+    """Peak resident set size (MB) of this process while a block runs, sampled every 2 ms."""
+
+    def __init__(self):
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def __enter__(self):
+        self.start = self.peak = self.rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_mb())
+
+
+def summary(samples: list[float]) -> dict:
+    """Median, p90, p99 in milliseconds."""
+    ordered = sorted(samples)
+
+    def pct(p):
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1000
+
+    return {"median_ms": statistics.median(ordered) * 1000, "p90_ms": pct(90), "p99_ms": pct(99), "n": len(ordered)}
+
+
+def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) -> dict:
+    """{mode: {"episode": summary, "cached": summary, "stages": {stage: summary}, "peak_rss_mb"}}."""
+    raw = {m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0} for m in modes}
+    for index in range(warmup + iterations):
+        for mode in modes:
+            with RssSampler() as rss:
+                seconds, stages = mode.episode(*inputs)
+                cached = mode.cached(*inputs)
+            entry = raw[mode.name]
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], rss.peak)
+            entry["working_mb"] = max(entry["working_mb"], rss.peak - rss.start)
+            if index >= warmup:
+                entry["episode"].append(seconds)
+                entry["cached"].append(cached)
+                for stage, value in stages.items():
+                    entry["stages"].setdefault(stage, []).append(value)
+            if progress is not None:
+                progress.update()
+    return {
+        name: {
+            "episode": summary(entry["episode"]),
+            "cached_support": summary(entry["cached"]),
+            "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
+            "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
+            "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode
+        }
+        for name, entry in raw.items()
+    }
