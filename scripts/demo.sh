@@ -10,3 +10,4 @@ ckpt=()
 if [ -n "${FSSAM_CHECKPOINT:-}" ]; then ckpt=(--checkpoint "$FSSAM_CHECKPOINT"); fi
 fssam predict --config small "${ckpt[@]}" --support "$out/support.jpg" --support-mask "$out/support.png" \
     --query "$out/query.jpg" --out "$out/pred.png"
+fssam export --config small "${ckpt[@]}" --out out/artifacts-small
