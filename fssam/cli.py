@@ -72,7 +72,6 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from fssam.export import ParityError, export, format_report
-    from fssam.model import describe_weights
 
     try:
         manifest = export(

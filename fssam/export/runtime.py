@@ -9,7 +9,7 @@ import torch
 
 from fssam.errors import InputError
 from fssam.export.manifest import load_manifest
-from fssam.model.episode import encode_support, run_episode, segment
+from fssam.export.stages import StageRunner
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 
@@ -28,7 +28,7 @@ def _to_torch(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-class OnnxStages:
+class OnnxStages(StageRunner):
     """The six stages of an export folder as ONNX Runtime sessions; torch tensors in and out.
 
     Inputs are cast to the artifacts' dtype; outputs come back in that dtype.
@@ -66,35 +66,3 @@ class OnnxStages:
         outputs = self.sessions[name].run(None, feeds)
         outputs = tuple(_to_torch(o) for o in outputs)
         return outputs if len(outputs) > 1 else outputs[0]
-
-    def prior_backbone(self, images):
-        return self.run_stage("prior_backbone", images)
-
-    def image_encoder(self, images):
-        return self.run_stage("image_encoder", images)
-
-    def prior(self, query_features, support_features, support_masks):
-        return self.run_stage("prior", query_features, support_features, support_masks)
-
-    def memory_encoder(self, feat_s0, feat_s1, feat_s2, mask):
-        return self.run_stage("memory_encoder", feat_s0, feat_s1, feat_s2, mask)
-
-    def refine(self, support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae):
-        return self.run_stage(
-            "refine", support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae
-        )
-
-    def head(self, feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks):
-        return self.run_stage(
-            "head", feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks
-        )
-
-    # the same composition as the eager model
-    def encode_support(self, support_images, support_masks) -> dict:
-        return encode_support(self, support_images, support_masks)
-
-    def segment(self, query_images, support: dict):
-        return segment(self, query_images, support)
-
-    def __call__(self, query_images, support_images, support_masks):
-        return run_episode(self, query_images, support_images, support_masks)

@@ -142,6 +142,49 @@ STAGE_MODULES = {
 }
 
 
+class StageRunner:
+    """Base of the backends that run exported stages: subclasses implement `run_stage(name, *tensors)`;
+    this gives them the six stage methods and the episode composition of the eager model."""
+
+    def run_stage(self, name: str, *args):
+        raise NotImplementedError
+
+    def prior_backbone(self, images):
+        return self.run_stage("prior_backbone", images)
+
+    def image_encoder(self, images):
+        return self.run_stage("image_encoder", images)
+
+    def prior(self, query_features, support_features, support_masks):
+        return self.run_stage("prior", query_features, support_features, support_masks)
+
+    def memory_encoder(self, feat_s0, feat_s1, feat_s2, mask):
+        return self.run_stage("memory_encoder", feat_s0, feat_s1, feat_s2, mask)
+
+    def refine(self, support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae):
+        return self.run_stage("refine", support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae)
+
+    def head(self, feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks):
+        return self.run_stage(
+            "head", feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks
+        )
+
+    def encode_support(self, support_images, support_masks) -> dict:
+        from fssam.model.episode import encode_support
+
+        return encode_support(self, support_images, support_masks)
+
+    def segment(self, query_images, support: dict):
+        from fssam.model.episode import segment
+
+        return segment(self, query_images, support)
+
+    def __call__(self, query_images, support_images, support_masks):
+        from fssam.model.episode import run_episode
+
+        return run_episode(self, query_images, support_images, support_masks)
+
+
 class RecordingStages:
     """The eager model's stages, recording every call's inputs and outputs."""
 

@@ -13,7 +13,7 @@ import torch
 
 from fssam.errors import FSSAMError
 from fssam.export.manifest import load_manifest, write_manifest
-from fssam.model.episode import encode_support, run_episode, segment
+from fssam.export.stages import StageRunner
 
 MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, 8
 WORKSPACE_BYTES = 8 << 30
@@ -73,7 +73,7 @@ def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": os.path.getsize(engine_path)}
 
 
-class TensorRTStages:
+class TensorRTStages(StageRunner):
     """The six stages as TensorRT engines; torch CUDA tensors in and out."""
 
     def __init__(self, artifacts: str, verify: bool = True):
@@ -111,35 +111,6 @@ class TensorRTStages:
             raise FSSAMError(f"TensorRT execution of stage {name} failed")
         stream.synchronize()
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
-
-    def prior_backbone(self, images):
-        return self.run_stage("prior_backbone", images)
-
-    def image_encoder(self, images):
-        return self.run_stage("image_encoder", images)
-
-    def prior(self, query_features, support_features, support_masks):
-        return self.run_stage("prior", query_features, support_features, support_masks)
-
-    def memory_encoder(self, feat_s0, feat_s1, feat_s2, mask):
-        return self.run_stage("memory_encoder", feat_s0, feat_s1, feat_s2, mask)
-
-    def refine(self, support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae):
-        return self.run_stage("refine", support_memory, support_masks, query_fg_memory, query_ae_memory, prior_fg, prior_ae)
-
-    def head(self, feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks):
-        return self.run_stage(
-            "head", feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks
-        )
-
-    def encode_support(self, support_images, support_masks) -> dict:
-        return encode_support(self, support_images, support_masks)
-
-    def segment(self, query_images, support: dict):
-        return segment(self, query_images, support)
-
-    def __call__(self, query_images, support_images, support_masks):
-        return run_episode(self, query_images, support_images, support_masks)
 
 
 class _CpuView:
