@@ -86,6 +86,7 @@ def cmd_export(args) -> int:
             num_refine=args.num_refine,
             refine_version=args.refine_version,
             scma_mode=args.scma_mode,
+            scma_node=args.scma_node,
         )
     except ParityError as error:
         print(str(error), file=sys.stderr)
@@ -155,6 +156,12 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
     export.add_argument("--out", default="artifacts", help="output folder (replaced atomically)")
     export.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a CUDA GPU)")
+    export.add_argument(
+        "--scma-node",
+        default="decomposed",
+        help="decomposed (standard ONNX ops, portable; default) or custom (one fssam::SCMA node per layer, "
+        "for TensorRT with the fused Triton kernel plugin; needs --tensorrt)",
+    )
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
     export.set_defaults(func=cmd_export)
 

@@ -162,3 +162,22 @@ def test_tensorrt_engines_pass_the_gate(tmp_path):
         manifest = export("tiny", out=str(tmp_path / precision), precision=precision, tensorrt=True, progress=False)
         assert manifest["tensorrt"]["parity"]["passed"], manifest["tensorrt"]["parity"]["failures"]
         assert all(os.path.isfile(tmp_path / precision / e["file"]) for e in manifest["tensorrt"]["engines"].values())
+
+
+def test_head_exports_with_custom_scma_nodes(tmp_path):
+    """The TensorRT variant of the head: one fssam::SCMA node per memory-attention layer, no decomposition."""
+    from fssam.export.onnx_export import _examples, export_stage
+    from fssam.export.stages import stage_specs
+    from fssam.kernels import onnx_custom_node
+
+    model = build("tiny")
+    path = str(tmp_path / "head.onnx")
+    with onnx_custom_node(True):
+        export_stage(model, "head", _examples(model, 1, torch.float32)["head"], stage_specs(model.config, 1)["head"], path)
+    graph = onnx.load(path).graph
+    nodes = [n for n in graph.node if n.domain == "fssam"]
+    functions = [n for f in onnx.load(path).functions for n in f.node if n.domain == "fssam"]
+    assert len(nodes + functions) == model.config.memory_attention_layers
+    assert all(n.op_type == "SCMA" for n in nodes + functions)
+    with pytest.raises(InputError, match="together with --tensorrt"):
+        export("tiny", out=str(tmp_path / "x"), scma_node="custom")

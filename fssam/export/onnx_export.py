@@ -127,12 +127,20 @@ def export(
     seed: int = 0,
     progress: bool = True,
     gate: bool = True,
+    scma_node: str = "decomposed",
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
     report) when the gate fails, and leaves no `out` behind in that case."""
     if precision not in DTYPES:
         raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    if scma_node not in ("decomposed", "custom"):
+        raise InputError(f"scma_node {scma_node!r}: expected 'decomposed' (standard ONNX ops) or 'custom' (fssam::SCMA)")
+    if scma_node == "custom" and not tensorrt:
+        raise InputError(
+            "the fssam::SCMA custom node runs only in TensorRT with the fssam plugin: "
+            "use --scma-node custom together with --tensorrt (ONNX Runtime needs the decomposed graph)"
+        )
     if shots < 1:
         raise InputError(f"shots must be >= 1, got {shots}")
     if tensorrt:
@@ -156,7 +164,10 @@ def export(
         for name in STAGE_ORDER:
             bar.set_postfix_str(f"{name} -> ONNX")
             path = os.path.join(tmp, f"{name}.onnx")
-            export_stage(export_model, name, examples[name], specs[name], path)
+            from fssam.kernels import onnx_custom_node
+
+            with onnx_custom_node(scma_node == "custom" and name == "head"):
+                export_stage(export_model, name, examples[name], specs[name], path)
             _check_onnx(path)
             stages[name] = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict()}
             bar.update()
@@ -172,6 +183,7 @@ def export(
             "opset": OPSET,
             "torch": torch.__version__,
             "pipeline": list(STAGE_ORDER),
+            "scma_node": scma_node,
             "stages": stages,
         }
         write_manifest(tmp, manifest)

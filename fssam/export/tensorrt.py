@@ -43,6 +43,13 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
+def _register_plugin_if_needed(manifest: dict) -> None:
+    if manifest.get("scma_node") == "custom":
+        from fssam.kernels.tensorrt_plugin import register
+
+        register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
+
+
 def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -82,6 +89,7 @@ class TensorRTStages(StageRunner):
         self.manifest = load_manifest(artifacts, verify=verify)
         if "tensorrt" not in self.manifest:
             raise FSSAMError(f"{artifacts!r} has no TensorRT engines: export with --tensorrt on a GPU machine")
+        _register_plugin_if_needed(self.manifest)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts = {}, {}
         for name, entry in self.manifest["tensorrt"]["engines"].items():
@@ -136,6 +144,7 @@ def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
     """Build one engine per stage next to the ONNX files and gate them against eager PyTorch."""
     from fssam.export.parity import parity_report, sample_episode
 
+    _register_plugin_if_needed(manifest)
     engines = {}
     for name, entry in manifest["stages"].items():
         if progress is not None:

@@ -1,0 +1,127 @@
+"""Calling a running FSSAM Triton server: gRPC (default) or HTTP through tritonclient."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fssam.serving import PIPELINE_MODEL, ServingError
+
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+
+
+def _address(url: str, protocol: str) -> str:
+    if protocol not in DEFAULT_PORTS:
+        raise ServingError(f"protocol {protocol!r}: expected grpc or http")
+    address = url.split("://", 1)[1] if "://" in url else url
+    address = address.rstrip("/")
+    if not address:
+        raise ServingError(f"server URL {url!r} has no host")
+    if ":" not in address.rsplit("]", 1)[-1]:
+        address = f"{address}:{DEFAULT_PORTS[protocol]}"
+    return address
+
+
+def _numpy(x, name: str, ndim: int) -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if array.ndim == ndim - 1:
+        array = array[None]  # one episode without the batch dimension
+    if array.ndim != ndim:
+        raise ServingError(f"{name}: {array.ndim} dimensions (shape {list(array.shape)}), expected {ndim} with the batch")
+    return np.ascontiguousarray(array, dtype=np.float32) if array.dtype != np.float32 else np.ascontiguousarray(array)
+
+
+class RemoteFSSAM:
+    """A connection to the pipeline model; `infer` returns (logits (B,1,S,S), support_cached (B,))."""
+
+    def __init__(self, url: str, protocol: str = "grpc", model: str = PIPELINE_MODEL, timeout: float | None = 120.0):
+        self.protocol = protocol
+        self.address = _address(url, protocol)
+        self.model = model
+        self.timeout = timeout
+        try:
+            if protocol == "grpc":
+                import tritonclient.grpc as module
+            else:
+                import tritonclient.http as module
+        except ImportError as error:
+            raise ServingError(f"tritonclient is not installed ({error}): pip install 'tritonclient[all]'") from None
+        self.module = module
+        self.client = module.InferenceServerClient(self.address)
+
+    def _raise(self, error) -> None:
+        message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+        raise ServingError(f"server {self.address} ({self.protocol}): {message}") from None
+
+    def infer(self, query, supports, masks, raw: bool = False):
+        """Inputs: query (B,3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) (batch dim optional).
+        `raw`: send the arrays as given (any dtype), for testing the server's checks."""
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        arrays = {"query": query, "support_images": supports, "support_masks": masks}
+        if not raw:
+            arrays = {"query": _numpy(query, "query", 4), "support_images": _numpy(supports, "supports", 5),
+                      "support_masks": _numpy(masks, "masks", 4)}
+        inputs = []
+        for name, array in arrays.items():
+            item = self.module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        outputs = [self.module.InferRequestedOutput(name) for name in ("logits", "support_cached")]
+        try:
+            if self.protocol == "grpc":
+                result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
+            else:
+                result = self.client.infer(self.model, inputs, outputs=outputs, timeout=self.timeout)
+        except InferenceServerException as error:
+            self._raise(error)
+        except Exception as error:  # connection refused, DNS, timeouts of the transport
+            raise ServingError(f"cannot reach the Triton server at {self.address} ({self.protocol}): {error}") from None
+        logits = torch.from_numpy(np.array(result.as_numpy("logits"), copy=True))
+        cached = result.as_numpy("support_cached")
+        cached = torch.from_numpy(np.array(cached, copy=True)).reshape(-1).bool() if cached is not None else None
+        return logits, cached
+
+    def metadata(self) -> dict:
+        """Input names, shapes and dtypes of the pipeline as the server reports them."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            meta = self.client.get_model_metadata(self.model, as_json=True) if self.protocol == "grpc" else \
+                self.client.get_model_metadata(self.model)
+        except InferenceServerException as error:
+            self._raise(error)
+        return meta
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", model: str = PIPELINE_MODEL,
+                   timeout: float | None = 120.0) -> torch.Tensor:
+    """Logits (B,1,S,S) float32 of one episode (B = 1 for `fssam predict`) from a running server.
+
+    url: host:port of the gRPC (default port 8001) or HTTP (8000) endpoint; a scheme prefix is
+    ignored. query (B,3,S,S) or (3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) with 0/1 (255 =
+    ignore): torch tensors or numpy arrays, RGB 0..255. Raises ServingError (an FSSAMError) with
+    the server's message for rejected inputs, or when the server cannot be reached.
+    """
+    with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout) as remote:
+        logits, _ = remote.infer(query, supports, masks)
+    return logits
