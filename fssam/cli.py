@@ -174,7 +174,9 @@ def make_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     from fssam.bench.commands import register as register_bench
+    from fssam.evaluate import register as register_eval
 
+    register_eval(sub)
     register_bench(sub)
     return parser
 

@@ -1,0 +1,249 @@
+"""`fssam eval` on a tiny synthetic PASCAL-5i fold: eager vs ONNX on the same episodes, mask agreement,
+result JSON, clear errors for missing data, mismatched artifacts and unavailable backends."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import types
+
+import cv2
+import numpy as np
+import pytest
+
+from fssam import evaluate
+from fssam.data import load_fold, sample_episodes, scan_fold, write_fold
+from fssam.errors import ConfigError, DataError, FSSAMError
+
+H, W = 60, 90  # synthetic images: not square, not the model size, so resizing matters
+EPISODES = 10
+
+
+def _label(rng, classes):
+    """Rectangles of the given classes (each >= 2048 px so the official list filter keeps it), 255 border."""
+    label = np.zeros((H, W), np.uint8)
+    for n, c in enumerate(classes):
+        top, left = int(rng.integers(2, 8)), 2 + n * 44 + int(rng.integers(0, 2))
+        label[top : top + 50, left : left + 42] = c
+    label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
+    return label
+
+
+@pytest.fixture(scope="module")
+def pascal(tmp_path_factory):
+    """Official layout: <top>/data/VOCdevkit2012/VOC2012/{JPEGImages,SegmentationClassAug}, lists as the
+    official ones (paths prefixed ../data/VOCdevkit2012/VOC2012) under <top>/lists/pascal/fss_list/val."""
+    top = tmp_path_factory.mktemp("voc")
+    root = top / "data" / "VOCdevkit2012" / "VOC2012"
+    lists = top / "lists" / "pascal"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClassAug").mkdir()
+    lists.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = {f"2008_{c}{k:05d}": [c] for c in range(1, 6) for k in range(3)}
+    names["2009_000001"] = [2, 3]
+    names["2009_000002"] = [1, 7]  # a base class next to a novel one
+    with open(lists / "val.txt", "w") as f:
+        for name, classes in names.items():
+            image = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+            cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), image)
+            cv2.imwrite(str(root / "SegmentationClassAug" / f"{name}.png"), _label(rng, classes))
+            f.write(f"JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
+    write_fold(scan_fold("pascal", str(root), str(lists / "val.txt"), 0, progress=False), str(lists))
+    return str(root), str(lists)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_artifacts):
+    return tiny_artifacts[0]  # the session's tiny 1-shot fp32 export (conftest)
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(prog="fssam")
+    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval", *argv])
+
+
+def eval_args(pascal, out, *extra):
+    root, lists = pascal
+    return parse("--dataset", "pascal", "--root", root, "--list-root", lists, "--fold", "0", "--shots", "1",
+                 "--config", "tiny", "--episodes", str(EPISODES), "--out", str(out), "--no-progress", *extra)
+
+
+@pytest.fixture(scope="module")
+def runs(pascal, artifacts, tmp_path_factory):
+    """Eager with saved masks, then ONNX compared with it."""
+    folder = tmp_path_factory.mktemp("runs")
+    eager, onnx = folder / "eager.json", folder / "onnx.json"
+    assert evaluate.cmd_eval(eval_args(pascal, eager, "--backend", "eager", "--save-masks", str(folder))) == 0
+    assert evaluate.cmd_eval(eval_args(pascal, onnx, "--backend", "onnx", "--artifacts", artifacts,
+                                       "--save-masks", str(folder), "--compare-with", str(eager))) == 0
+    return json.loads(eager.read_text()), json.loads(onnx.read_text()), folder
+
+
+def _specs(result):
+    return [(e["index"], e["query"], e["class"], e["supports"]) for e in result["per_episode"]]
+
+
+def test_eager_and_onnx_run_the_official_episodes(runs, pascal):
+    eager, onnx, _ = runs
+    root, lists = pascal
+    expected = sample_episodes(load_fold("pascal", root, lists, 0), shot=1, episodes=EPISODES, seed=321, workers=32)
+    as_listed = [
+        (s.index, os.path.relpath(s.query[0], root), s.class_id, [os.path.relpath(p[0], root) for p in s.supports])
+        for s in expected
+    ]
+    assert _specs(eager) == _specs(onnx) == as_listed
+    assert eager["episodes_sha256"] == onnx["episodes_sha256"]
+    assert len({e[2] for e in as_listed}) > 1  # several classes drawn
+
+
+def test_masks_agree_between_eager_and_onnx(runs):
+    eager, onnx, folder = runs
+    agreement = onnx["agreement"]
+    assert agreement["other_backend"] == "eager" and agreement["episodes"] == EPISODES
+    assert agreement["mask_iou"]["min"] >= 0.999, agreement["mask_iou"]["worst"]
+    assert len(agreement["mask_iou"]["per_episode"]) == EPISODES
+    assert agreement["identical_fraction"] >= 0.9
+    assert abs(agreement["miou_delta"]) < 1e-3
+    # the saved masks round-trip and match the hashes in the JSON
+    masks, fingerprint = evaluate.load_masks(eager["masks_file"])
+    assert fingerprint == eager["episodes_sha256"] and len(masks) == EPISODES
+    for mask, entry in zip(masks, eager["per_episode"]):
+        assert list(mask.shape) == entry["size"] == [H, W]
+        assert evaluate.mask_digest(mask) == entry["mask_sha256"] and int(mask.sum()) == entry["foreground"]
+
+
+def test_result_json_is_well_formed(runs, artifacts):
+    eager, onnx, _ = runs
+    for result, backend in ((eager, "eager"), (onnx, "onnx")):
+        assert result["format"] == "fssam-eval/1" and result["backend"] == backend
+        assert (result["dataset"], result["fold"], result["shots"], result["seed"]) == ("pascal", 0, 1, 321)
+        assert result["episodes"] == EPISODES == len(result["per_episode"])
+        assert result["config"]["name"] == "tiny" and result["config"]["image_size"] == 64
+        assert result["random_init"] is True and "RANDOM-INIT" in result["weights"]
+        assert sorted(result["classes"]) == ["1", "2", "3", "4", "5"]
+        assert result["classes"]["1"]["name"] == "aeroplane"
+        assert sum(c["episodes"] for c in result["classes"].values()) == EPISODES
+        assert 0 <= result["miou"] <= 1 and 0 <= result["fbiou"] <= 1
+        # the figures follow from the per-episode counts (official class-wise mIoU and FB-IoU)
+        inter = np.sum([e["intersection"] for e in result["per_episode"]], axis=0)
+        union = np.sum([e["union"] for e in result["per_episode"]], axis=0)
+        assert result["fbiou"] == pytest.approx(float(np.mean(inter / (union + 1e-10))))
+        class_iou = []
+        for c in range(1, 6):
+            ci = sum(e["intersection"][1] for e in result["per_episode"] if e["class"] == c)
+            cu = sum(e["union"][1] for e in result["per_episode"] if e["class"] == c)
+            class_iou.append(ci / (cu + 1e-10))
+            assert result["classes"][str(c)]["iou"] == pytest.approx(class_iou[-1])
+        assert result["miou"] == pytest.approx(float(np.mean(class_iou)))
+    assert onnx["backend_details"]["artifacts"] == os.path.abspath(artifacts)
+    assert "onnx artifacts" in onnx["weights"]
+
+
+def test_compare_without_saved_masks_uses_hashes(runs, pascal, tmp_path):
+    eager, _, folder = runs
+    plain = dict(eager, masks_file=None)
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    out = tmp_path / "again.json"
+    assert evaluate.cmd_eval(eval_args(pascal, out, "--compare-with", str(tmp_path / "plain.json"))) == 0
+    agreement = json.loads(out.read_text())["agreement"]
+    assert agreement["mask_iou"] is None and "--save-masks" in agreement["note"]
+    assert agreement["identical_fraction"] == 1.0  # eager twice: bit-identical
+
+
+def test_compare_with_other_episodes_is_refused(runs, pascal, tmp_path):
+    _, _, folder = runs
+    with pytest.raises(DataError, match="other episodes.*seed 321 vs 5"):
+        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--seed", "5", "--compare-with",
+                                    str(folder / "eager.json")))
+    with pytest.raises(DataError, match="not found"):
+        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--compare-with", str(tmp_path / "none.json")))
+
+
+def test_missing_root_and_lists_name_the_path(pascal, tmp_path, monkeypatch):
+    root, lists = pascal
+    missing = str(tmp_path / "VOC2012")
+    args = parse("--dataset", "pascal", "--root", missing, "--list-root", lists, "--config", "tiny")
+    with pytest.raises(DataError, match=f"data root not found: {missing}"):
+        evaluate.cmd_eval(args)
+    args = parse("--dataset", "pascal", "--root", root, "--list-root", str(tmp_path / "lists"), "--config", "tiny")
+    with pytest.raises(DataError, match=str(tmp_path / "lists")):
+        evaluate.cmd_eval(args)
+    monkeypatch.chdir(tmp_path)  # default list root: lists/pascal under the current folder
+    with pytest.raises(DataError, match="list root not found: lists/pascal"):
+        evaluate.cmd_eval(parse("--dataset", "pascal", "--root", root, "--config", "tiny"))
+    with pytest.raises(DataError, match="sub_class_file_list_1.txt|data_list_1.txt"):
+        evaluate.cmd_eval(parse("--dataset", "pascal", "--root", root, "--list-root", lists, "--fold", "1"))
+
+
+def test_artifacts_must_match_the_request(pascal, artifacts, tmp_path):
+    out = tmp_path / "x.json"
+    with pytest.raises(ConfigError, match="1-shot.*--shots 2"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--shots", "2"))
+    with pytest.raises(ConfigError, match="config 'tiny' but --config small"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--config", "small"))
+    with pytest.raises(ConfigError, match="--scma-mode: eager only"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts,
+                                    "--scma-mode", "official"))
+    with pytest.raises(ConfigError, match="needs --artifacts"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx"))
+    with pytest.raises(FSSAMError, match="manifest.json"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", str(tmp_path)))
+
+
+def test_tensorrt_without_gpu_says_so(pascal, artifacts, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(FSSAMError, match="CUDA"):
+        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--backend", "tensorrt", "--artifacts", artifacts))
+
+
+def test_triton_backend_through_the_client(pascal, runs, tmp_path, monkeypatch, tiny_model):
+    eager, _, folder = runs
+    monkeypatch.setitem(sys.modules, "fssam.serving.client", None)  # not importable
+    with pytest.raises(ConfigError, match="predict_remote"):
+        evaluate.cmd_eval(eval_args(pascal, tmp_path / "t.json", "--backend", "triton", "--url", "localhost:8000"))
+    calls = []
+
+    def predict_remote(url, query, supports, masks, protocol):
+        calls.append((url, protocol))
+        return tiny_model(query, supports, masks).detach().numpy()  # a server running the same weights
+
+    monkeypatch.setitem(sys.modules, "fssam.serving.client", types.SimpleNamespace(predict_remote=predict_remote))
+    out = tmp_path / "t.json"
+    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                       "--protocol", "grpc", "--compare-with", str(folder / "eager.json"))) == 0
+    result = json.loads(out.read_text())
+    assert calls == [("localhost:8000", "grpc")] * EPISODES
+    assert result["random_init"] is None and "not checked" in result["weights"]
+    assert result["agreement"]["mask_iou"]["min"] == 1.0
+
+
+def _cli():
+    from fssam import cli
+
+    parser = cli.make_parser()
+    wired = any("eval" in (getattr(a, "choices", None) or {}) for a in parser._actions)
+    return ["-m", "fssam.cli"] if wired else ["-m", "fssam.evaluate"]
+
+
+def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):
+    root, lists = pascal
+    out = tmp_path / "cli.json"
+    base = [sys.executable, *_cli(), "eval", "--dataset", "pascal", "--list-root", lists, "--fold", "0",
+            "--shots", "1", "--backend", "eager", "--config", "tiny", "--episodes", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([*base, "--root", root, "--out", str(out), "--save-masks", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "mIoU" in done.stdout and "aeroplane" in done.stdout and "RANDOM-INIT" in done.stderr
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 3 and os.path.isfile(result["masks_file"])
+    done = subprocess.run([*base, "--root", str(tmp_path / "nowhere"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"fssam eval: error: data root not found: {tmp_path / 'nowhere'}"]
