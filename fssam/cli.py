@@ -46,9 +46,11 @@ def _overlay_path(out: str) -> str:
 def cmd_predict(args) -> int:
     import torch
 
-    from fssam.data.preprocess import load_episode, logits_to_mask, overlay, write_png
+    from fssam.data.preprocess import load_episode
     from fssam.model import describe_weights, get_config
 
+    if args.url:
+        return _predict_remote(args)
     cfg = get_config(args.config)  # fail fast on an unknown config, before reading files
     query, supports, masks, query_rgb = load_episode(args.support, args.support_mask, args.query, cfg.image_size)
     model = _build_model(args)
@@ -57,17 +59,40 @@ def cmd_predict(args) -> int:
     with torch.inference_mode():
         logits = model(query, supports, masks)
     elapsed = time.perf_counter() - start
+    _write_prediction(args, logits, query_rgb, f"eager, {args.config}, CPU", elapsed)
+    if model.random_init_seed is not None:
+        print("note: random-init weights: this mask is not a trained model's prediction", file=sys.stderr)
+    return 0
+
+
+def _predict_remote(args) -> int:
+    import torch
+
+    from fssam.data.preprocess import load_episode
+    from fssam.serving.client import RemoteFSSAM
+
+    with RemoteFSSAM(args.url, protocol=args.protocol) as remote:
+        size = int(remote.metadata()["inputs"][0]["shape"][-1])  # the served config's image size
+        query, supports, masks, query_rgb = load_episode(args.support, args.support_mask, args.query, size)
+        start = time.perf_counter()
+        logits, cached = remote.infer(query, supports, masks)
+        elapsed = time.perf_counter() - start
+    note = "support cached on the server" if bool(cached[0]) else "support encoded"
+    _write_prediction(args, torch.as_tensor(logits), query_rgb, f"Triton {args.protocol} {args.url}, {note}", elapsed)
+    return 0
+
+
+def _write_prediction(args, logits, query_rgb, where: str, elapsed: float) -> None:
+    from fssam.data.preprocess import logits_to_mask, overlay, write_png
+
     mask = logits_to_mask(logits, *query_rgb.shape[:2])
     write_png(args.out, mask * 255)
     write_png(_overlay_path(args.out), overlay(query_rgb, mask))
     print(
         f"wrote {args.out} (mask, 0/255, {query_rgb.shape[1]}x{query_rgb.shape[0]}, "
         f"foreground {mask.mean():.1%}) and {_overlay_path(args.out)}; "
-        f"{len(args.support)}-shot episode in {elapsed:.2f} s on {args.config} (eager, CPU)"
+        f"{len(args.support)}-shot episode in {elapsed:.2f} s ({where})"
     )
-    if model.random_init_seed is not None:
-        print("note: random-init weights: this mask is not a trained model's prediction", file=sys.stderr)
-    return 0
 
 
 def cmd_export(args) -> int:
@@ -148,6 +173,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--query", required=True, help="query image")
     predict.add_argument("--out", required=True, help="output mask PNG (an overlay PNG is written beside it)")
+    predict.add_argument("--url", help="run on a Triton server (host:port) instead of in-process eager PyTorch")
+    predict.add_argument("--protocol", default="grpc", choices=["grpc", "http"], help="with --url: gRPC (8001) or HTTP (8000)")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export", help="export every stage to ONNX (+ TensorRT on a GPU), with a manifest and parity gate")
@@ -175,6 +202,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     from fssam.bench.commands import register as register_bench
     from fssam.evaluate import register as register_eval
+    from fssam.serving.commands import register as register_serving
+
+    register_serving(sub)
 
     register_eval(sub)
     register_bench(sub)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -47,10 +49,16 @@ class RemoteFSSAM:
         except ImportError as error:
             raise ServingError(f"tritonclient is not installed ({error}): pip install 'tritonclient[all]'") from None
         self.module = module
-        self.client = module.InferenceServerClient(self.address)
+        if protocol == "grpc":
+            self.client = module.InferenceServerClient(self.address)
+        else:
+            kwargs = {"connection_timeout": timeout, "network_timeout": timeout} if timeout else {}
+            self.client = module.InferenceServerClient(self.address, **kwargs)
 
     def _raise(self, error) -> None:
         message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+        message = re.sub(r"^\[request id: [^\]]*\]\s*", "", str(message or error)).split(" NOTE: ", 1)[0]
+        message = " ".join(message.split())  # one line for the CLI
         raise ServingError(f"server {self.address} ({self.protocol}): {message}") from None
 
     def infer(self, query, supports, masks, raw: bool = False):
@@ -72,7 +80,7 @@ class RemoteFSSAM:
             if self.protocol == "grpc":
                 result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
             else:
-                result = self.client.infer(self.model, inputs, outputs=outputs, timeout=self.timeout)
+                result = self.client.infer(self.model, inputs, outputs=outputs)
         except InferenceServerException as error:
             self._raise(error)
         except Exception as error:  # connection refused, DNS, timeouts of the transport

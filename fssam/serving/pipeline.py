@@ -15,7 +15,6 @@ import collections
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -25,7 +24,6 @@ from fssam.export.stages import STAGE_ORDER
 from fssam.model.episode import binary_masks, encode_support, segment
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
-_RETRY_MESSAGES = ("unknown model", "not ready", "unavailable", "is not found")
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:
@@ -40,11 +38,16 @@ def tensor_to_numpy(tensor) -> np.ndarray:
 
 
 def numpy_to_tensor(pb_utils, name: str, array: np.ndarray):
-    return pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(array)))
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
 
 
 class StageError(RuntimeError):
     """A stage model answered a BLS request with an error."""
+
+
+class ServerNotReady(StageError):
+    """BLS refused because the server is still loading models: only Triton's own model_warmup
+    requests of this pipeline arrive then (clients cannot reach a model that is still loading)."""
 
 
 class BLSStages:
@@ -53,12 +56,11 @@ class BLSStages:
     Batches larger than a stage's max_batch_size are split into chunks.
     """
 
-    def __init__(self, pb_utils, stages: dict, model_names: dict, max_batch: dict, retry_seconds: float = 0.0):
+    def __init__(self, pb_utils, stages: dict, model_names: dict, max_batch: dict):
         self.pb_utils = pb_utils
         self.specs = stages
         self.model_names = model_names
         self.max_batch = max_batch
-        self.retry_seconds = retry_seconds  # while stage models may still be loading (warm-up)
         self.calls = collections.Counter()
         kwargs = {}
         if hasattr(pb_utils, "PreferredMemory"):  # outputs of GPU stage models come back in CPU memory
@@ -84,16 +86,11 @@ class BLSStages:
             inputs=inputs,
             **self._request_kwargs,
         )
-        deadline = time.monotonic() + self.retry_seconds
-        while True:
-            response = request.exec()
-            if not response.has_error():
-                break
+        response = request.exec()
+        if response.has_error():
             message = response.error().message()
-            if time.monotonic() < deadline and any(m in message.lower() for m in _RETRY_MESSAGES):
-                time.sleep(0.25)
-                continue
-            raise StageError(f"stage {name} (model {self.model_names[name]}): {message}")
+            error = ServerNotReady if "server not ready" in message.lower() else StageError
+            raise error(f"stage {name} (model {self.model_names[name]}): {message}")
         self.calls[name] += 1
         outputs = []
         for entry in spec["outputs"]:
@@ -200,8 +197,7 @@ class TritonPythonModel:
         self.shots = int(self.manifest["shots"])
         model_names = json.loads(params.get("stage_models", "{}")) or {name: name for name in STAGE_ORDER}
         max_batch = json.loads(params.get("stage_max_batch", "{}")) or {name: 8 for name in STAGE_ORDER}
-        self.stages = BLSStages(pb_utils, self.manifest["stages"], model_names, max_batch,
-                                retry_seconds=float(params.get("stage_wait_seconds", "120")))
+        self.stages = BLSStages(pb_utils, self.manifest["stages"], model_names, max_batch)
         self.cache = SupportCache(int(params.get("support_cache_size", "64")))
         self.logger = pb_utils.Logger
         self.served = 0
@@ -228,12 +224,22 @@ class TritonPythonModel:
         if episodes:
             try:
                 self._run(episodes, responses)
+            except ServerNotReady:
+                # Triton's model_warmup runs while the server loads its models, when BLS cannot reach
+                # the stage models (they have model_warmup of their own): this warm-up exercises the
+                # Python side only (imports, input checks, hashing) and answers zeros.
+                for index, query, *_ in episodes:
+                    zeros = np.zeros((query.shape[0], 1, *query.shape[2:]), np.float32)
+                    responses[index] = pb.InferenceResponse(output_tensors=[
+                        numpy_to_tensor(pb, "logits", zeros),
+                        numpy_to_tensor(pb, "support_cached", np.zeros((query.shape[0], 1), bool)),
+                    ])
+                self.logger.log_info("fssam_pipeline: warm-up before the server is ready (stage models not reachable yet)")
+                return responses
             except Exception as error:  # a stage failed: every pending request gets the message
                 for index, *_ in episodes:
                     if responses[index] is None:
                         responses[index] = self._error(f"fssam_pipeline: {error}")
-        if self.served == 0 and episodes:
-            self.stages.retry_seconds = 0.0  # stage models are up: unknown-model errors are real from now on
         self.served += len(episodes)
         return responses
 

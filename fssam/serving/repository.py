@@ -185,7 +185,6 @@ def write_repository(
             "support_cache_size": support_cache_size,
             "stage_models": json.dumps({name: name for name in STAGE_ORDER}),
             "stage_max_batch": json.dumps({name: stage_max for name in STAGE_ORDER}),
-            "stage_wait_seconds": 120,
         }
         text = _config(PIPELINE_MODEL, 'backend: "python"\n', pipeline_batch, inputs, outputs, queue_delay_us,
                        pipeline_instances, "KIND_CPU", params, _warmup(inputs, files))

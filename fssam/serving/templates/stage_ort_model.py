@@ -1,6 +1,6 @@
 """Triton Python-backend model: one exported FSSAM stage run by ONNX Runtime (CPU).
 
-Written by `fssam repository --stage-backend python-ort`; needs only numpy and onnxruntime.
+Written by `fssam repository --stage-backend python-ort`; needs numpy, onnxruntime and torch (DLPack).
 Requests gathered by the dynamic batcher are concatenated along the batch dimension, run as one
 ONNX Runtime call, and split back into one response per request.
 """
@@ -10,30 +10,18 @@ import os
 
 import numpy as np
 import onnxruntime as ort
+import torch  # DLPack conversions only
 import triton_python_backend_utils as pb_utils
 
 
-class _Capsule:
-    """Lets numpy import a pb_utils DLPack capsule (np.from_dlpack wants an object)."""
-
-    def __init__(self, tensor):
-        self.capsule = tensor.to_dlpack()
-
-    def __dlpack__(self, *args, **kwargs):
-        return self.capsule
-
-    def __dlpack_device__(self):
-        return (1, 0)  # kDLCPU
-
-
 def _to_numpy(tensor):
-    # Tensor.as_numpy() reads wrong data under numpy 2 with the pybind11 bindings of the 2.51 stub
-    # (nvidia-pytriton wheel); DLPack is ABI-stable. Copy: the capsule's memory is the request's.
-    return np.array(np.from_dlpack(_Capsule(tensor)), copy=True)
+    # Tensor.as_numpy() reads wrong data (zeros) under numpy 2 with the pybind11 bindings of the 2.51
+    # stub in the nvidia-pytriton wheel; DLPack through torch is ABI-stable. Copy: the memory is the request's.
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()
 
 
 def _to_tensor(name, array):
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
 
 
 class TritonPythonModel:
