@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
-# The main job on its default: a generated 1-shot episode through the eager `small` model
-# (random init unless FSSAM_CHECKPOINT is set), writing a mask and an overlay under out/demo/.
+# The main job on its default: `fssam deploy --config small` (export every stage with the parity
+# gate, write a Triton model repository, start tritonserver on 127.0.0.1, run one episode through
+# it, compare with eager PyTorch, print a latency summary). Random-init weights unless
+# FSSAM_CHECKPOINT names a checkpoint; the output says which.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=out/demo
-mkdir -p "$out"
-python scripts/make_episode.py "$out"
 ckpt=()
 if [ -n "${FSSAM_CHECKPOINT:-}" ]; then ckpt=(--checkpoint "$FSSAM_CHECKPOINT"); fi
-fssam predict --config small "${ckpt[@]}" --support "$out/support.jpg" --support-mask "$out/support.png" \
-    --query "$out/query.jpg" --out "$out/pred.png"
-fssam export --config small "${ckpt[@]}" --out out/artifacts-small
+fssam deploy --config small "${ckpt[@]}" --out out/deploy
