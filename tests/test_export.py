@@ -181,3 +181,13 @@ def test_head_exports_with_custom_scma_nodes(tmp_path):
     assert all(n.op_type == "SCMA" for n in nodes + functions)
     with pytest.raises(InputError, match="together with --tensorrt"):
         export("tiny", out=str(tmp_path / "x"), scma_node="custom")
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    from fssam.export import ExportError
+
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ExportError, match="not an fssam export folder"):
+        export("tiny", out=str(tmp_path / "precious"), progress=False)
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "do not delete"

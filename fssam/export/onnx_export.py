@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import fssam
 from fssam.errors import FSSAMError, InputError
+from fssam.files import replace_folder
 from fssam.export.manifest import FORMAT, write_manifest
 from fssam.export.parity import DTYPES, ParityError, format_report, parity_report, sample_episode
 from fssam.export.stages import BATCH, STAGE_MODULES, STAGE_ORDER, stage_samples, stage_specs
@@ -104,17 +105,12 @@ def _weights_entry(model) -> dict:
     return {"source": "checkpoint", "checkpoints": model.checkpoints}
 
 
-def _replace_folder(tmp: str, out: str) -> None:
-    """Move the finished temp folder to `out`, replacing an earlier export there."""
-    if os.path.exists(out):
-        if not os.path.isfile(os.path.join(out, "manifest.json")) and os.listdir(out):
-            raise ExportError(f"{out!r} exists and is not an fssam export folder: refusing to overwrite it")
-        backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(backup, "previous"))
-        os.rename(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+def _check_destination(out: str) -> None:
+    """An earlier export at `out` may be replaced; any other non-empty folder may not."""
+    if os.path.isfile(out) or (
+        os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "manifest.json"))
+    ):
+        raise ExportError(f"{out!r} exists and is not an fssam export folder: refusing to overwrite it")
 
 
 def export(
@@ -151,6 +147,7 @@ def export(
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise InputError(f"output parent folder {parent!r} does not exist")
+    _check_destination(out)
     model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
     dtype = DTYPES[precision]
     export_model = model if dtype == torch.float32 else copy.deepcopy(model).to_dtype(dtype)
@@ -203,7 +200,8 @@ def export(
                 raise ParityError(format_report(manifest["tensorrt"]["parity"], stages), manifest["tensorrt"]["parity"])
         write_manifest(tmp, manifest)
         bar.close()
-        _replace_folder(tmp, out)
+        _check_destination(out)
+        replace_folder(tmp, out)
         return manifest
     finally:
         if os.path.exists(tmp):

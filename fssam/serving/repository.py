@@ -26,6 +26,7 @@ import numpy as np
 from fssam.errors import ConfigError, InputError
 from fssam.export.manifest import load_manifest
 from fssam.export.stages import STAGE_ORDER
+from fssam.files import replace_folder
 from fssam.serving import PIPELINE_MODEL
 
 BACKENDS = ("python-ort", "onnxruntime", "tensorrt")
@@ -205,7 +206,7 @@ def write_repository(
         }
         with open(os.path.join(tmp, MARKER), "w") as handle:
             json.dump(description, handle, indent=2)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
         return description
     finally:
         if os.path.exists(tmp):
@@ -226,16 +227,6 @@ def _write_warmup(folder: str, size: int, shots: int) -> dict:
     for name, array in arrays.items():
         array.tofile(os.path.join(folder, name))
     return {name: name for name in arrays}
-
-
-def _replace(tmp: str, out: str) -> None:
-    if os.path.exists(out):
-        backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(backup, "previous"))
-        os.rename(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def read_repository(repo: str) -> dict:
