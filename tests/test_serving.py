@@ -224,3 +224,16 @@ def test_cli_predict_url_matches_eager(server, tmp_path):
         assert (tmp_path / f"{label}_overlay.png").exists()
     assert outputs["eager"].shape == outputs["served"].shape == (70, 90)
     assert (outputs["eager"] == outputs["served"]).mean() >= 0.999
+
+
+def test_deploy_tiny_end_to_end(tmp_path):
+    """The README's main job on the tiny config: export -> repository -> server -> check -> latency."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--out", str(tmp_path / "d"),
+                             "--runs", "3", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "PASS" in result.stdout and "random-init seed 0" in result.stdout
+    assert "in-process ONNX Runtime" in result.stdout and "server overhead" in result.stdout
+    assert (tmp_path / "d" / "repository" / "fssam_pipeline" / "config.pbtxt").is_file()

@@ -23,6 +23,26 @@ def _step(i: int, n: int, text: str, progress: bool) -> float:
     return time.perf_counter()
 
 
+def _inprocess_latency(artifacts, query, supports, masks, runs: int) -> tuple[float, float]:
+    """Median seconds of the same episode in ONNX Runtime in this process: full, and with the support cached."""
+    from fssam.export import OnnxStages
+
+    stages = OnnxStages(artifacts)
+    stages(query, supports, masks)  # warm-up
+    full = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        stages(query, supports, masks)
+        full.append(time.perf_counter() - t0)
+    support = stages.encode_support(supports, masks)
+    cached = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        stages.segment(query, support)
+        cached.append(time.perf_counter() - t0)
+    return statistics.median(full), statistics.median(cached)
+
+
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 5,
            progress: bool = True) -> dict:
     from fssam.export import export
@@ -85,15 +105,21 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
                 cached.append(time.perf_counter() - t0)
                 if not bool(hit.all()):
                     raise ServingError("a repeated support set was not served from the cache")
+        inprocess_full, inprocess_cached = _inprocess_latency(artifacts, query, supports, masks, runs)
     finally:
         server.stop()
     result = {
         "config": config, "weights": weights["source"], "max_abs": max_abs, "iou": iou, "passed": passed,
         "latency_uncached_ms": 1000 * statistics.median(uncached), "latency_cached_ms": 1000 * statistics.median(cached),
+        "inprocess_ort_ms": 1000 * inprocess_full, "inprocess_ort_cached_ms": 1000 * inprocess_cached,
         "artifacts": artifacts, "repository": repository,
     }
     print(f"      uncached support: {result['latency_uncached_ms']:.1f} ms  cached support: "
           f"{result['latency_cached_ms']:.1f} ms  (median of {runs}; {config}, {shots}-shot, CPU, python-ort)")
+    print(f"      in-process ONNX Runtime: {result['inprocess_ort_ms']:.1f} ms, cached support "
+          f"{result['inprocess_ort_cached_ms']:.1f} ms; server overhead at concurrency 1: "
+          f"{100 * (result['latency_uncached_ms'] / result['inprocess_ort_ms'] - 1):+.1f}% "
+          f"(cached {100 * (result['latency_cached_ms'] / result['inprocess_ort_cached_ms'] - 1):+.1f}%)")
     print(f"deployed {config}: {repository} (serve it with `fssam serve --repository {repository}`); "
           f"weights: {weights['source']}")
     if weights["source"].startswith("random"):
