@@ -237,3 +237,24 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert "PASS" in result.stdout and "random-init seed 0" in result.stdout
     assert "in-process ONNX Runtime" in result.stdout and "server overhead" in result.stdout
     assert (tmp_path / "d" / "repository" / "fssam_pipeline" / "config.pbtxt").is_file()
+
+
+def test_bench_triton_mode_against_running_server(server, tiny_artifacts, tmp_path):
+    """`fssam bench --modes triton --url`: client-measured figures and a concurrency sweep, no failures."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "fssam.cli", "bench", "--config", "tiny", "--shots", "1", "--modes", "onnxruntime,triton",
+         "--iterations", "2", "--warmup", "1", "--artifacts", tiny_artifacts[0], "--url", server.grpc_url,
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]["1"]
+    assert runs["modes"]["triton"]["episode"]["n"] == 2 and runs["modes"]["triton"]["stages"] == {}
+    assert [row["concurrency"] for row in runs["concurrency"]] == [1, 2, 4, 8]
+    assert all(row["failures"] == 0 and row["throughput"] > 0 for row in runs["concurrency"])
+    assert (out / "throughput_1shot.png").is_file()

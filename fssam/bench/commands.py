@@ -12,7 +12,8 @@ from fssam.bench.harness import StageMode, run_interleaved
 from fssam.bench.report import machine, markdown, write
 from fssam.errors import ConfigError, InputError
 
-MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "tensorrt")
+MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "tensorrt", "triton")
+CONCURRENCY = (1, 2, 4, 8)
 DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime")
 QUICK = {"config": "tiny", "iterations": 3, "warmup": 1, "shots": "1", "modes": "eager_fp32,eager_bf16,onnxruntime"}
 
@@ -65,11 +66,93 @@ def _modes(args, model, shots: int, progress: bool):
             from fssam.export import OnnxStages
 
             modes.append(StageMode(name, OnnxStages(_artifacts_for(args, shots, progress))))
+        elif name == "triton":
+            modes.append(_triton_mode(args, shots, progress))
         elif name == "tensorrt":
             from fssam.export.tensorrt import TensorRTStages, _CpuView
 
             modes.append(StageMode(name, _CpuView(TensorRTStages(_artifacts_for(args, shots, progress)))))
     return modes
+
+
+class _Served:
+    """A served pipeline as a bench mode: `cache=False` sends a support set the server has not
+    seen (a tiny perturbation of the images), `cache=True` repeats the cached one."""
+
+    def __init__(self, url: str):
+        from fssam.serving.client import RemoteFSSAM
+
+        self.url = url
+        self.remote = RemoteFSSAM(url)
+        self.calls = 0
+
+    def __call__(self, query, supports, masks, cache: bool):
+        if not cache:
+            self.calls += 1
+            supports = supports + self.calls * 1e-3
+        self.remote.infer(query, supports, masks)
+
+
+def _triton_mode(args, shots: int, progress: bool):
+    from fssam.bench.harness import EpisodeMode
+
+    if args.url:
+        served = _Served(args.url)
+    else:
+        from fssam.serving.repository import write_repository
+        from fssam.serving.server import TritonServer
+
+        repository = os.path.join(args.out, f"repository-{shots}shot")
+        write_repository(_artifacts_for(args, shots, progress), repository, stage_backend="python-ort")
+        server = TritonServer(repository, http_port=0, grpc_port=0, log_path=os.path.join(args.out, f"tritonserver-{shots}shot.log"))
+        server.start(timeout=600)
+        args.servers.append(server)
+        served = _Served(server.grpc_url)
+    mode = EpisodeMode("triton", served)
+    mode.url = served.url
+    return mode
+
+
+def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client: int = 5) -> list[dict]:
+    """Client-measured throughput with C clients sending cached-support requests at once."""
+    import statistics
+    import threading
+    import time
+
+    from fssam.serving.client import RemoteFSSAM
+
+    rows = []
+    for level in levels:
+        latencies, failures, lock = [], [0], threading.Lock()
+
+        def client():
+            with RemoteFSSAM(url) as remote:
+                for _ in range(requests_per_client):
+                    start = time.perf_counter()
+                    try:
+                        remote.infer(*inputs)
+                    except Exception:
+                        with lock:
+                            failures[0] += 1
+                        continue
+                    with lock:
+                        latencies.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client) for _ in range(level)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+        rows.append({
+            "concurrency": level,
+            "requests": level * requests_per_client,
+            "failures": failures[0],
+            "median_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+            "throughput": len(latencies) / wall,
+        })
+    return rows
 
 
 def run_bench(args) -> dict:
@@ -94,13 +177,21 @@ def run_bench(args) -> dict:
         "machine": machine(),
         "runs": {},
     }
-    for shots in args.shot_list:
-        modes = _modes(args, model, shots, progress)
-        inputs = sample_episode(model.config, shots, batch=1, seed=args.seed + 100)
-        bar = tqdm(total=(args.warmup + args.iterations) * len(modes), desc=f"bench {shots}-shot", disable=not progress)
-        runs = {"modes": run_interleaved(modes, inputs, args.iterations, args.warmup, progress=bar)}
-        bar.close()
-        result["runs"][str(shots)] = runs
+    args.servers = []
+    try:
+        for shots in args.shot_list:
+            modes = _modes(args, model, shots, progress)
+            inputs = sample_episode(model.config, shots, batch=1, seed=args.seed + 100)
+            bar = tqdm(total=(args.warmup + args.iterations) * len(modes), desc=f"bench {shots}-shot", disable=not progress)
+            runs = {"modes": run_interleaved(modes, inputs, args.iterations, args.warmup, progress=bar)}
+            bar.close()
+            served = [m for m in modes if m.name == "triton"]
+            if served:
+                runs["concurrency"] = concurrency_sweep(served[0].url, inputs)
+            result["runs"][str(shots)] = runs
+    finally:
+        for server in args.servers:
+            server.stop()
     files = write(result, args.out)
     result["files"] = files
     return result
@@ -128,6 +219,7 @@ def register(sub) -> None:
     bench.add_argument("--checkpoint", action="append")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots must match)")
+    bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
     bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"], help=f"comma list of {', '.join(MODES)}")
     bench.add_argument("--shots", default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
     bench.add_argument("--iterations", type=int, default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
