@@ -39,4 +39,4 @@ def test_unknown_mode_is_one_error_line(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().endswith("unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, tensorrt")
+    assert result.stderr.strip().endswith("unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, tensorrt, triton")

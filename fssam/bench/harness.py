@@ -134,15 +134,23 @@ def summary(samples: list[float]) -> dict:
 
 def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) -> dict:
     """{mode: {"episode": summary, "cached": summary, "stages": {stage: summary}, "peak_rss_mb"}}."""
-    raw = {m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0} for m in modes}
+    raw = {
+        m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0}
+        for m in modes
+    }
+    cuda = torch.cuda.is_available()
     for index in range(warmup + iterations):
         for mode in modes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             with RssSampler() as rss:
                 seconds, stages = mode.episode(*inputs)
                 cached = mode.cached(*inputs)
             entry = raw[mode.name]
             entry["peak_rss_mb"] = max(entry["peak_rss_mb"], rss.peak)
             entry["working_mb"] = max(entry["working_mb"], rss.peak - rss.start)
+            if cuda:
+                entry["gpu_peak_mb"] = max(entry["gpu_peak_mb"], torch.cuda.max_memory_allocated() / 2**20)
             if index >= warmup:
                 entry["episode"].append(seconds)
                 entry["cached"].append(cached)
@@ -157,6 +165,7 @@ def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) 
             "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
             "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
             "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode
+            **({"gpu_peak_mb": round(entry["gpu_peak_mb"], 1)} if cuda else {}),  # torch allocator peak
         }
         for name, entry in raw.items()
     }

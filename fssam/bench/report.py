@@ -54,8 +54,10 @@ def markdown(result: dict) -> str:
     for shots, runs in result["runs"].items():
         base = runs["modes"].get("eager_fp32")
         lines.append(f"### {result['config']}, {shots}-shot, batch 1 ({result['iterations']} runs after {result['warmup']} warm-up, interleaved)\n")
-        lines.append("| mode | episode median ms | p90 | p99 | speed-up vs eager fp32 | cached-support query ms | speed-up vs eager episode | peak RSS MB | working MB |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        gpu = any("gpu_peak_mb" in mode for mode in runs["modes"].values())
+        lines.append("| mode | episode median ms | p90 | p99 | speed-up vs eager fp32 | cached-support query ms | speed-up vs eager episode | peak RSS MB | working MB |"
+                     + (" GPU peak MB |" if gpu else ""))
+        lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
         for name, mode in runs["modes"].items():
             episode, cached = mode["episode"], mode["cached_support"]
             ratio = base["episode"]["median_ms"] / episode["median_ms"] if base else float("nan")
@@ -63,6 +65,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {name} | {episode['median_ms']:.1f} | {episode['p90_ms']:.1f} | {episode['p99_ms']:.1f} | {ratio:.2f}x | "
                 f"{cached['median_ms']:.1f} | {cached_ratio:.2f}x | {mode['peak_rss_mb']:.0f} | {mode['working_mb']:.0f} |"
+                + (f" {mode['gpu_peak_mb']:.0f} |" if "gpu_peak_mb" in mode else "")
             )
         staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
         if staged:
