@@ -50,31 +50,44 @@ def _register_plugin_if_needed(manifest: dict) -> None:
         register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
 
 
-def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
+def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
+    """A serialized TensorRT engine from ONNX bytes; a batch profile 1..8 for a dynamic dim 0."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(onnx_path):
+    if not parser.parse(onnx_model):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise FSSAMError(f"TensorRT cannot parse {onnx_path!r}: {errors}")
+        raise FSSAMError(f"TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        rest = list(tensor.shape)[1:]
-        profile.set_shape(tensor.name, [MIN_BATCH, *rest], [OPT_BATCH, *rest], [MAX_BATCH, *rest])
-    config.add_optimization_profile(profile)
-    start = time.perf_counter()
+    dynamic = [network.get_input(i) for i in range(network.num_inputs) if list(network.get_input(i).shape)[0] == -1]
+    if dynamic:
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            rest = list(tensor.shape)[1:]
+            profile.set_shape(tensor.name, [MIN_BATCH, *rest], [OPT_BATCH, *rest], [MAX_BATCH, *rest])
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise FSSAMError(f"TensorRT failed to build an engine from {onnx_path!r} (see the TensorRT log above)")
+        raise FSSAMError("TensorRT failed to build an engine (see the TensorRT log above)")
+    return bytes(serialized)
+
+
+def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
+    start = time.perf_counter()
+    with open(onnx_path, "rb") as handle:
+        try:
+            serialized = serialize_network(handle.read(), precision)
+        except TensorRTUnavailable:
+            raise
+        except FSSAMError as error:
+            raise FSSAMError(f"{onnx_path}: {error}") from None
     with open(engine_path, "wb") as handle:
         handle.write(serialized)
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": os.path.getsize(engine_path)}

@@ -240,24 +240,9 @@ def register() -> None:
 def build_engine(onnx_model: bytes, fp16: bool = False, bf16: bool = False) -> bytes:
     """Serialized TensorRT engine from an ONNX model (bytes) that may contain fssam::SCMA nodes."""
     register()
-    import tensorrt as trt
+    from fssam.export.tensorrt import serialize_network
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_model):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse the ONNX model: {errors}")
-    config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise RuntimeError("TensorRT engine build failed")
-    return bytes(engine)
+    return serialize_network(onnx_model, "bf16" if bf16 else "fp16" if fp16 else "fp32")
 
 
 def run_engine(engine_bytes: bytes, inputs: dict) -> dict:
