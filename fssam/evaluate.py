@@ -206,13 +206,9 @@ def make_backend(args) -> Backend:
 
 
 def _device(args) -> str:
-    import torch
+    from fssam.device import resolve_device
 
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this machine has no CUDA device")
-    return args.device
+    return resolve_device(args.device).type
 
 
 def _eager(args) -> Backend:

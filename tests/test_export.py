@@ -158,10 +158,115 @@ def test_tensorrt_without_gpu_says_so(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; this machine has none")
 def test_tensorrt_engines_pass_the_gate(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package (pip install 'fssam-deploy[gpu]')")
-    for precision in ("fp32", "fp16"):
-        manifest = export("tiny", out=str(tmp_path / precision), precision=precision, tensorrt=True, progress=False)
-        assert manifest["tensorrt"]["parity"]["passed"], manifest["tensorrt"]["parity"]["failures"]
-        assert all(os.path.isfile(tmp_path / precision / e["file"]) for e in manifest["tensorrt"]["engines"].values())
+    for precision, scma_node in (("fp32", "decomposed"), ("fp16", "decomposed"), ("bf16", "decomposed"),
+                                 ("fp16", "custom"), ("bf16", "custom")):
+        out = tmp_path / f"{precision}-{scma_node}"
+        manifest = export("tiny", out=str(out), precision=precision, tensorrt=True, scma_node=scma_node,
+                          progress=False)
+        assert manifest["tensorrt"]["parity"]["passed"], (precision, scma_node, manifest["tensorrt"]["parity"]["failures"])
+        assert all(os.path.isfile(out / e["file"]) for e in manifest["tensorrt"]["engines"].values())
+
+
+class _FakeTensorRT:
+    """Records what serialize_network asks of TensorRT (enough of the TensorRT 10 API for it)."""
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class BuilderFlag:
+        TF32 = "TF32"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    def __init__(self, parse_ok=True):
+        self.calls = []
+        fake = self
+
+        class Input:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class Network:
+            num_inputs = 2
+
+            def get_input(self, i):
+                return [Input("image", (-1, 3, 64, 64)), Input("scale", (1,))][i]
+
+        class Parser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data):
+                return parse_ok
+
+            def get_error(self, i):
+                return "In node 3 (Foo): unsupported op"
+
+        class Profile:
+            def set_shape(self, name, *shapes):
+                fake.calls.append(("profile", name, shapes))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("add_profile",))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("network_flags", flags))
+                return Network()
+
+            create_builder_config = staticmethod(Config)
+            create_optimization_profile = staticmethod(Profile)
+
+            def build_serialized_network(self, network, config):
+                return b"engine"
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_tensorrt_network_is_strongly_typed_with_a_batch_profile(monkeypatch, precision):
+    """serialize_network against a recording stand-in (the real build needs a GPU): strongly typed
+    network (the ONNX carries the dtypes; no deprecated FP16/BF16 flags), TF32 off for fp32,
+    one profile over batch 1..8 for the dynamic input only, parser errors named."""
+    from fssam.errors import FSSAMError
+    from fssam.export import tensorrt as trt_export
+
+    fake = _FakeTensorRT()
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: fake)
+    assert trt_export.serialize_network(b"onnx", precision) == b"engine"
+    assert ("network_flags", 1 << 1) in fake.calls
+    assert not [c for c in fake.calls if c[0] == "set_flag"]
+    assert (("clear_flag", "TF32") in fake.calls) == (precision == "fp32")
+    assert [c for c in fake.calls if c[0] == "profile"] == [("profile", "image", ([1, 3, 64, 64], [1, 3, 64, 64],
+                                                                                  [8, 3, 64, 64]))]
+    bad = _FakeTensorRT(parse_ok=False)
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: bad)
+    with pytest.raises(FSSAMError, match="cannot parse the ONNX model: In node 3"):
+        trt_export.serialize_network(b"onnx", precision)
+    with pytest.raises(FSSAMError, match="precision 'int8'"):
+        trt_export.serialize_network(b"onnx", "int8")
 
 
 def test_head_exports_with_custom_scma_nodes(tmp_path):
@@ -181,6 +286,37 @@ def test_head_exports_with_custom_scma_nodes(tmp_path):
     assert all(n.op_type == "SCMA" for n in nodes + functions)
     with pytest.raises(InputError, match="together with --tensorrt"):
         export("tiny", out=str(tmp_path / "x"), scma_node="custom")
+
+
+def test_custom_scma_export_keeps_a_decomposed_head_for_onnx_runtime(tmp_path, monkeypatch):
+    """--scma-node custom: head.onnx stays runnable in ONNX Runtime (gate, python-ort serving) and
+    head.scma.onnx (fssam::SCMA nodes, listed with its sha256) is what the head engine is built from.
+    TensorRT itself is stubbed here (no GPU): the engine builder only records its sources."""
+    import fssam.export.tensorrt as trt_export
+    from fssam.export import load_manifest
+
+    built = {}
+
+    def fake_build_engines(folder, manifest, model, progress=None):
+        for name, entry in manifest["stages"].items():
+            built[name] = entry.get("tensorrt_onnx", entry)["file"]
+        return {"engines": {}, "parity": {"passed": True}}
+
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_export, "build_engines", fake_build_engines)
+    out = tmp_path / "custom"
+    manifest = export("tiny", out=str(out), tensorrt=True, scma_node="custom", progress=False)
+    assert manifest["parity"]["onnxruntime"]["passed"]
+    assert built["head"] == "head.scma.onnx" and built["prior"] == "prior.onnx"
+    assert load_manifest(str(out))["stages"]["head"]["tensorrt_onnx"]["file"] == "head.scma.onnx"
+    decomposed = [n for n in onnx.load(str(out / "head.onnx")).graph.node if n.domain == "fssam"]
+    custom = onnx.load(str(out / "head.scma.onnx"))
+    nodes = [n for n in custom.graph.node if n.domain == "fssam"] + [
+        n for f in custom.functions for n in f.node if n.domain == "fssam"]
+    assert not decomposed and len(nodes) == manifest["config"]["memory_attention_layers"]
+    (out / "head.scma.onnx").write_bytes(b"tampered")
+    with pytest.raises(InputError, match="head.scma.onnx.*sha256"):
+        load_manifest(str(out))
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):

@@ -51,7 +51,7 @@ def triton_scma(*args, **kwargs):
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("pointers", [0, 4, 24])
 @pytest.mark.parametrize("shots", [1, 5])
-@pytest.mark.parametrize("tokens,head_dim", [(16, 16), (36, 32), (16, 64), (36, 64)])
+@pytest.mark.parametrize("tokens,head_dim", [(16, 16), (36, 32), (16, 64), (36, 64), (20, 128), (16, 256)])
 def test_fp32_matches_reference(tokens, head_dim, shots, pointers, mode):
     q, k, v, masks = make_inputs(2, 2, tokens, head_dim, shots, pointers, seed=tokens + shots + pointers)
     got = triton_scma(q, k, v, masks, mode)
@@ -117,7 +117,7 @@ def _low_precision_check(dtype, tokens, head_dim, shots, pointers, mode, seed):
 @needs_triton_device
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("shots,pointers", [(1, 0), (5, 24), (1, 4)])
-@pytest.mark.parametrize("tokens,head_dim", [(36, 32), (16, 64)])
+@pytest.mark.parametrize("tokens,head_dim", [(36, 32), (16, 64), (20, 128), (16, 256)])
 def test_fp16_within_twice_torch_fp16_error(tokens, head_dim, shots, pointers, mode):
     _low_precision_check(torch.float16, tokens, head_dim, shots, pointers, mode, seed=11 + shots)
 
@@ -284,25 +284,52 @@ def test_tensorrt_plugin_imports_and_explains_requirement():
         tensorrt_plugin.register()
 
 
-def test_tensorrt_aot_ptx_drops_triton_hidden_params():
-    """Compile the AOT kernel for sm_90 (no GPU needed: Triton's bundled ptxas) in a process
-    without TRITON_INTERPRET; the hidden scratch parameters must be gone and the PTX still valid."""
+def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
+    """Compile for sm_90 (no GPU needed: Triton's bundled ptxas) in a process without
+    TRITON_INTERPRET, for fp16/bf16/fp32 and head dims 64/128/256: the JIT launch config must fit
+    an H100's shared memory with at most 256 B of register spills, and the fp16/bf16 AOT kernel
+    must fit 48 KiB, have the hidden scratch parameters removed and still assemble."""
     script = textwrap.dedent(
         """
         import os, re, subprocess, torch, triton
-        from fssam.kernels.tensorrt_plugin import compile_aot_kernel
-        kernel = compile_aot_kernel(torch.float16, 64, target=("cuda", 90, 32))
-        entry = re.search(r"\\.entry\\s+\\w+\\s*\\((.*?)\\)", kernel.ptx, re.S).group(1)
-        params = [p for p in entry.split(",") if p.strip()]
-        assert len(params) == kernel.num_params == 22, len(params)
-        assert kernel.stripped and all(name not in kernel.ptx for name in kernel.stripped)
-        assert kernel.shared <= 48 * 1024
+        from triton.backends.compiler import GPUTarget
+        from fssam.kernels.tensorrt_plugin import _POINTER_ARGS, compile_aot_kernel
+        from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs, kernel_config
+        target = GPUTarget("cuda", 90, 32)
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        if os.path.exists(ptxas):
-            with open("k.ptx", "w") as f:
-                f.write(kernel.ptx)
-            subprocess.run([ptxas, "-arch=sm_90a", "k.ptx", "-o", "k.cubin"], check=True)
-        print("ok", kernel.stripped)
+        def spills(ptx):  # bytes of register spill stores reported by ptxas -v
+            with open("s.ptx", "w") as f:
+                f.write(ptx)
+            info = subprocess.run([ptxas, "-v", "-arch=sm_90a", "s.ptx", "-o", "s.cubin"], capture_output=True,
+                                  text=True, check=True).stderr
+            return sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", info))
+
+        for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            for head_dim in (64, 128, 256):
+                config = kernel_config(head_dim, 4096, dtype, interpret=False)
+                consts = constexprs(head_dim, dtype, config)
+                signature = {n: "constexpr" if n in consts else "*fp32" if n == "CAL" else
+                             "*" + ty if n in _POINTER_ARGS else "i32" for n in _scma_fwd_kernel.arg_names}
+                jit = triton.compile(triton.compiler.ASTSource(fn=_scma_fwd_kernel, signature=signature,
+                                                               constexprs=consts), target=target,
+                                     options=dict(num_warps=config["num_warps"], num_stages=config["num_stages"]))
+                assert jit.metadata.shared <= 227 * 1024, (dtype, head_dim, jit.metadata.shared)
+                if os.path.exists(ptxas):
+                    assert spills(jit.asm["ptx"]) <= 256, (dtype, head_dim, "register spills")
+                if dtype == torch.float32:
+                    print("ok", ty, head_dim, jit.metadata.shared)
+                    continue  # fp32 is not an AOT plugin type worth the compile time here
+                kernel = compile_aot_kernel(dtype, head_dim, target=target)
+                entry = re.search(r"\\.entry\\s+\\w+\\s*\\((.*?)\\)", kernel.ptx, re.S).group(1)
+                params = [p for p in entry.split(",") if p.strip()]
+                assert len(params) == kernel.num_params == 22, len(params)
+                assert kernel.stripped and all(name not in kernel.ptx for name in kernel.stripped)
+                assert kernel.shared <= 48 * 1024
+                if os.path.exists(ptxas):
+                    with open("k.ptx", "w") as f:
+                        f.write(kernel.ptx)
+                    subprocess.run([ptxas, "-arch=sm_90a", "k.ptx", "-o", "k.cubin"], check=True)
+                print("ok", ty, head_dim, jit.metadata.shared, kernel.shared, kernel.stripped)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -316,7 +343,7 @@ def test_tensorrt_aot_ptx_drops_triton_hidden_params():
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("Triton's CUDA backend tools are not available")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok" in result.stdout
+    assert result.stdout.count("ok") == 9, result.stdout
 
 
 @pytest.mark.skipif(not tensorrt_plugin.available(), reason="the TensorRT plugin needs a CUDA GPU and tensorrt")
@@ -331,3 +358,111 @@ def test_tensorrt_plugin_matches_reference(aot):
     exact = 2.0 * scma_reference(q.float(), k.float(), v.float(), masks, "paper")
     torch_error = (2.0 * scma_reference(q, k, v, masks, "paper").float() - exact).abs().max().item()
     assert (out.float().cpu() - exact).abs().max().item() <= 2 * torch_error + 1e-3
+
+
+def test_bf16_custom_node_needs_the_aot_plugin():
+    from fssam.kernels.op import scma_onnx_node
+
+    q, k, v, masks = make_inputs(1, 1, 16, 16, 1, 4, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="bf16 needs the plugin's AOT kernel"):
+        scma_onnx_node(q, k, v, masks, aot=False)
+
+
+_FAKE_TENSORRT_PLUGIN = '''
+import sys, types
+
+class Expr:  # a constant shape expression (TensorRT's ShapeExpr: is_constant property, constant_value() method)
+    def __init__(self, value):
+        self.value = value
+    is_constant = property(lambda self: True)
+    def constant_value(self):
+        return self.value
+    def __mul__(self, other):
+        return Expr(self.value * (other.value if isinstance(other, Expr) else other))
+    __rmul__ = __mul__
+
+class TensorDesc:
+    def __init__(self, shape, dtype):
+        self.shape_expr, self.dtype = [Expr(d) for d in shape], dtype
+    def like(self):
+        return self
+
+class Tensor: pass
+class KernelLaunchParams: pass
+class SymIntExprs(list):
+    @classmethod
+    def from_tuple(cls, items):
+        return cls(items)
+class SymInt32:
+    def __init__(self, expr):
+        self.expr = expr
+class AutoTuneCombination:
+    def __init__(self, types, formats):
+        self.types, self.formats = types, formats
+
+trt = types.ModuleType("tensorrt")
+trt.float32, trt.float16, trt.bfloat16 = "float32", "float16", "bfloat16"
+trtp = types.ModuleType("tensorrt.plugin")
+for cls in (TensorDesc, Tensor, KernelLaunchParams, SymIntExprs, SymInt32, AutoTuneCombination):
+    setattr(trtp, cls.__name__, cls)
+trtp.cdiv = lambda a, b: Expr(-(-a.value // b))
+registered = {}
+def _decorator(kind):
+    return lambda plugin_id: (lambda fn: registered.setdefault(kind, (plugin_id, fn))[1])
+for kind in ("register", "autotune", "aot_impl", "impl"):
+    setattr(trtp, kind, _decorator(kind))
+trt.plugin = trtp
+import importlib.machinery
+trt.__spec__, trtp.__spec__ = (importlib.machinery.ModuleSpec(n, None) for n in ("tensorrt", "tensorrt.plugin"))
+sys.modules["tensorrt"], sys.modules["tensorrt.plugin"] = trt, trtp
+'''
+
+
+def test_tensorrt_plugin_definitions_and_aot_launch_contract():
+    """register() against a stand-in for tensorrt.plugin (no GPU, no tensorrt): the decorated
+    functions carry real (non-string) annotations, as tensorrt.plugin validates them with
+    issubclass(); aot_impl declares its return type; and the AOT launch (grid, block, shared
+    memory, the 17 int32 extra args) matches _scma_fwd_kernel on contiguous tensors."""
+    script = _FAKE_TENSORRT_PLUGIN + textwrap.dedent(
+        """
+        import inspect, typing, torch
+        from fssam.kernels import tensorrt_plugin as tp
+        tp.available = lambda: True
+        compile_for_sm90 = tp.compile_aot_kernel
+        tp.compile_aot_kernel = lambda dtype, head_dim: compile_for_sm90(dtype, head_dim, target=("cuda", 90, 32))
+        tp.register()
+        assert {kind: pid for kind, (pid, _) in registered.items()} == dict.fromkeys(
+            ("register", "autotune", "aot_impl", "impl"), "fssam::SCMA")
+        for kind, (_, fn) in registered.items():
+            sig = inspect.signature(fn)
+            for p in list(sig.parameters.values()) + [sig]:
+                note = p.annotation if p is not sig else sig.return_annotation
+                assert not isinstance(note, str), (kind, note)
+        returns = inspect.signature(registered["aot_impl"][1]).return_annotation
+        assert typing.get_origin(returns) is tuple and len(typing.get_args(returns)) == 4
+        assert typing.get_args(returns)[2:] == (KernelLaunchParams, SymIntExprs)
+
+        B, H, N, C, P = 2, 3, 100, 64, 9
+        L = 2 * N + P
+        q, keys, cal = TensorDesc((B, H, N, C), "float16"), TensorDesc((B, H, L, C), "float16"), TensorDesc((B, H, N), "float32")
+        name, ptx, launch, extra = registered["aot_impl"][1](q, keys, keys, cal, (q,), 0)
+        kernel = compile_for_sm90(torch.float16, C, target=("cuda", 90, 32))
+        assert name == kernel.name.encode() and ptx == kernel.ptx.encode()
+        assert launch.grid_x.value == -(-N // kernel.block_m) and launch.grid_y.value == B * H
+        assert launch.block_x == kernel.num_warps * 32 and launch.shared_mem == kernel.shared
+        values = [e.expr.value if isinstance(e.expr, Expr) else e.expr for e in extra]
+        strides = [*torch.empty(B, H, N, C).stride()[:3], *torch.empty(B, H, L, C).stride()[:3],
+                   *torch.empty(B, H, L, C).stride()[:3], *torch.empty(B, H, N).stride()[:2],
+                   *torch.empty(B, H, N, C).stride()[:3], H, N, L]
+        assert values == strides, (values, strides)
+        combo = registered["autotune"][1](q, keys, keys, cal, (q,))[0]
+        assert len(combo.types.split(",")) == 5  # 4 inputs + 1 output
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -1,6 +1,5 @@
 """Real-arithmetic RoPE and the memory attention subclasses vs sam2's own modules."""
 
-import copy
 
 import pytest
 import torch

@@ -69,6 +69,27 @@ def test_native_backend_configs(tmp_path, server, tiny_artifacts):
         write_repository(artifacts, str(tmp_path / "trt"), stage_backend="tensorrt")
 
 
+@pytest.mark.parametrize("change,backend,message", [
+    ({"dtype": "bfloat16", "precision": "bf16"}, "onnxruntime", "bf16 exports cannot be served"),
+    ({"dtype": "bfloat16", "precision": "bf16"}, "python-ort", "bf16 exports cannot be served"),
+    ({"scma_node": "custom", "tensorrt": {"engines": {}}}, "tensorrt", "fssam::SCMA plugin nodes"),
+])
+def test_repository_refuses_what_the_server_cannot_run(tmp_path, tiny_artifacts, change, backend, message):
+    import json
+    import shutil
+
+    from fssam.errors import ConfigError
+    from fssam.serving.repository import write_repository
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts[0], artifacts)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    (artifacts / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(ConfigError, match=message):
+        write_repository(str(artifacts), str(tmp_path / "repo"), stage_backend=backend)
+    assert not (tmp_path / "repo").exists()
+
+
 def test_episode_matches_eager(server, remote, tiny_model):
     query, supports, masks = episode(5)
     with torch.inference_mode():

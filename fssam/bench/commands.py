@@ -34,11 +34,16 @@ class CompiledStages:
 
 
 def _artifacts_for(args, shots: int, progress: bool) -> str:
-    """The export folder for `shots`: --artifacts when its manifest matches, else a fresh export."""
+    """The export folder for `shots`: --artifacts when its manifest matches, else a fresh export
+    (with TensorRT engines when the tensorrt mode is asked for)."""
     from fssam.export import export, load_manifest
 
+    engines = "tensorrt" in args.mode_list
     if args.artifacts:
         manifest = load_manifest(args.artifacts)
+        if engines and "tensorrt" not in manifest:
+            raise InputError(f"--artifacts {args.artifacts!r} has no TensorRT engines, which the tensorrt mode needs: "
+                             "export it with --tensorrt on this GPU machine, or leave --artifacts out")
         if manifest["shots"] == shots and manifest["config"]["name"] == args.config:
             return args.artifacts
         if len(args.shot_list) == 1:
@@ -47,21 +52,27 @@ def _artifacts_for(args, shots: int, progress: bool) -> str:
                 f"but the bench asks for {args.config} {shots}-shot"
             )
     folder = os.path.join(args.out, f"artifacts-{shots}shot")
-    if not os.path.isfile(os.path.join(folder, "manifest.json")):
+    manifest_path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(manifest_path) or (engines and "tensorrt" not in load_manifest(folder, verify=False)):
         print(f"exporting {args.config} {shots}-shot to {folder} ...", file=sys.stderr)
-        export(args.config, out=folder, checkpoint=args.checkpoint, shots=shots, seed=args.seed, progress=progress)
+        export(args.config, out=folder, checkpoint=args.checkpoint, shots=shots, seed=args.seed, progress=progress,
+               tensorrt=engines)
     return folder
 
 
 def _modes(args, model, shots: int, progress: bool):
+    """Eager, autocast and compile run on args.device (the model is already there); ONNX Runtime
+    on its CPU provider; TensorRT on the GPU with CUDA tensors between stages; triton is client-side."""
+    device = args.device_resolved
     modes = []
     for name in args.mode_list:
         if name == "eager_fp32":
-            modes.append(StageMode(name, model))
+            modes.append(StageMode(name, model, device=device))
         elif name == "eager_bf16":
-            modes.append(StageMode(name, model, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+            modes.append(StageMode(name, model, context=lambda: torch.autocast(device.type, dtype=torch.bfloat16),
+                                   device=device))
         elif name == "compile":
-            modes.append(StageMode(name, CompiledStages(model)))
+            modes.append(StageMode(name, CompiledStages(model), device=device))
         elif name == "onnxruntime":
             from fssam.export import OnnxStages
 
@@ -69,9 +80,9 @@ def _modes(args, model, shots: int, progress: bool):
         elif name == "triton":
             modes.append(_triton_mode(args, shots, progress))
         elif name == "tensorrt":
-            from fssam.export.tensorrt import TensorRTStages, _CpuView
+            from fssam.export.tensorrt import TensorRTStages
 
-            modes.append(StageMode(name, _CpuView(TensorRTStages(_artifacts_for(args, shots, progress)))))
+            modes.append(StageMode(name, TensorRTStages(_artifacts_for(args, shots, progress)), device="cuda"))
     return modes
 
 
@@ -166,11 +177,15 @@ def run_bench(args) -> dict:
         from fssam.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    from fssam.device import resolve_device
+
+    args.device_resolved = resolve_device(args.device)
     progress = not args.no_progress
     os.makedirs(args.out, exist_ok=True)
-    model = build(args.config, checkpoint=args.checkpoint, seed=args.seed)
+    model = build(args.config, checkpoint=args.checkpoint, seed=args.seed).to(args.device_resolved)
     result = {
         "config": args.config,
+        "device": str(args.device_resolved),
         "weights": describe_weights(model),
         "iterations": args.iterations,
         "warmup": args.warmup,
@@ -218,6 +233,8 @@ def register(sub) -> None:
     bench.add_argument("--config", default=PARSER_DEFAULTS["config"])
     bench.add_argument("--checkpoint", action="append")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="where eager, eager_bf16 and compile run (auto: cuda when available)")
     bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots must match)")
     bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
     bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"], help=f"comma list of {', '.join(MODES)}")

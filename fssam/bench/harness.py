@@ -2,7 +2,9 @@
 
 Each mode is a "runner" with the six stage methods (eager model, autocast, torch.compile,
 ONNX Runtime, ...) or a whole-episode callable (a served model). Iterations run mode after mode
-(A B C A B C ...), so drift of the machine hits all modes alike.
+(A B C A B C ...), so drift of the machine hits all modes alike. A mode on a GPU gets its inputs
+on that device before the clock starts, and the clock is read only after the GPU has finished
+(torch.cuda.synchronize), per stage and per episode.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 
 import torch
 
+from fssam.device import synchronize
 from fssam.export.stages import STAGE_ORDER
 from fssam.model.episode import encode_support, run_episode, segment
 
@@ -21,9 +24,10 @@ from fssam.model.episode import encode_support, run_episode, segment
 class TimedStages:
     """Wraps a stage runner: every stage call is timed (summed per stage over one episode)."""
 
-    def __init__(self, runner, context=contextlib.nullcontext):
+    def __init__(self, runner, context=contextlib.nullcontext, device=torch.device("cpu")):
         self.runner = runner
         self.context = context
+        self.device = device
         self.times: dict[str, float] = {}
 
     def __getattr__(self, name):
@@ -32,9 +36,11 @@ class TimedStages:
         method = getattr(self.runner, name)
 
         def call(*args):
+            synchronize(self.device)
             start = time.perf_counter()
             with self.context():
                 out = method(*args)
+            synchronize(self.device)
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
             return out
 
@@ -46,24 +52,34 @@ class StageMode:
 
     per_stage = True
 
-    def __init__(self, name: str, runner, context=contextlib.nullcontext):
+    def __init__(self, name: str, runner, context=contextlib.nullcontext, device="cpu"):
         self.name = name
-        self.timed = TimedStages(runner, context)
+        self.device = torch.device(device)
+        self.timed = TimedStages(runner, context, self.device)
         self.support = None
 
+    def _on_device(self, *tensors):
+        return tuple(t.to(self.device) for t in tensors)
+
     def episode(self, query, supports, masks) -> tuple[float, dict]:
+        query, supports, masks = self._on_device(query, supports, masks)
         self.timed.times = {}
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             run_episode(self.timed, query, supports, masks)
+        synchronize(self.device)
         return time.perf_counter() - start, dict(self.timed.times)
 
     def cached(self, query, supports, masks) -> float:
+        query, supports, masks = self._on_device(query, supports, masks)
         with torch.inference_mode():
             if self.support is None:
                 self.support = encode_support(self.timed, supports, masks)
+            synchronize(self.device)
             start = time.perf_counter()
             segment(self.timed, query, self.support)
+            synchronize(self.device)
         return time.perf_counter() - start
 
 
@@ -75,6 +91,7 @@ class EpisodeMode:
     """
 
     per_stage = False
+    device = torch.device("cpu")  # the client side: the server's devices are its own
 
     def __init__(self, name: str, call):
         self.name = name
@@ -163,9 +180,11 @@ def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) 
             "episode": summary(entry["episode"]),
             "cached_support": summary(entry["cached"]),
             "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
+            "device": str(next(m.device for m in modes if m.name == name)),
             "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
             "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode
-            **({"gpu_peak_mb": round(entry["gpu_peak_mb"], 1)} if cuda else {}),  # torch allocator peak
+            # torch allocator peak during this mode's episode (TensorRT's own engine memory is not in it)
+            **({"gpu_peak_mb": round(entry["gpu_peak_mb"], 1)} if cuda else {}),
         }
         for name, entry in raw.items()
     }

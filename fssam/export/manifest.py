@@ -36,9 +36,12 @@ def load_manifest(folder: str, verify: bool = True) -> dict:
         raise InputError(f"{path!r} is not an {FORMAT} manifest (missing: {', '.join(missing) or 'format'})")
     if verify:
         for name, entry in manifest["stages"].items():
-            file = os.path.join(folder, entry["file"])
-            if not os.path.isfile(file):
-                raise InputError(f"stage {name}: {file!r} is listed in the manifest but missing")
-            if file_sha256(file) != entry["sha256"]:
-                raise InputError(f"stage {name}: {file!r} does not match its sha256 in the manifest (modified?)")
+            for listed in (entry, entry.get("tensorrt_onnx")):
+                if listed is None:
+                    continue
+                file = os.path.join(folder, listed["file"])
+                if not os.path.isfile(file):
+                    raise InputError(f"stage {name}: {file!r} is listed in the manifest but missing")
+                if file_sha256(file) != listed["sha256"]:
+                    raise InputError(f"stage {name}: {file!r} does not match its sha256 in the manifest (modified?)")
     return manifest

@@ -25,6 +25,7 @@ from fssam.files import replace_folder
 from fssam.export.manifest import FORMAT, write_manifest
 from fssam.export.parity import DTYPES, ParityError, format_report, parity_report, sample_episode
 from fssam.export.stages import BATCH, STAGE_MODULES, STAGE_ORDER, stage_samples, stage_specs
+from fssam.kernels import onnx_custom_node
 from fssam.model import build, describe_weights
 from fssam.model.checkpoint import file_sha256
 
@@ -32,6 +33,7 @@ log = logging.getLogger("fssam")
 OPSET = 18
 EXPORT_BATCH = 2  # example batch for tracing: 1 would be specialised as a constant
 MAX_BATCH = 64
+CUSTOM_HEAD_FILE = "head.scma.onnx"  # --scma-node custom: the head with fssam::SCMA nodes, for TensorRT
 
 
 class ExportError(FSSAMError):
@@ -76,12 +78,14 @@ def export_stage(model, name: str, example_args: tuple, spec, path: str) -> None
         program.save(path)  # weights go to external data only past the 2 GB protobuf limit
 
 
-def _check_onnx(path: str) -> None:
+def _check_onnx(path: str, runnable: bool = True) -> None:
+    """A valid ONNX model that ONNX Runtime loads (`runnable`; custom fssam nodes only check)."""
     import onnx
     import onnxruntime as ort
 
     onnx.checker.check_model(path)
-    ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    if runnable:
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def _examples(model, shots: int, dtype) -> dict[str, tuple]:
@@ -161,12 +165,17 @@ def export(
         for name in STAGE_ORDER:
             bar.set_postfix_str(f"{name} -> ONNX")
             path = os.path.join(tmp, f"{name}.onnx")
-            from fssam.kernels import onnx_custom_node
-
-            with onnx_custom_node(scma_node == "custom" and name == "head"):
-                export_stage(export_model, name, examples[name], specs[name], path)
+            export_stage(export_model, name, examples[name], specs[name], path)
             _check_onnx(path)
             stages[name] = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict()}
+            if scma_node == "custom" and name == "head":
+                # TensorRT's head: one fssam::SCMA node per layer (the plugin); head.onnx stays the
+                # decomposed graph that ONNX Runtime, the gate and the python-ort server run
+                custom = os.path.join(tmp, CUSTOM_HEAD_FILE)
+                with onnx_custom_node(True):
+                    export_stage(export_model, name, examples[name], specs[name], custom)
+                _check_onnx(custom, runnable=False)
+                stages[name]["tensorrt_onnx"] = {"file": CUSTOM_HEAD_FILE, "sha256": file_sha256(custom)}
             bar.update()
         manifest = {
             "format": FORMAT,

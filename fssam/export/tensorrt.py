@@ -1,7 +1,10 @@
 """TensorRT engines from the exported ONNX stages (GPU only), and a runner with the six stage methods.
 
-Engines get one optimisation profile over batch 1..8 (optimum 1); fp16/bf16 exports build with the
-matching builder flag. On a machine without CUDA every entry point raises a clear error.
+Engines get one optimisation profile over batch 1..8 (optimum 1). Networks are strongly typed: the
+ONNX of an fp16/bf16 export is already in that dtype (with the fp32 islands eager keeps), and TensorRT
+keeps every tensor in the type the graph gives it (TensorRT 10's FP16/BF16 builder flags are
+deprecated and gone in 11). fp32 builds turn TF32 off (it is on by default) to stay within the
+fp32 parity tolerances. On a machine without CUDA every entry point raises a clear error.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def require_tensorrt():
 
 
 def _torch_dtype(trt, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64}
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64,
+             trt.bool: torch.bool}
     if hasattr(trt, "bfloat16"):
         table[trt.bfloat16] = torch.bfloat16
     return table[dtype]
@@ -52,21 +56,23 @@ def _register_plugin_if_needed(manifest: dict) -> None:
 
 def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
     """A serialized TensorRT engine from ONNX bytes; a batch profile 1..8 for a dynamic dim 0."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise FSSAMError(f"precision {precision!r}: expected fp32, fp16 or bf16")
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_model):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise FSSAMError(f"TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    dynamic = [network.get_input(i) for i in range(network.num_inputs) if list(network.get_input(i).shape)[0] == -1]
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [tensor for tensor in inputs if len(tensor.shape) and list(tensor.shape)[0] == -1]
     if dynamic:
         profile = builder.create_optimization_profile()
         for tensor in dynamic:
@@ -93,6 +99,44 @@ def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": os.path.getsize(engine_path)}
 
 
+def deserialize(runtime, data: bytes, what: str):
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise FSSAMError(f"TensorRT cannot load {what}: built by another TensorRT version or GPU, or its plugin "
+                         "(fssam::SCMA) is not registered (see the TensorRT log above)")
+    return engine
+
+
+def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> dict:
+    """Run one engine on `stream`: inputs {name: tensor} (moved to CUDA, cast to the engine's input
+    dtypes), returns {output name: CUDA tensor}. Waits for the stream before returning."""
+    keep, outputs = [], {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+            continue
+        if name not in inputs:
+            raise FSSAMError(f"TensorRT engine input {name!r} was not given (got {sorted(inputs)})")
+        tensor = inputs[name].to(device="cuda", dtype=_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
+        if not context.set_input_shape(name, tuple(tensor.shape)):
+            raise FSSAMError(f"TensorRT engine input {name!r}: shape {tuple(tensor.shape)} is outside the engine's "
+                             f"optimisation profile (batch {MIN_BATCH}..{MAX_BATCH}, other dims as exported)")
+        context.set_tensor_address(name, tensor.data_ptr())
+        keep.append(tensor)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            out = torch.empty(tuple(context.get_tensor_shape(name)), device="cuda",
+                              dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)))
+            context.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+    stream.wait_stream(torch.cuda.current_stream())  # inputs were made on the current stream
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise FSSAMError("TensorRT execution failed (see the TensorRT log above)")
+    stream.synchronize()
+    return outputs
+
+
 class TensorRTStages(StageRunner):
     """The six stages as TensorRT engines; torch CUDA tensors in and out."""
 
@@ -107,30 +151,19 @@ class TensorRTStages(StageRunner):
         self.engines, self.contexts = {}, {}
         for name, entry in self.manifest["tensorrt"]["engines"].items():
             with open(os.path.join(artifacts, entry["file"]), "rb") as handle:
-                engine = self.runtime.deserialize_cuda_engine(handle.read())
+                engine = deserialize(self.runtime, handle.read(), entry["file"])
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
-        self.dtype = getattr(torch, self.manifest["dtype"])
+        self.stream = torch.cuda.Stream()  # TensorRT syncs extra on the legacy default stream
 
     def run_stage(self, name: str, *args: torch.Tensor):
         spec = self.manifest["stages"][name]
-        engine, context = self.engines[name], self.contexts[name]
-        keep = []
-        for tensor, entry in zip(args, spec["inputs"]):
-            tensor = tensor.to(device="cuda", dtype=self.dtype).contiguous()
-            keep.append(tensor)
-            context.set_input_shape(entry["name"], tuple(tensor.shape))
-            context.set_tensor_address(entry["name"], tensor.data_ptr())
-        outputs = []
-        for entry in spec["outputs"]:
-            shape = tuple(context.get_tensor_shape(entry["name"]))
-            out = torch.empty(shape, device="cuda", dtype=_torch_dtype(self.trt, engine.get_tensor_dtype(entry["name"])))
-            context.set_tensor_address(entry["name"], out.data_ptr())
-            outputs.append(out)
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise FSSAMError(f"TensorRT execution of stage {name} failed")
-        stream.synchronize()
+        inputs = {entry["name"]: tensor for tensor, entry in zip(args, spec["inputs"])}
+        try:
+            results = execute(self.trt, self.engines[name], self.contexts[name], inputs, self.stream)
+        except FSSAMError as error:
+            raise FSSAMError(f"stage {name}: {error}") from None
+        outputs = [results[entry["name"]] for entry in spec["outputs"]]
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -163,7 +196,8 @@ def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
         if progress is not None:
             progress.set_postfix_str(f"{name} -> TensorRT")
         engine_file = f"{name}.engine"
-        info = build_engine(os.path.join(folder, entry["file"]), os.path.join(folder, engine_file), manifest["precision"])
+        source = entry.get("tensorrt_onnx", entry)["file"]  # the fssam::SCMA head with --scma-node custom
+        info = build_engine(os.path.join(folder, source), os.path.join(folder, engine_file), manifest["precision"])
         engines[name] = {"file": engine_file, **info}
         if progress is not None:
             progress.update()

@@ -120,6 +120,9 @@ def scma_onnx_node(q: Tensor, k: Tensor, v: Tensor, support_masks: Tensor, mode:
     """Calibration inputs as standard ops + one fssam::SCMA node (meant for torch.onnx.export)."""
     from fssam.kernels.triton_scma import calibration_term
 
+    if q.dtype == torch.bfloat16 and not aot:
+        # the JIT plugin sees TensorRT buffers through __cuda_array_interface__, which has no bfloat16
+        raise ValueError("fssam::SCMA node: bf16 needs the plugin's AOT kernel (aot=True), not the JIT one")
     keys, values, w, _ = calibration_inputs(k, v, support_masks, mode)
     cal = calibration_term(w)
     return torch.onnx.ops.symbolic(

@@ -37,9 +37,10 @@ raise RuntimeError(REQUIREMENT) when either is missing. `compile_aot_kernel` onl
 provided TRITON_INTERPRET is not set in that process).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin checks the annotations of the
+# decorated functions with issubclass(), which fails on string annotations.
 import dataclasses
+import functools
 import importlib.util
 import re
 
@@ -128,11 +129,11 @@ def _candidate_configs(head_dim: int, dtype: torch.dtype):
 
 def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKernel:
     """PTX of `_scma_fwd_kernel` for TensorRT's AOT launch: fixed dtype and head dim, int32
-    shapes/strides, 16-byte aligned pointers (TensorRT allocations are), hidden params removed."""
+    shapes/strides, 16-byte aligned pointers (TensorRT allocations are), hidden params removed.
+    Cached per (dtype, head dim, target): TensorRT asks once per format/tactic while building."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs, interpreting
+    from fssam.kernels.triton_scma import interpreting
 
     if interpreting():
         raise RuntimeError("AOT compilation needs the real Triton compiler: unset TRITON_INTERPRET")
@@ -140,8 +141,19 @@ def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKer
         raise TypeError(f"unsupported dtype {dtype}")
     if target is None:
         target = triton.runtime.driver.active.get_current_target()
-    elif isinstance(target, tuple):
-        target = GPUTarget(*target)
+    if not isinstance(target, tuple):
+        target = (target.backend, target.arch, target.warp_size)
+    return _compile_aot_kernel(dtype, int(head_dim), tuple(target))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_aot_kernel(dtype: torch.dtype, head_dim: int, target: tuple) -> AotKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs
+
+    target = GPUTarget(*target)
     fn = _scma_fwd_kernel
     ty = _TRITON_TYPE[dtype]
     tried = []
@@ -183,7 +195,6 @@ def register() -> None:
     require()
     if _registered["done"]:
         return
-    import numpy as np  # noqa: F401  (tensorrt.plugin expects numpy)
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
@@ -200,11 +211,12 @@ def register() -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, cal: trtp.TensorDesc,
-             outputs, tactic: int):
+             outputs: tuple[trtp.TensorDesc], tactic: int
+             ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         head_dim = q.shape_expr[3]
         if not head_dim.is_constant:
             raise RuntimeError("fssam::SCMA AOT needs a static head dim")
-        kernel = compile_aot_kernel(torch_dtype[q.dtype], int(head_dim.constant_value))
+        kernel = compile_aot_kernel(torch_dtype[q.dtype], int(head_dim.constant_value()))
         b, h, n, c = (q.shape_expr[i] for i in range(4))
         length = keys.shape_expr[2]
         launch = trtp.KernelLaunchParams()
@@ -246,32 +258,12 @@ def build_engine(onnx_model: bytes, fp16: bool = False, bf16: bool = False) -> b
 
 
 def run_engine(engine_bytes: bytes, inputs: dict) -> dict:
-    """Run a serialized engine on CUDA torch tensors {name: tensor}; returns {name: tensor}."""
+    """Run a serialized engine on torch tensors {name: tensor}; returns {name: CUDA tensor}."""
     require()
     import tensorrt as trt
 
-    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-              trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+    from fssam.export.tensorrt import deserialize, execute
+
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    context = engine.create_execution_context()
-    keep, outputs = [], {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            tensor = inputs[name].cuda().to(dtypes[engine.get_tensor_dtype(name)]).contiguous()
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-            keep.append(tensor)
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtypes[engine.get_tensor_dtype(name)],
-                              device="cuda")
-            context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError("TensorRT execution failed")
-    stream.synchronize()
-    return outputs
+    engine = deserialize(runtime, engine_bytes, "the engine")
+    return execute(trt, engine, engine.create_execution_context(), inputs, torch.cuda.Stream())

@@ -24,6 +24,7 @@ triton) both run on CPU tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -147,6 +148,9 @@ def kernel_config(head_dim: int, num_tokens: int, dtype: torch.dtype, interpret:
     if interpret:  # the interpreter pays per block op: few, mid-sized tiles
         block = max(16, min(32, triton.next_power_of_2(num_tokens)))
         return dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # fp32 tiles take twice the registers: smaller tiles, 8 warps (no spills on sm_90)
+        block_m, block_n = (64, 64) if block_d <= 64 else (32, 32) if block_d <= 128 else (32, 16)
+        return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, num_stages=2)
     block_n = 64 if block_d <= 128 else 32
     return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=block_n, num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
@@ -216,19 +220,21 @@ def scma_fused(
     if block_n is not None:
         config["BLOCK_N"] = block_n
     grid = (triton.cdiv(n, config["BLOCK_M"]), b * h)
-    _scma_fwd_kernel[grid](
-        q, keys, values, cal,
-        q.stride(0), q.stride(1), q.stride(2),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        cal.stride(0), cal.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, n, total,
-        out,
-        **constexprs(c, q.dtype, config),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    # Triton launches on the current CUDA device, not on the tensors' one: make them the same
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _scma_fwd_kernel[grid](
+            q, keys, values, cal,
+            q.stride(0), q.stride(1), q.stride(2),
+            keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2),
+            cal.stride(0), cal.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            h, n, total,
+            out,
+            **constexprs(c, q.dtype, config),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
     return out
 
 

@@ -130,12 +130,19 @@ def write_repository(
     missing = [name for name in STAGE_ORDER if name not in manifest["stages"]]
     if missing:
         raise InputError(f"{artifacts!r}: manifest has no stage(s) {', '.join(missing)}")
-    if stage_backend == "python-ort" and manifest["dtype"] == "bfloat16":
-        raise ConfigError("bf16 exports cannot run in the python-ort backend (numpy has no bfloat16): export fp32 or fp16")
+    if manifest["dtype"] == "bfloat16":
+        raise ConfigError("bf16 exports cannot be served: the pipeline passes stage tensors as numpy, which has no "
+                          "bfloat16; export fp32 or fp16 for serving")
     if stage_backend == "tensorrt" and "tensorrt" not in manifest:
         raise InputError(
             f"{artifacts!r} has no TensorRT engines: run `fssam export --tensorrt` on the GPU server "
             "(engines are specific to the GPU and TensorRT version), or use --stage-backend onnxruntime"
+        )
+    if stage_backend == "tensorrt" and manifest.get("scma_node") == "custom":
+        raise ConfigError(
+            f"{artifacts!r}: its head engine holds fssam::SCMA plugin nodes, which the server's TensorRT backend "
+            "cannot load (the plugin is registered from Python); export with --scma-node decomposed for serving, "
+            "or use --stage-backend onnxruntime"
         )
     out = _prepare_out(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
