@@ -25,17 +25,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scma-mode", default=None, help="paper (default) or official (the released 5-shot code)")
 
 
+def _model_options(args) -> dict:
+    """The model arguments of _add_model_args, as keywords of `fssam.model.build` / `export`."""
+    return dict(checkpoint=args.checkpoint, seed=args.seed, num_refine=args.num_refine,
+                refine_version=args.refine_version, scma_mode=args.scma_mode)
+
+
 def _build_model(args):
     from fssam.model import build
 
-    return build(
-        args.config,
-        checkpoint=args.checkpoint,
-        seed=args.seed,
-        num_refine=args.num_refine,
-        refine_version=args.refine_version,
-        scma_mode=args.scma_mode,
-    )
+    return build(args.config, **_model_options(args))
 
 
 def _overlay_path(out: str) -> str:
@@ -102,16 +101,12 @@ def cmd_export(args) -> int:
         manifest = export(
             args.config,
             out=args.out,
-            checkpoint=args.checkpoint,
             shots=args.shots,
             precision=args.precision,
             tensorrt=args.tensorrt,
-            seed=args.seed,
             progress=not args.no_progress,
-            num_refine=args.num_refine,
-            refine_version=args.refine_version,
-            scma_mode=args.scma_mode,
             scma_node=args.scma_node,
+            **_model_options(args),
         )
     except ParityError as error:
         print(str(error), file=sys.stderr)
@@ -214,6 +209,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    return run(args)
+
+
+def run(args) -> int:
+    """Run a parsed command: an fssam error is one line on stderr and exit status 1."""
     try:
         return args.func(args)
     except FSSAMError as error:

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from fssam.errors import ConfigError, DataError, FSSAMError, InputError
+from fssam.errors import ConfigError, DataError, InputError
 
 FORMAT = "fssam-eval/1"
 BACKENDS = ("eager", "onnx", "triton", "tensorrt")
@@ -582,15 +582,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """`python -m fssam.evaluate eval ...`: the same command as `fssam eval`, one error line on failure."""
-    args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FSSAMError as error:
-        print(f"fssam eval: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fssam eval: interrupted", file=sys.stderr)
-        return 130
+    from fssam.cli import run
+
+    return run(make_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

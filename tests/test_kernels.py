@@ -284,6 +284,18 @@ def test_tensorrt_plugin_imports_and_explains_requirement():
         tensorrt_plugin.register()
 
 
+def _run_compiled(script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python without TRITON_INTERPRET (the real Triton compiler), in a temp dir."""
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+
 def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
     """Compile for sm_90 (no GPU needed: Triton's bundled ptxas) in a process without
     TRITON_INTERPRET, for fp16/bf16/fp32 and head dims 64/128/256: the JIT launch config must fit
@@ -293,7 +305,7 @@ def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
         """
         import os, re, subprocess, torch, triton
         from triton.backends.compiler import GPUTarget
-        from fssam.kernels.tensorrt_plugin import _POINTER_ARGS, compile_aot_kernel
+        from fssam.kernels.tensorrt_plugin import compile_aot_kernel, kernel_signature
         from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs, kernel_config
         target = GPUTarget("cuda", 90, 32)
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -308,9 +320,7 @@ def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
             for head_dim in (64, 128, 256):
                 config = kernel_config(head_dim, 4096, dtype, interpret=False)
                 consts = constexprs(head_dim, dtype, config)
-                signature = {n: "constexpr" if n in consts else "*fp32" if n == "CAL" else
-                             "*" + ty if n in _POINTER_ARGS else "i32" for n in _scma_fwd_kernel.arg_names}
-                jit = triton.compile(triton.compiler.ASTSource(fn=_scma_fwd_kernel, signature=signature,
+                jit = triton.compile(triton.compiler.ASTSource(fn=_scma_fwd_kernel, signature=kernel_signature(dtype, consts),
                                                                constexprs=consts), target=target,
                                      options=dict(num_warps=config["num_warps"], num_stages=config["num_stages"]))
                 assert jit.metadata.shared <= 227 * 1024, (dtype, head_dim, jit.metadata.shared)
@@ -332,14 +342,7 @@ def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
                 print("ok", ty, head_dim, jit.metadata.shared, kernel.shared, kernel.stripped)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,
-                                timeout=300)
+    result = _run_compiled(script)
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("Triton's CUDA backend tools are not available")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -460,9 +463,6 @@ def test_tensorrt_plugin_definitions_and_aot_launch_contract():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = _run_compiled(script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")

@@ -152,7 +152,8 @@ def summary(samples: list[float]) -> dict:
 def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) -> dict:
     """{mode: {"episode": summary, "cached": summary, "stages": {stage: summary}, "peak_rss_mb"}}."""
     raw = {
-        m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0}
+        m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0,
+                 "device": str(m.device)}
         for m in modes
     }
     cuda = torch.cuda.is_available()
@@ -180,7 +181,7 @@ def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) 
             "episode": summary(entry["episode"]),
             "cached_support": summary(entry["cached"]),
             "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
-            "device": str(next(m.device for m in modes if m.name == name)),
+            "device": entry["device"],
             "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
             "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode
             # torch allocator peak during this mode's episode (TensorRT's own engine memory is not in it)

@@ -107,11 +107,7 @@ def plots(result: dict, folder: str) -> list[str]:
         ax.set_yscale("log")
         ax.set_title(f"FSSAM {result['config']} {shots}-shot: latency per stage ({result['machine']['cpu']})")
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(folder, f"latency_stages_{shots}shot.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(folder, f"latency_stages_{shots}shot.png")))
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if runs.get("concurrency"):
@@ -130,12 +126,17 @@ def plots(result: dict, folder: str) -> list[str]:
             ax.set_title(f"Throughput at batch 1 ({shots}-shot)")
         ax.set_ylabel("episodes / s")
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(folder, f"throughput_{shots}shot.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(folder, f"throughput_{shots}shot.png")))
     return written
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(result: dict, folder: str) -> dict:

@@ -146,6 +146,15 @@ def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKer
     return _compile_aot_kernel(dtype, int(head_dim), tuple(target))
 
 
+def kernel_signature(dtype: torch.dtype, consts: dict) -> dict:
+    """Triton compile signature of `_scma_fwd_kernel`: tensors of `dtype` (CAL fp32), int32 scalars."""
+    from fssam.kernels.triton_scma import _scma_fwd_kernel
+
+    ty = _TRITON_TYPE[dtype]
+    return {name: "constexpr" if name in consts else "*fp32" if name == "CAL" else "*" + ty if name in _POINTER_ARGS
+            else "i32" for name in _scma_fwd_kernel.arg_names}
+
+
 @functools.lru_cache(maxsize=None)
 def _compile_aot_kernel(dtype: torch.dtype, head_dim: int, target: tuple) -> AotKernel:
     import triton
@@ -155,20 +164,10 @@ def _compile_aot_kernel(dtype: torch.dtype, head_dim: int, target: tuple) -> Aot
 
     target = GPUTarget(*target)
     fn = _scma_fwd_kernel
-    ty = _TRITON_TYPE[dtype]
     tried = []
     for config in _candidate_configs(head_dim, dtype):
         consts = constexprs(head_dim, dtype, config)
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name == "CAL":
-                signature[name] = "*fp32"
-            elif name in _POINTER_ARGS:
-                signature[name] = "*" + ty
-            else:
-                signature[name] = "i32"
+        signature = kernel_signature(dtype, consts)
         aligned = list(_POINTER_ARGS) + (list(_HEAD_DIM_MULTIPLE_ARGS) if head_dim % 16 == 0 else [])
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
