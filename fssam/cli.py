@@ -123,8 +123,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fssam.export import OnnxStages, ParityError, format_report, load_manifest, parity_report
-    from fssam.export.parity import sample_episode
+    from fssam.export import ParityError, format_report, load_manifest, parity_report
+    from fssam.runtime import as_torch, open_runner
+    from fssam.runtime.parity import sample_episode
     from fssam.model import build
 
     manifest = load_manifest(args.artifacts)
@@ -133,14 +134,9 @@ def cmd_compare(args) -> int:
     seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
     model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
                   refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
-    if args.backend == "tensorrt":
-        from fssam.export.tensorrt import TensorRTStages, _CpuView
-
-        runner = _CpuView(TensorRTStages(args.artifacts))
-    else:
-        runner = OnnxStages(args.artifacts)
+    runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads))
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
-    report = parity_report(model, runner, manifest["precision"], episode)
+    report = parity_report(model, runner, runner.precision, episode)
     print(format_report(report, manifest["stages"]))
     if args.json:
         import json
@@ -189,7 +185,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="run the parity gate on an export folder against eager PyTorch")
     compare.add_argument("--artifacts", required=True, help="folder written by fssam export")
-    compare.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
+    compare.add_argument("--backend", default="onnxruntime", help="a runtime: onnxruntime | openvino | tensorrt")
+    compare.add_argument("--precision", help="the runtime's precision (default: the export's); openvino: fp32 | bf16 | int8")
+    compare.add_argument("--threads", type=int, help="CPU threads of the runtime (default: the runtime's own)")
     compare.add_argument("--batch", type=int, default=1, help="episodes per call")
     compare.add_argument("--episode-seed", type=int, default=2024)
     compare.add_argument("--json", help="also write the report as JSON here")

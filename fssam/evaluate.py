@@ -29,7 +29,7 @@ import numpy as np
 from fssam.errors import ConfigError, DataError, InputError
 
 FORMAT = "fssam-eval/1"
-BACKENDS = ("eager", "onnx", "triton", "tensorrt")
+BACKENDS = ("eager", "onnx", "openvino", "tensorrt", "triton")
 AGREEMENT_IOU = 0.999  # an episode "agrees" when the two masks' foreground IoU reaches this
 
 PASCAL_CLASSES = (
@@ -103,7 +103,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--scma-mode", default=None,
                        help="eager: paper (default) or official (the released 5-shot FSSAM5s code); "
                        "exports carry the settings they were exported with")
-    model.add_argument("--artifacts", help="onnx / tensorrt: folder written by `fssam export`")
+    model.add_argument("--artifacts", help="onnx / openvino / tensorrt: folder written by `fssam export`")
+    model.add_argument("--precision", default=None,
+                       help="onnx / openvino / tensorrt: the runtime's precision (default: the export's); "
+                       "openvino: fp32 | bf16 | int8 (int8 needs `fssam export --openvino int8`)")
     model.add_argument("--url", help="triton: server address, e.g. localhost:8000")
     model.add_argument("--protocol", default="http", choices=("http", "grpc"), help="triton protocol")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -156,12 +159,14 @@ def _check_args(args) -> None:
     if args.shots < 1 or args.episodes < 1 or args.workers < 0:
         raise ConfigError(f"need --shots >= 1, --episodes >= 1, --workers >= 0; got {args.shots}, "
                           f"{args.episodes}, {args.workers}")
-    if args.backend in ("onnx", "tensorrt") and not args.artifacts:
+    if args.backend in RUNTIMES and not args.artifacts:
         raise ConfigError(f"--backend {args.backend} needs --artifacts DIR (a folder written by `fssam export`)")
     if args.backend == "triton" and not args.url:
         raise ConfigError("--backend triton needs --url (the Triton server, e.g. localhost:8000)")
-    if args.backend not in ("onnx", "tensorrt") and args.artifacts:
-        raise ConfigError(f"--artifacts is for the onnx and tensorrt backends, not {args.backend}")
+    if args.backend not in RUNTIMES and args.artifacts:
+        raise ConfigError(f"--artifacts is for the {', '.join(RUNTIMES)} backends, not {args.backend}")
+    if args.precision is not None and args.backend not in RUNTIMES:
+        raise ConfigError(f"--precision is for the {', '.join(RUNTIMES)} backends, not {args.backend}")
     overrides = [flag for flag, value in (("--num-refine", args.num_refine), ("--refine-version", args.refine_version),
                                           ("--scma-mode", args.scma_mode)) if value is not None]
     if overrides and args.backend != "eager":
@@ -202,7 +207,7 @@ class Backend:
 
 
 def make_backend(args) -> Backend:
-    return {"eager": _eager, "onnx": _onnx, "tensorrt": _tensorrt, "triton": _triton}[args.backend](args)
+    return _eager(args) if args.backend == "eager" else _triton(args) if args.backend == "triton" else _runtime(args)
 
 
 def _device(args) -> str:
@@ -259,11 +264,16 @@ def _check_manifest(args, manifest: dict, folder: str) -> tuple[str, bool]:
     return f"{line} [{args.backend} artifacts {folder}, {manifest['precision']}]", random_init
 
 
-def _onnx(args) -> Backend:
-    from fssam.export import OnnxStages
+RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}  # backend -> fssam.runtime
 
-    providers = None
-    if _device(args) == "cuda":
+
+def _runtime(args) -> Backend:
+    """An export folder on one of fssam.runtime's runners (ONNX Runtime, OpenVINO, TensorRT)."""
+    from fssam.runtime import as_torch, load_manifest, open_runner
+
+    runtime = RUNTIMES[args.backend]
+    options = {}
+    if runtime == "onnxruntime" and _device(args) == "cuda":
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -272,32 +282,17 @@ def _onnx(args) -> Backend:
                     "--device cuda: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
                 )
         else:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    stages = OnnxStages(args.artifacts, providers=providers)
-    weights, random_init = _check_manifest(args, stages.manifest, args.artifacts)
+            options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    manifest = load_manifest(args.artifacts)
+    weights, random_init = _check_manifest(args, manifest, args.artifacts)
+    stages = as_torch(open_runner(runtime, args.artifacts, precision=args.precision, verify=False, **options))
 
     def run(query, supports, masks):
         return stages(query, supports, masks).float()
 
-    manifest = stages.manifest
-    return Backend("onnx", run, manifest["config"]["image_size"], manifest["config"], weights, random_init,
-                   {"artifacts": os.path.abspath(args.artifacts), "precision": manifest["precision"],
-                    "providers": providers or ["CPUExecutionProvider"]})
-
-
-def _tensorrt(args) -> Backend:
-    from fssam.export import load_manifest
-    from fssam.export.tensorrt import TensorRTStages
-
-    manifest = load_manifest(args.artifacts)
-    weights, random_init = _check_manifest(args, manifest, args.artifacts)
-    stages = TensorRTStages(args.artifacts)  # clear error without a GPU, tensorrt or engines
-
-    def run(query, supports, masks):
-        return stages(query, supports, masks).float().cpu()
-
-    return Backend("tensorrt", run, manifest["config"]["image_size"], manifest["config"], weights, random_init,
-                   {"artifacts": os.path.abspath(args.artifacts), "precision": manifest["precision"]})
+    return Backend(args.backend, run, manifest["config"]["image_size"], manifest["config"], weights, random_init,
+                   {"artifacts": os.path.abspath(args.artifacts), "precision": stages.precision,
+                    "runtime": stages.describe(), **options})
 
 
 def _triton(args) -> Backend:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fssam.export.parity import FP32_LOGITS_ATOL, FP32_MIN_IOU, mask_iou, sample_episode
+from fssam.runtime.parity import FP32_LOGITS_ATOL, FP32_MIN_IOU, mask_iou, sample_episode
 from fssam.model import get_config
 
 SIZE = 64

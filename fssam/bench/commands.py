@@ -22,7 +22,7 @@ class CompiledStages:
     """torch.compile of each stage method of the eager model (compiled on first use)."""
 
     def __init__(self, model):
-        from fssam.export.stages import STAGE_ORDER
+        from fssam.runtime.contract import STAGE_ORDER
 
         self._compiled = {name: torch.compile(getattr(model, name), dynamic=False) for name in STAGE_ORDER}
 
@@ -74,15 +74,15 @@ def _modes(args, model, shots: int, progress: bool):
         elif name == "compile":
             modes.append(StageMode(name, CompiledStages(model), device=device))
         elif name == "onnxruntime":
-            from fssam.export import OnnxStages
+            from fssam.runtime import as_torch, open_runner
 
-            modes.append(StageMode(name, OnnxStages(_artifacts_for(args, shots, progress))))
+            modes.append(StageMode(name, as_torch(open_runner("onnxruntime", _artifacts_for(args, shots, progress)))))
         elif name == "triton":
             modes.append(_triton_mode(args, shots, progress))
         elif name == "tensorrt":
-            from fssam.export.tensorrt import TensorRTStages
+            from fssam.runtime import open_runner
 
-            modes.append(StageMode(name, TensorRTStages(_artifacts_for(args, shots, progress)), device="cuda"))
+            modes.append(StageMode(name, open_runner("tensorrt", _artifacts_for(args, shots, progress)), device="cuda"))
     return modes
 
 
@@ -167,7 +167,7 @@ def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client:
 
 
 def run_bench(args) -> dict:
-    from fssam.export.parity import sample_episode
+    from fssam.runtime.parity import sample_episode
     from fssam.model import build, describe_weights
 
     unknown = [m for m in args.mode_list if m not in MODES]

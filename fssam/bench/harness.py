@@ -17,8 +17,7 @@ import time
 import torch
 
 from fssam.device import synchronize
-from fssam.export.stages import STAGE_ORDER
-from fssam.model.episode import encode_support, run_episode, segment
+from fssam.runtime.contract import STAGE_ORDER, encode_support, run_episode, segment
 
 
 class TimedStages:

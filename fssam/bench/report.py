@@ -10,7 +10,7 @@ from importlib import metadata
 
 import torch
 
-from fssam.export.stages import STAGE_ORDER
+from fssam.runtime.contract import STAGE_ORDER
 
 PACKAGES = ("torch", "onnxruntime", "onnx", "sam2", "timm", "triton", "tritonclient", "nvidia-pytriton", "tensorrt")
 

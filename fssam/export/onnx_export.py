@@ -22,9 +22,10 @@ from tqdm import tqdm
 import fssam
 from fssam.errors import FSSAMError, InputError
 from fssam.files import replace_folder
-from fssam.export.manifest import FORMAT, write_manifest
-from fssam.export.parity import DTYPES, ParityError, format_report, parity_report, sample_episode
-from fssam.export.stages import BATCH, STAGE_MODULES, STAGE_ORDER, stage_samples, stage_specs
+from fssam.runtime.manifest import FORMAT, write_manifest
+from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
+from fssam.export.stages import STAGE_MODULES
+from fssam.runtime.contract import BATCH, STAGE_ORDER, stage_specs
 from fssam.kernels import onnx_custom_node
 from fssam.model import build, describe_weights
 from fssam.model.checkpoint import file_sha256
@@ -194,9 +195,9 @@ def export(
         }
         write_manifest(tmp, manifest)
         bar.set_postfix_str("parity gate")
-        from fssam.export.runtime import OnnxStages
+        from fssam.runtime import as_torch, open_runner
 
-        report = parity_report(model, OnnxStages(tmp), precision, sample_episode(model.config, shots, batch=1, seed=seed + 7))
+        report = parity_report(model, as_torch(open_runner("onnxruntime", tmp)), precision, sample_episode(model.config, shots, batch=1, seed=seed + 7))
         manifest["parity"] = {"onnxruntime": report}
         bar.update()
         if gate and not report["passed"]:

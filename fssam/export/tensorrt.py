@@ -1,4 +1,4 @@
-"""TensorRT engines from the exported ONNX stages (GPU only), and a runner with the six stage methods.
+"""TensorRT engines from the exported ONNX stages (GPU only); the runner is fssam.runtime.runners.tensorrt.
 
 Engines get one optimisation profile over batch 1..8 (optimum 1). Networks are strongly typed: the
 ONNX of an fp16/bf16 export is already in that dtype (with the fp32 islands eager keeps), and TensorRT
@@ -15,43 +15,18 @@ import time
 import torch
 
 from fssam.errors import FSSAMError
-from fssam.export.manifest import load_manifest, write_manifest
-from fssam.export.stages import StageRunner
+from fssam.runtime.manifest import write_manifest
+from fssam.runtime.runners.tensorrt import (  # noqa: F401  (TensorRTUnavailable: part of this module's API)
+    MAX_BATCH,
+    MIN_BATCH,
+    OPT_BATCH,
+    TensorRTRunner,
+    TensorRTUnavailable,
+    _register_plugin_if_needed,
+    require_tensorrt,
+)
 
-MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, 8
 WORKSPACE_BYTES = 8 << 30
-
-
-class TensorRTUnavailable(FSSAMError):
-    """No CUDA device, or the tensorrt package is missing."""
-
-
-def require_tensorrt():
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable(
-            "no CUDA device: TensorRT engines can only be built and run on a machine with an NVIDIA GPU "
-            "(this machine has none); export without --tensorrt and build the engines on the GPU server"
-        )
-    try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTUnavailable("the tensorrt Python package is not installed: pip install 'fssam-deploy[gpu]'") from None
-    return tensorrt
-
-
-def _torch_dtype(trt, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64,
-             trt.bool: torch.bool}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    return table[dtype]
-
-
-def _register_plugin_if_needed(manifest: dict) -> None:
-    if manifest.get("scma_node") == "custom":
-        from fssam.kernels.tensorrt_plugin import register
-
-        register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
 
 
 def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
@@ -99,96 +74,10 @@ def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": os.path.getsize(engine_path)}
 
 
-def deserialize(runtime, data: bytes, what: str):
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
-        raise FSSAMError(f"TensorRT cannot load {what}: built by another TensorRT version or GPU, or its plugin "
-                         "(fssam::SCMA) is not registered (see the TensorRT log above)")
-    return engine
-
-
-def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> dict:
-    """Run one engine on `stream`: inputs {name: tensor} (moved to CUDA, cast to the engine's input
-    dtypes), returns {output name: CUDA tensor}. Waits for the stream before returning."""
-    keep, outputs = [], {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
-            continue
-        if name not in inputs:
-            raise FSSAMError(f"TensorRT engine input {name!r} was not given (got {sorted(inputs)})")
-        tensor = inputs[name].to(device="cuda", dtype=_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
-        if not context.set_input_shape(name, tuple(tensor.shape)):
-            raise FSSAMError(f"TensorRT engine input {name!r}: shape {tuple(tensor.shape)} is outside the engine's "
-                             f"optimisation profile (batch {MIN_BATCH}..{MAX_BATCH}, other dims as exported)")
-        context.set_tensor_address(name, tensor.data_ptr())
-        keep.append(tensor)
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            out = torch.empty(tuple(context.get_tensor_shape(name)), device="cuda",
-                              dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)))
-            context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out
-    stream.wait_stream(torch.cuda.current_stream())  # inputs were made on the current stream
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise FSSAMError("TensorRT execution failed (see the TensorRT log above)")
-    stream.synchronize()
-    return outputs
-
-
-class TensorRTStages(StageRunner):
-    """The six stages as TensorRT engines; torch CUDA tensors in and out."""
-
-    def __init__(self, artifacts: str, verify: bool = True):
-        trt = require_tensorrt()
-        self.trt = trt
-        self.manifest = load_manifest(artifacts, verify=verify)
-        if "tensorrt" not in self.manifest:
-            raise FSSAMError(f"{artifacts!r} has no TensorRT engines: export with --tensorrt on a GPU machine")
-        _register_plugin_if_needed(self.manifest)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, self.contexts = {}, {}
-        for name, entry in self.manifest["tensorrt"]["engines"].items():
-            with open(os.path.join(artifacts, entry["file"]), "rb") as handle:
-                engine = deserialize(self.runtime, handle.read(), entry["file"])
-            self.engines[name] = engine
-            self.contexts[name] = engine.create_execution_context()
-        self.stream = torch.cuda.Stream()  # TensorRT syncs extra on the legacy default stream
-
-    def run_stage(self, name: str, *args: torch.Tensor):
-        spec = self.manifest["stages"][name]
-        inputs = {entry["name"]: tensor for tensor, entry in zip(args, spec["inputs"])}
-        try:
-            results = execute(self.trt, self.engines[name], self.contexts[name], inputs, self.stream)
-        except FSSAMError as error:
-            raise FSSAMError(f"stage {name}: {error}") from None
-        outputs = [results[entry["name"]] for entry in spec["outputs"]]
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
-
-
-class _CpuView:
-    """Feeds CPU tensors to the TensorRT runner and returns CPU tensors, for the parity gate."""
-
-    def __init__(self, stages: TensorRTStages):
-        self.stages = stages
-
-    def __getattr__(self, name):
-        method = getattr(self.stages, name)
-
-        def call(*args):
-            out = method(*args)
-            return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
-
-        return call
-
-    def __call__(self, *args):
-        return self.stages(*args).cpu()
-
-
 def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
     """Build one engine per stage next to the ONNX files and gate them against eager PyTorch."""
-    from fssam.export.parity import parity_report, sample_episode
+    from fssam.runtime.parity import parity_report, sample_episode
+    from fssam.runtime.runner import as_torch
 
     _register_plugin_if_needed(manifest)
     engines = {}
@@ -209,7 +98,7 @@ def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
         "profile": {"min": MIN_BATCH, "opt": OPT_BATCH, "max": MAX_BATCH},
     }
     write_manifest(folder, manifest)
-    runner = _CpuView(TensorRTStages(folder, verify=False))
+    runner = as_torch(TensorRTRunner(folder, verify=False))
     episode = sample_episode(model.config, manifest["shots"], batch=1, seed=11)
     manifest["tensorrt"]["parity"] = parity_report(model, runner, manifest["precision"], episode)
     return manifest["tensorrt"]

@@ -261,7 +261,7 @@ def run_engine(engine_bytes: bytes, inputs: dict) -> dict:
     require()
     import tensorrt as trt
 
-    from fssam.export.tensorrt import deserialize, execute
+    from fssam.runtime.runners.tensorrt import deserialize, execute
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = deserialize(runtime, engine_bytes, "the engine")

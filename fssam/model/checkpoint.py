@@ -6,7 +6,6 @@ that lists them. Files are read with torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -14,17 +13,10 @@ from torch import nn
 
 from fssam.errors import CheckpointError
 from fssam.model.dino import convert_dinov2_state_dict
+from fssam.runtime.manifest import file_sha256  # noqa: F401  (re-exported)
 
 FORMATS = ("fssam", "sam2", "dinov2")
 _MAX_LISTED = 12
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str) -> dict:

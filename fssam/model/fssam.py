@@ -13,7 +13,7 @@ from torch import nn
 
 from fssam.model.config import FSSAMConfig
 from fssam.model.dino import IMAGENET_MEAN, IMAGENET_STD, PriorBackbone
-from fssam.model.episode import encode_support, run_episode, segment
+from fssam.runtime.contract import encode_support, run_episode, segment
 from fssam.model.prior import pseudo_prompts
 from fssam.model.refine import iterative_memory_refinement
 from fssam.model.sam2_assembly import build_sam2

@@ -13,7 +13,7 @@ import torch
 from fssam.errors import InputError
 from fssam.serving import ServingError
 
-LOGITS_ATOL = 1e-3  # the fp32 export gate (fssam.export.parity)
+LOGITS_ATOL = 1e-3  # the fp32 export gate (fssam.runtime.parity)
 MIN_IOU = 0.999
 
 
@@ -25,9 +25,9 @@ def _step(i: int, n: int, text: str, progress: bool) -> float:
 
 def _inprocess_latency(artifacts, query, supports, masks, runs: int) -> tuple[float, float]:
     """Median seconds of the same episode in ONNX Runtime in this process: full, and with the support cached."""
-    from fssam.export import OnnxStages
+    from fssam.runtime import as_torch, open_runner
 
-    stages = OnnxStages(artifacts)
+    stages = as_torch(open_runner("onnxruntime", artifacts))
     stages(query, supports, masks)  # warm-up
     full = []
     for _ in range(runs):
@@ -46,7 +46,7 @@ def _inprocess_latency(artifacts, query, supports, masks, runs: int) -> tuple[fl
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 5,
            progress: bool = True) -> dict:
     from fssam.export import export
-    from fssam.export.parity import mask_iou, sample_episode
+    from fssam.runtime.parity import mask_iou, sample_episode
     from fssam.model import build
     from fssam.serving.client import RemoteFSSAM
     from fssam.serving.repository import write_repository

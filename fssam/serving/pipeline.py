@@ -1,6 +1,6 @@
 """The episode pipeline that runs inside Triton's Python backend (BLS).
 
-The composition of the six stages is fssam.model.episode (encode_support / segment), the same
+The composition of the six stages is fssam.runtime.contract (encode_support / segment), the same
 code the eager model and the ONNX Runtime runner use; `BLSStages` supplies the six stage methods
 by calling the stage models of the repository with pb_utils.InferenceRequest.
 
@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from fssam.errors import InputError
-from fssam.export.stages import STAGE_ORDER
-from fssam.model.episode import binary_masks, encode_support, segment
+from fssam.runtime.contract import STAGE_ORDER, binary_masks, encode_support, segment
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 
@@ -51,7 +50,7 @@ class ServerNotReady(StageError):
 
 
 class BLSStages:
-    """The six stage methods of fssam.model.episode, each one BLS request to a stage model.
+    """The six stage methods of fssam.runtime.contract, each one BLS request to a stage model.
 
     Batches larger than a stage's max_batch_size are split into chunks.
     """

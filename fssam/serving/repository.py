@@ -24,8 +24,8 @@ import tempfile
 import numpy as np
 
 from fssam.errors import ConfigError, InputError
-from fssam.export.manifest import load_manifest
-from fssam.export.stages import STAGE_ORDER
+from fssam.runtime.manifest import load_manifest
+from fssam.runtime.contract import STAGE_ORDER
 from fssam.files import replace_folder
 from fssam.serving import PIPELINE_MODEL
 

@@ -1,0 +1,240 @@
+"""The comparator: any runner vs the eager fp32 model on the same inputs, per stage and end to end.
+
+Per output: max abs / max rel error and where the max abs occurs; end to end also the final-mask
+IoU. Tolerances, by baseline:
+* "fp32" (fp32 exports, fp32 runtimes): logits max abs <= 1e-3 and mask IoU >= 0.999 end to
+  end; each stage output within 1e-3 x max(1, max |reference|) (outputs differ in scale).
+* "same_dtype" (fp16 / bf16 exports): each error against fp32 at most 2x the error of eager
+  PyTorch run in that dtype on the same inputs (plus 1e-6 for outputs eager reproduces
+  exactly), the flash-attention rule; mask IoU at least eager's minus 0.01.
+* "bf16_autocast" (a runtime's bf16 or int8 compute on fp32 graphs): each error at most 2x that
+  of eager PyTorch under bf16 autocast, what the official FSSAM test runs (plus 1e-6); mask IoU
+  at least autocast's minus 0.005.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from fssam.errors import FSSAMError
+from fssam.runtime.contract import STAGE_ORDER, binary_masks, run_episode
+
+FP32_LOGITS_ATOL = 1e-3
+FP32_MIN_IOU = 0.999
+FP32_STAGE_RTOL = 1e-3
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = 1e-6
+IOU_SLACK = {"same_dtype": 0.01, "bf16_autocast": 0.005}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BASELINES = ("fp32", "same_dtype", "bf16_autocast")
+
+
+class ParityError(FSSAMError):
+    """The exported artifacts do not match eager PyTorch within the gate."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def error_stats(got: torch.Tensor, reference: torch.Tensor) -> dict:
+    got, reference = got.detach().cpu().double(), reference.detach().cpu().double()
+    if got.shape != reference.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "where": None, "shape_mismatch": [list(got.shape), list(reference.shape)]}
+    diff = (got - reference).abs()
+    if diff.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "where": None}
+    flat = int(diff.argmax())
+    where = list(torch.unravel_index(torch.tensor(flat), diff.shape))
+    rel = diff / reference.abs().clamp_min(1e-6)
+    finite = bool(torch.isfinite(got).all())
+    return {
+        "max_abs": float(diff.max()) if finite else float("inf"),
+        "max_rel": float(rel.max()) if finite else float("inf"),
+        "where": [int(i) for i in where],
+        "reference_max_abs": float(reference.abs().max()),
+    }
+
+
+def mask_iou(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    a, b = logits.float().cpu() > 0, reference.float().cpu() > 0
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def sample_episode(cfg, shots: int, batch: int = 1, seed: int = 1234):
+    """A deterministic synthetic episode at the config's size: noise images, rectangle masks."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image_size
+    query = torch.rand(batch, 3, s, s, generator=g) * 255
+    supports = torch.rand(batch, shots, 3, s, s, generator=g) * 255
+    masks = torch.zeros(batch, shots, s, s)
+    for b in range(batch):
+        for k in range(shots):
+            top, left = torch.randint(0, s // 2, (2,), generator=g).tolist()
+            height, width = torch.randint(s // 8, s // 2, (2,), generator=g).tolist()
+            masks[b, k, top : top + height, left : left + width] = 1
+    return query, supports, masks
+
+
+class RecordingStages:
+    """The eager model's stages, recording every call's inputs and outputs."""
+
+    def __init__(self, model):
+        self.model = model
+        self.records: dict[str, list[tuple[tuple, tuple]]] = {name: [] for name in STAGE_ORDER}
+
+    def __getattr__(self, name):
+        if name not in STAGE_ORDER:
+            raise AttributeError(name)
+
+        def run(*args):
+            out = getattr(self.model, name)(*args)
+            self.records[name].append((args, out if isinstance(out, tuple) else (out,)))
+            return out
+
+        return run
+
+
+def stage_samples(model, query, supports, masks) -> dict[str, list[tuple[tuple, tuple]]]:
+    """Real inputs/outputs of every stage call in one eager episode: {stage: [(inputs, outputs), ...]}."""
+    recorder = RecordingStages(model)
+    with torch.no_grad():
+        run_episode(recorder, query, supports, masks)
+    return recorder.records
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+
+
+def _tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+class Baseline:
+    """How the reduced-precision reference runs: eager in the export dtype, or fp32 eager under
+    bf16 autocast; `None` model for the fp32 baseline (no second run)."""
+
+    def __init__(self, model, precision: str, baseline: str):
+        if baseline not in BASELINES:
+            raise FSSAMError(f"parity baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
+        self.kind = baseline
+        self.input_dtype = DTYPES[precision] if baseline == "same_dtype" else torch.float32
+        self.model = None
+        if baseline == "same_dtype":
+            self.model = copy.deepcopy(model).to_dtype(self.input_dtype)
+        elif baseline == "bf16_autocast":
+            self.model = model
+
+    def context(self):
+        if self.kind == "bf16_autocast":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def stage(self, name: str, args) -> tuple:
+        with torch.no_grad(), self.context():
+            return tuple(o.float() for o in _tuple(getattr(self.model, name)(*_cast(args, self.input_dtype))))
+
+    def episode(self, query, supports, masks):
+        with torch.no_grad(), self.context():
+            return self.model(*_cast((query, supports, masks), self.input_dtype)).float()
+
+
+def default_baseline(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "same_dtype"
+
+
+def check_stage(runner, name: str, calls, baseline: Baseline) -> tuple[dict, list[str]]:
+    """One stage of `runner` on the recorded eager calls: ({output key: stats with limit}, failures)."""
+    outputs = {}
+    for args, expected in calls:
+        with torch.no_grad():
+            got = _tuple(getattr(runner, name)(*_cast(args, baseline.input_dtype)))
+        low = baseline.stage(name, args) if baseline.model is not None else None
+        for index, (out, ref) in enumerate(zip(got, expected)):
+            stats = error_stats(out, ref)
+            if low is not None:
+                stats["baseline_max_abs"] = error_stats(low[index], ref)["max_abs"]
+            key = f"output{index}"
+            previous = outputs.get(key)
+            if previous is None or stats["max_abs"] > previous["max_abs"]:
+                outputs[key] = stats
+    failures = []
+    for key, stats in outputs.items():
+        if baseline.model is None:
+            limit = FP32_STAGE_RTOL * max(1.0, stats.get("reference_max_abs", 0.0))
+        else:
+            limit = LOW_PRECISION_FACTOR * stats["baseline_max_abs"] + LOW_PRECISION_FLOOR
+        stats["limit"] = limit
+        if not stats["max_abs"] <= limit:
+            failures.append(f"{name}.{key}: max abs {stats['max_abs']:.3g} > {limit:.3g}")
+    return outputs, failures
+
+
+def check_end_to_end(got: torch.Tensor, reference: torch.Tensor, baseline_logits=None, kind: str = "fp32") -> tuple[dict, list[str]]:
+    """Final logits of a runner vs eager fp32 (and the baseline's logits for reduced precision)."""
+    end = error_stats(got, reference)
+    end["mask_iou"] = mask_iou(got, reference)
+    if baseline_logits is None:
+        end["limit"], end["min_iou"] = FP32_LOGITS_ATOL, FP32_MIN_IOU
+    else:
+        end["baseline_max_abs"] = error_stats(baseline_logits, reference)["max_abs"]
+        end["baseline_mask_iou"] = mask_iou(baseline_logits, reference)
+        end["limit"] = LOW_PRECISION_FACTOR * end["baseline_max_abs"] + LOW_PRECISION_FLOOR
+        end["min_iou"] = end["baseline_mask_iou"] - IOU_SLACK[kind]
+    failures = []
+    if not end["max_abs"] <= end["limit"]:
+        failures.append(f"end_to_end.logits: max abs {end['max_abs']:.3g} > {end['limit']:.3g}")
+    if not end["mask_iou"] >= end["min_iou"]:
+        failures.append(f"end_to_end.mask_iou {end['mask_iou']:.5f} < {end['min_iou']:.5f}")
+    return end, failures
+
+
+def parity_report(model, runner, precision: str = "fp32", episode=None, stages=STAGE_ORDER,
+                  baseline: str | None = None) -> dict:
+    """Compare `runner` (the six stage methods on torch tensors) with the fp32 eager `model`.
+    Returns the report with "passed"."""
+    baseline = Baseline(model, precision, baseline or getattr(runner, "baseline", None) or default_baseline(precision))
+    query, supports, masks = episode if episode is not None else sample_episode(model.config, shots=1)
+    masks = binary_masks(masks)
+    records = stage_samples(model, query, supports, masks)
+    report = {"precision": precision, "baseline": baseline.kind, "stages": {}, "end_to_end": {}, "failures": []}
+    for name in stages:
+        report["stages"][name], failures = check_stage(runner, name, records[name], baseline)
+        report["failures"] += failures
+    with torch.no_grad():
+        reference = model(query, supports, masks)
+        got = runner(*_cast((query, supports, masks), baseline.input_dtype)).float()
+    low = baseline.episode(query, supports, masks) if baseline.model is not None else None
+    report["end_to_end"], failures = check_end_to_end(got, reference, low, baseline.kind)
+    report["failures"] += failures
+    report["passed"] = not report["failures"]
+    return report
+
+
+def format_report(report: dict, specs: dict | None = None) -> str:
+    """A Polygraphy-style table: stage, output, max abs, max rel, where, limit."""
+    baseline = report.get("baseline", "fp32")
+    lines = [f"parity vs eager PyTorch fp32 ({report['precision']}"
+             + (f"; limits from eager {baseline.replace('_', ' ')}" if baseline != "fp32" else "") + "):"]
+    lines.append(f"  {'stage.output':34s} {'max abs':>10s} {'max rel':>10s} {'limit':>10s}  where")
+    for stage, outputs in report["stages"].items():
+        for key, stats in outputs.items():
+            label = key
+            if specs and stage in specs:
+                index = int(key.replace("output", ""))
+                label = specs[stage]["outputs"][index]["name"]
+            lines.append(
+                f"  {stage + '.' + label:34s} {stats['max_abs']:10.3g} {stats['max_rel']:10.3g} {stats['limit']:10.3g}  {stats['where']}"
+            )
+    end = report["end_to_end"]
+    lines.append(
+        f"  {'end_to_end.logits':34s} {end['max_abs']:10.3g} {end['max_rel']:10.3g} {end['limit']:10.3g}  {end['where']}"
+    )
+    lines.append(f"  mask IoU {end['mask_iou']:.5f} (min {end['min_iou']:.5f})")
+    lines.append("  PASSED" if report["passed"] else "  FAILED: " + "; ".join(report["failures"]))
+    return "\n".join(lines)

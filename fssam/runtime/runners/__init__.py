@@ -1,0 +1,1 @@
+"""One module per runtime; each defines RUNNER (a fssam.runtime.runner.StageRunner) and PRECISIONS."""
