@@ -106,12 +106,19 @@ def cmd_export(args) -> int:
             tensorrt=args.tensorrt,
             progress=not args.no_progress,
             scma_node=args.scma_node,
+            openvino=args.openvino or (),
+            calibration=args.calibration,
+            threads=args.threads,
             **_model_options(args),
         )
     except ParityError as error:
         print(str(error), file=sys.stderr)
         raise ParityError(f"parity gate failed: nothing was written to {args.out}", error.report) from None
     print(format_report(manifest["parity"]["onnxruntime"], manifest["stages"]))
+    for precision, entry in manifest.get("openvino", {}).items():
+        if isinstance(entry, dict) and "parity" in entry:
+            print(f"OpenVINO {precision} " + format_report(entry["parity"], manifest["stages"]))
+            print(f"  plan: " + ", ".join(f"{name} {stage['precision']}" for name, stage in entry["stages"].items()))
     if "tensorrt" in manifest:
         print("TensorRT " + format_report(manifest["tensorrt"]["parity"], manifest["stages"]))
     weights = manifest["weights"]
@@ -180,6 +187,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="decomposed (standard ONNX ops, portable; default) or custom (one fssam::SCMA node per layer, "
         "for TensorRT with the fused Triton kernel plugin; needs --tensorrt)",
     )
+    export.add_argument("--openvino", help="comma list of fp32, bf16, int8: gate an OpenVINO plan per precision "
+                        "(int8: NNCF quantization; bf16 needs a CPU with amx_bf16 or avx512_bf16)")
+    export.add_argument("--calibration", help="with --openvino int8: folder of images/ and masks/ pairs "
+                        "(default: a synthetic set written into the export folder, and said so)")
+    export.add_argument("--threads", type=int, help="CPU threads of the OpenVINO runs in the gate")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
     export.set_defaults(func=cmd_export)
 

@@ -1,6 +1,9 @@
-"""`fssam bench --quick`: the output files are well-formed (timings are reported, not tested)."""
+"""`fssam bench`: the output files are well-formed, every mode is a ratio to both eager baselines,
+the CPU is recorded, and modes this machine cannot run are skipped with the reason (timings are
+reported, not tested). Real OpenVINO throughout; a CPU without bf16 is a fake cpuinfo file."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,14 +11,32 @@ import pytest
 import torch
 from PIL import Image
 
+from fssam.bench.report import speedups
+from fssam.runtime import cpu
+
+FAKE_CPUINFO = "processor\t: 0\nmodel name\t: Fake CPU without bf16\nflags\t\t: fpu sse2 avx2 avx512f\n\n"
+KINDS = ("episode", "cached_support")
+BASELINE_KEYS = {"vs_eager_fp32": "eager_fp32", "vs_eager_bf16": "eager_bf16"}
+
+
+def bench(tmp_path, *argv, env=None):
+    """`fssam bench --quick ... --no-progress` in a subprocess, OpenVINO's compile cache under tmp_path."""
+    environ = {**os.environ, "FSSAM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fssam.cli", "bench", "--quick", "--no-progress", *argv],
+                          capture_output=True, text=True, timeout=300, env=environ)
+
+
+@pytest.fixture
+def cpu_without_bf16(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(FAKE_CPUINFO)
+    return {"FSSAM_CPUINFO": str(path)}
+
 
 def test_quick_bench_writes_json_table_and_plots(tiny_artifacts, tmp_path):
     artifacts, _ = tiny_artifacts
     out = tmp_path / "quick"
-    result = subprocess.run(
-        [sys.executable, "-m", "fssam.cli", "bench", "--quick", "--artifacts", artifacts, "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench(tmp_path, "--artifacts", artifacts, "--out", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "results.json").read_text())
     assert data["config"] == "tiny" and "RANDOM-INIT" in data["weights"]
@@ -30,7 +51,8 @@ def test_quick_bench_writes_json_table_and_plots(tiny_artifacts, tmp_path):
         assert mode["device"] in ("cpu", "cuda")
         assert set(mode["stages"]) == {"prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head"}
     table = (out / "results.md").read_text()
-    assert "| eager_fp32 |" in table and "| onnxruntime |" in table and "speed-up vs eager fp32" in table
+    assert "| eager_fp32 |" in table and "| onnxruntime |" in table
+    assert "episode vs eager fp32" in table and "cached vs eager bf16 autocast" in table
     for name in ("latency_stages_1shot.png", "throughput_1shot.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
@@ -38,13 +60,107 @@ def test_quick_bench_writes_json_table_and_plots(tiny_artifacts, tmp_path):
     assert modes["onnxruntime"]["device"] == "cpu" and modes["eager_fp32"]["device"] == data["device"]
 
 
+def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_artifacts, tmp_path):
+    asked = ["eager_fp32", "eager_bf16", "openvino_fp32"] + (["openvino_bf16"] if cpu.native_bf16() else [])
+    out = tmp_path / "ov"
+    result = bench(tmp_path, "--modes", ",".join(asked), "--threads", "1", "--artifacts", tiny_artifacts[0],
+                   "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]["1"]
+    assert list(runs["modes"]) == asked and runs["skipped"] == {} and data["threads"] == 1
+    assert runs["modes"]["openvino_fp32"]["runtime"] == "OpenVINO fp32" and runs["modes"]["openvino_fp32"]["device"] == "cpu"
+    assert set(runs["speedups"]) == set(asked)
+    for name, ratios in runs["speedups"].items():
+        assert set(ratios) == set(BASELINE_KEYS)
+        for key, baseline in BASELINE_KEYS.items():
+            assert set(ratios[key]) == set(KINDS)
+            for kind in KINDS:  # baseline median / mode median, the same kind on both sides
+                expected = runs["modes"][baseline][kind]["median_ms"] / runs["modes"][name][kind]["median_ms"]
+                assert ratios[key][kind] == pytest.approx(expected, rel=1e-3)
+    assert runs["speedups"]["eager_fp32"]["vs_eager_fp32"] == {"episode": 1.0, "cached_support": 1.0}
+    assert runs["speedups"]["eager_bf16"]["vs_eager_bf16"] == {"episode": 1.0, "cached_support": 1.0}
+
+    machine, info = data["machine"], cpu.cpu_info()
+    assert machine["cpu_model"] == info["model"] and machine["cpu_flags"] == info["reported"]
+    assert {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"} <= set(machine["cpu_flags"])
+    assert all(isinstance(present, bool) for present in machine["cpu_flags"].values())
+    assert machine["packages"]["openvino"] and machine["packages"]["nncf"]
+
+    table = (out / "results.md").read_text()
+    for header in ("episode vs eager fp32", "episode vs eager bf16 autocast", "cached vs eager fp32",
+                   "cached vs eager bf16 autocast"):
+        assert f"| {header} |" in table
+    assert "| openvino_fp32 |" in table and "Skipped" not in table
+    machine_line = table.strip().splitlines()[-1]
+    assert machine_line.startswith(f"Machine: {info['model']};") and "avx512_bf16" in machine_line and "amx_int8" in machine_line
+
+
+def test_missing_baselines_are_added(tiny_artifacts, tmp_path):
+    out = tmp_path / "added"
+    result = bench(tmp_path, "--modes", "openvino_fp32", "--iterations", "1", "--warmup", "0",
+                   "--artifacts", tiny_artifacts[0], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "adding the baseline mode(s) eager_fp32, eager_bf16" in result.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]["1"]
+    assert list(runs["modes"]) == ["eager_fp32", "eager_bf16", "openvino_fp32"]
+    assert runs["speedups"]["openvino_fp32"]["vs_eager_bf16"]["cached_support"] > 0
+
+
+def test_openvino_bf16_is_skipped_on_a_cpu_without_bf16(tiny_artifacts, tmp_path, cpu_without_bf16):
+    out = tmp_path / "skipped"
+    result = bench(tmp_path, "--modes", "eager_fp32,eager_bf16,openvino_fp32,openvino_bf16", "--iterations", "1",
+                   "--warmup", "0", "--artifacts", tiny_artifacts[0], "--out", str(out), env=cpu_without_bf16)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]["1"]
+    assert list(runs["modes"]) == ["eager_fp32", "eager_bf16", "openvino_fp32"]
+    reason = runs["skipped"]["openvino_bf16"]
+    assert "amx_bf16" in reason and "avx512_bf16" in reason and "Fake CPU without bf16" in reason
+    assert f"skipping openvino_bf16: {reason}" in result.stderr
+    assert f"- openvino_bf16: {reason}" in (out / "results.md").read_text()
+    assert data["machine"]["cpu_model"] == "Fake CPU without bf16"
+    assert data["machine"]["cpu_flags"] == {flag: flag == "avx512f" for flag in cpu.REPORTED_FLAGS}
+
+
+def test_a_run_whose_every_asked_mode_is_skipped_fails_with_the_reason(tmp_path, cpu_without_bf16):
+    result = bench(tmp_path, "--modes", "openvino_bf16", "--out", str(tmp_path / "x"), env=cpu_without_bf16)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no asked bench mode can run on this machine: openvino_bf16:" in last and "avx512_bf16" in last
+
+
+def test_speedups_divide_the_baseline_median_by_the_mode_median_of_the_same_kind():
+    def mode(episode, cached):
+        return {"episode": {"median_ms": episode}, "cached_support": {"median_ms": cached}}
+
+    modes = {"eager_fp32": mode(10.0, 5.0), "eager_bf16": mode(20.0, 8.0), "fast": mode(5.0, 4.0)}
+    assert speedups(modes)["fast"] == {"vs_eager_fp32": {"episode": 2.0, "cached_support": 1.25},
+                                       "vs_eager_bf16": {"episode": 4.0, "cached_support": 2.0}}
+    assert speedups({"fast": mode(5.0, 4.0)})["fast"]["vs_eager_bf16"] == {"episode": None, "cached_support": None}
+
+
 def test_unknown_mode_is_one_error_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fssam.cli", "bench", "--quick", "--modes", "warp_drive", "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = bench(tmp_path, "--modes", "warp_drive", "--out", str(tmp_path / "x"))
     assert result.returncode == 1
-    assert result.stderr.strip().endswith("unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, tensorrt, triton")
+    assert result.stderr.strip().endswith(
+        "unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, "
+        "openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton")
+
+
+def test_openvino_int8_needs_an_export_with_an_int8_plan(tiny_artifacts, tmp_path):
+    result = bench(tmp_path, "--modes", "openvino_int8", "--artifacts", tiny_artifacts[0], "--out", str(tmp_path / "x"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "has no OpenVINO int8 plan, which the openvino_int8 mode needs: export it with `fssam export --openvino int8`, "
+        "or leave --artifacts out")
+
+
+def test_calibration_without_openvino_int8_is_one_error_line(tmp_path):
+    result = bench(tmp_path, "--calibration", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("--calibration is for the export of the openvino_int8 mode: "
+                                          "add openvino_int8 to --modes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -53,7 +169,16 @@ def test_unknown_mode_is_one_error_line(tmp_path):
     (["--modes", "tensorrt"], "no CUDA device: TensorRT engines can only be built and run on a machine with an NVIDIA GPU"),
 ])
 def test_gpu_only_requests_fail_clearly_without_a_gpu(tmp_path, argv, message):
-    result = subprocess.run([sys.executable, "-m", "fssam.cli", "bench", "--quick", *argv, "--out", str(tmp_path / "x")],
-                            capture_output=True, text=True, timeout=300)
+    result = bench(tmp_path, *argv, "--out", str(tmp_path / "x"))
     assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without a GPU")
+def test_tensorrt_is_skipped_without_a_gpu_when_other_modes_run(tiny_artifacts, tmp_path):
+    out = tmp_path / "trt"
+    result = bench(tmp_path, "--modes", "eager_fp32,eager_bf16,tensorrt", "--iterations", "1", "--warmup", "0",
+                   "--artifacts", tiny_artifacts[0], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]["1"]
+    assert "no CUDA device" in runs["skipped"]["tensorrt"] and "tensorrt" not in runs["modes"]

@@ -47,12 +47,16 @@ class TimedStages:
 
 
 class StageMode:
-    """A mode whose runner exposes the six stages: per-stage times, full and cached-support episodes."""
+    """A mode whose runner exposes the six stages: per-stage times, full and cached-support episodes.
+
+    `runtime` describes an exported runtime's set-up (e.g. the per-stage precisions of an OpenVINO
+    int8 plan) for the report."""
 
     per_stage = True
 
-    def __init__(self, name: str, runner, context=contextlib.nullcontext, device="cpu"):
+    def __init__(self, name: str, runner, context=contextlib.nullcontext, device="cpu", runtime: str | None = None):
         self.name = name
+        self.runtime = runtime
         self.device = torch.device(device)
         self.timed = TimedStages(runner, context, self.device)
         self.support = None
@@ -91,6 +95,7 @@ class EpisodeMode:
 
     per_stage = False
     device = torch.device("cpu")  # the client side: the server's devices are its own
+    runtime = None
 
     def __init__(self, name: str, call):
         self.name = name
@@ -149,10 +154,10 @@ def summary(samples: list[float]) -> dict:
 
 
 def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) -> dict:
-    """{mode: {"episode": summary, "cached": summary, "stages": {stage: summary}, "peak_rss_mb"}}."""
+    """{mode: {"episode": summary, "cached_support": summary, "stages": {stage: summary}, "peak_rss_mb", ...}}."""
     raw = {
         m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0,
-                 "device": str(m.device)}
+                 "device": str(m.device), "runtime": m.runtime}
         for m in modes
     }
     cuda = torch.cuda.is_available()
@@ -181,6 +186,7 @@ def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) 
             "cached_support": summary(entry["cached"]),
             "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
             "device": entry["device"],
+            **({"runtime": entry["runtime"]} if entry["runtime"] else {}),
             "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
             "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode
             # torch allocator peak during this mode's episode (TensorRT's own engine memory is not in it)

@@ -1,4 +1,5 @@
-"""Benchmark output: machine record, JSON, markdown table with ratios to eager fp32, PNG plots."""
+"""Benchmark output: machine record (CPU model and flags), ratios to the two eager baselines,
+JSON, markdown table and PNG plots."""
 
 from __future__ import annotations
 
@@ -10,21 +11,18 @@ from importlib import metadata
 
 import torch
 
+from fssam.runtime import cpu
 from fssam.runtime.contract import STAGE_ORDER
 
-PACKAGES = ("torch", "onnxruntime", "onnx", "sam2", "timm", "triton", "tritonclient", "nvidia-pytriton", "tensorrt")
+PACKAGES = ("torch", "onnxruntime", "onnx", "openvino", "nncf", "sam2", "timm", "triton", "tritonclient",
+            "nvidia-pytriton", "tensorrt")
+BASELINES = {"vs_eager_fp32": "eager_fp32", "vs_eager_bf16": "eager_bf16"}  # speed-up key: baseline mode
+BASELINE_TITLES = {"vs_eager_fp32": "vs eager fp32", "vs_eager_bf16": "vs eager bf16 autocast"}
+KINDS = ("episode", "cached_support")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    info = cpu.cpu_info()
     versions = {}
     for name in PACKAGES:
         try:
@@ -38,7 +36,8 @@ def machine() -> dict:
     except OSError:
         commit, dirty = "", False
     return {
-        "cpu": cpu,
+        "cpu_model": info["model"],
+        "cpu_flags": info["reported"],  # {flag: bool}: amx_bf16, amx_int8, avx512_bf16, avx512_vnni, ...
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -49,42 +48,85 @@ def machine() -> dict:
     }
 
 
+def speedups(modes: dict) -> dict:
+    """{mode: {"vs_eager_fp32": {"episode": x, "cached_support": y}, "vs_eager_bf16": {...}}}: the
+    baseline's median over the mode's, episode to episode and cached-support query to cached-support
+    query (None without the baseline)."""
+    def ratio(baseline: str, mode: dict, kind: str):
+        base = modes.get(baseline)
+        return round(base[kind]["median_ms"] / mode[kind]["median_ms"], 4) if base else None
+
+    return {name: {key: {kind: ratio(baseline, mode, kind) for kind in KINDS} for key, baseline in BASELINES.items()}
+            for name, mode in modes.items()}
+
+
+def _times(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _ratio_headers(kind: str) -> list[str]:
+    return [f"{kind} {title}" for title in BASELINE_TITLES.values()]
+
+
+def _main_table(runs: dict) -> list[str]:
+    gpu = any("gpu_peak_mb" in mode for mode in runs["modes"].values())
+    header = (["mode", "episode median ms", "p90", "p99", *_ratio_headers("episode"), "cached-support query ms",
+               *_ratio_headers("cached"), "peak RSS MB", "working MB"] + (["GPU peak MB"] if gpu else []))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, mode in runs["modes"].items():
+        episode, cached, speedup = mode["episode"], mode["cached_support"], runs["speedups"][name]
+        cells = [name, f"{episode['median_ms']:.1f}", f"{episode['p90_ms']:.1f}", f"{episode['p99_ms']:.1f}",
+                 *(_times(speedup[key]["episode"]) for key in BASELINES), f"{cached['median_ms']:.1f}",
+                 *(_times(speedup[key]["cached_support"]) for key in BASELINES),
+                 f"{mode['peak_rss_mb']:.0f}", f"{mode['working_mb']:.0f}"]
+        cells += [f"{mode['gpu_peak_mb']:.0f}"] if "gpu_peak_mb" in mode else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
+    lines = [f"### {result['config']}, {shots}-shot, batch 1 ({result['iterations']} runs after {result['warmup']} warm-up, interleaved)\n",
+             f"Speed-up = baseline median / mode median of the same kind (episode to episode, cached-support query to "
+             f"cached-support query); the baselines are eager fp32 and eager bf16 autocast on {result['device']}; "
+             f"above 1x is faster.\n"]
+    lines += _main_table(runs)
+    described = [f"{name}: {mode['runtime']}" for name, mode in runs["modes"].items() if mode.get("runtime")]
+    if described:
+        lines.append("\nRuntimes: " + "; ".join(described) + ".")
+    if runs.get("skipped"):
+        lines.append("\nSkipped on this machine:\n")
+        lines += [f"- {name}: {reason}" for name, reason in runs["skipped"].items()]
+    staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
+    if staged:
+        lines.append("\nPer stage, median ms per episode (all calls of the stage summed):\n")
+        lines.append("| stage | " + " | ".join(staged) + " |")
+        lines.append("|---|" + "---|" * len(staged))
+        for stage in STAGE_ORDER:
+            cells = [f"{runs['modes'][name]['stages'][stage]['median_ms']:.1f}" for name in staged]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    if runs.get("concurrency"):
+        lines.append("\nServer, client-measured, concurrency sweep:\n")
+        lines.append("| concurrency | requests | failures | median ms | throughput episodes/s |")
+        lines.append("|---|---|---|---|---|")
+        for row in runs["concurrency"]:
+            lines.append(f"| {row['concurrency']} | {row['requests']} | {row['failures']} | {row['median_ms']:.1f} | {row['throughput']:.2f} |")
+    return lines + [""]
+
+
+def _machine_line(result: dict) -> str:
+    m, packages = result["machine"], result["machine"]["packages"]
+    versions = ", ".join(f"{name} {packages[name]}" for name in ("torch", "onnxruntime", "openvino", "nncf") if name in packages)
+    threads = result.get("threads") or "the runtime's default"
+    return (f"Machine: {cpu.describe({'model': m['cpu_model'], 'reported': m['cpu_flags']})}; {m['cores']} cores, "
+            f"GPU: {m['gpu'] or 'none'}; {versions}; ONNX Runtime/OpenVINO threads: {threads}; "
+            f"commit {m['git_commit']}. Weights: {result['weights']}.")
+
+
 def markdown(result: dict) -> str:
     lines = []
     for shots, runs in result["runs"].items():
-        base = runs["modes"].get("eager_fp32")
-        lines.append(f"### {result['config']}, {shots}-shot, batch 1 ({result['iterations']} runs after {result['warmup']} warm-up, interleaved)\n")
-        gpu = any("gpu_peak_mb" in mode for mode in runs["modes"].values())
-        lines.append("| mode | episode median ms | p90 | p99 | speed-up vs eager fp32 | cached-support query ms | speed-up vs eager episode | peak RSS MB | working MB |"
-                     + (" GPU peak MB |" if gpu else ""))
-        lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
-        for name, mode in runs["modes"].items():
-            episode, cached = mode["episode"], mode["cached_support"]
-            ratio = base["episode"]["median_ms"] / episode["median_ms"] if base else float("nan")
-            cached_ratio = base["episode"]["median_ms"] / cached["median_ms"] if base else float("nan")
-            lines.append(
-                f"| {name} | {episode['median_ms']:.1f} | {episode['p90_ms']:.1f} | {episode['p99_ms']:.1f} | {ratio:.2f}x | "
-                f"{cached['median_ms']:.1f} | {cached_ratio:.2f}x | {mode['peak_rss_mb']:.0f} | {mode['working_mb']:.0f} |"
-                + (f" {mode['gpu_peak_mb']:.0f} |" if "gpu_peak_mb" in mode else "")
-            )
-        staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
-        if staged:
-            lines.append("\nPer stage, median ms per episode (all calls of the stage summed):\n")
-            lines.append("| stage | " + " | ".join(staged) + " |")
-            lines.append("|---|" + "---|" * len(staged))
-            for stage in STAGE_ORDER:
-                cells = [f"{runs['modes'][name]['stages'][stage]['median_ms']:.1f}" for name in staged]
-                lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        if runs.get("concurrency"):
-            lines.append("\nServer, client-measured, concurrency sweep:\n")
-            lines.append("| concurrency | requests | failures | median ms | throughput episodes/s |")
-            lines.append("|---|---|---|---|---|")
-            for row in runs["concurrency"]:
-                lines.append(f"| {row['concurrency']} | {row['requests']} | {row['failures']} | {row['median_ms']:.1f} | {row['throughput']:.2f} |")
-        lines.append("")
-    m = result["machine"]
-    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['packages'].get('torch')}, "
-                 f"onnxruntime {m['packages'].get('onnxruntime')}; commit {m['git_commit']}. Weights: {result['weights']}.")
+        lines += _shots_section(result, shots, runs)
+    lines.append(_machine_line(result))
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +147,7 @@ def plots(result: dict, folder: str) -> list[str]:
         ax.set_xticks([x + width * (len(staged) - 1) / 2 for x in range(len(STAGE_ORDER))], STAGE_ORDER, rotation=15)
         ax.set_ylabel("median ms per episode")
         ax.set_yscale("log")
-        ax.set_title(f"FSSAM {result['config']} {shots}-shot: latency per stage ({result['machine']['cpu']})")
+        ax.set_title(f"FSSAM {result['config']} {shots}-shot: latency per stage ({result['machine']['cpu_model']})")
         ax.legend()
         written.append(_save(fig, os.path.join(folder, f"latency_stages_{shots}shot.png")))
 

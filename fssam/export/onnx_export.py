@@ -129,6 +129,9 @@ def export(
     progress: bool = True,
     gate: bool = True,
     scma_node: str = "decomposed",
+    openvino=(),
+    calibration: str | None = None,
+    threads: int | None = None,
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
@@ -144,6 +147,17 @@ def export(
         )
     if shots < 1:
         raise InputError(f"shots must be >= 1, got {shots}")
+    if openvino:
+        from fssam.export.openvino import parse_precisions
+
+        openvino = parse_precisions(openvino)
+        if precision != "fp32":
+            raise InputError(f"--openvino plans are made from an fp32 export (OpenVINO's precision is a compile "
+                             f"hint), not {precision}: leave --precision at fp32")
+    if calibration is not None and "int8" not in openvino:
+        raise InputError("--calibration is for int8 quantization: add --openvino int8")
+    if calibration is not None and not os.path.isdir(calibration):
+        raise InputError(f"calibration folder {calibration!r} does not exist")
     if tensorrt:
         from fssam.export.tensorrt import require_tensorrt
 
@@ -159,7 +173,7 @@ def export(
     specs = stage_specs(model.config, shots, dtype=str(dtype).replace("torch.", ""))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
     try:
-        bar = tqdm(total=len(STAGE_ORDER) + 1 + (len(STAGE_ORDER) if tensorrt else 0), disable=not progress,
+        bar = tqdm(total=len(STAGE_ORDER) + 1 + (len(STAGE_ORDER) if tensorrt else 0) + len(openvino), disable=not progress,
                    desc="export", unit="step")
         examples = _examples(export_model, shots, dtype)
         stages = {}
@@ -202,6 +216,12 @@ def export(
         bar.update()
         if gate and not report["passed"]:
             raise ParityError(format_report(report, stages), report)
+        if openvino:
+            from fssam.export.openvino import gate_openvino
+
+            write_manifest(tmp, manifest)
+            manifest["openvino"] = gate_openvino(tmp, manifest, model, openvino, calibration=calibration,
+                                                 threads=threads, seed=seed, progress=bar)
         if tensorrt:
             from fssam.export.tensorrt import build_engines
 

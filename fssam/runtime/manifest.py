@@ -61,9 +61,11 @@ def load_manifest(folder: str, verify: bool = True) -> dict:
     if missing or manifest.get("format") != FORMAT:
         raise InputError(f"{path!r} is not an {FORMAT} manifest (missing: {', '.join(missing) or 'format'})")
     if verify:
+        checked = set()
         for where, entry in listed_files(manifest):
-            if where.startswith("weights"):
-                continue  # source checkpoints: recorded by hash, not kept in the folder
+            if where.startswith("weights") or (entry["file"], entry["sha256"]) in checked:
+                continue  # source checkpoints are recorded by hash, not kept in the folder
+            checked.add((entry["file"], entry["sha256"]))
             file = os.path.join(folder, entry["file"])
             if not os.path.isfile(file):
                 raise InputError(f"{where}: {file!r} is listed in the manifest but missing")

@@ -1,0 +1,291 @@
+"""OpenVINO plans of an export: per stage the fastest precision that passes the gate.
+
+`fssam export --openvino fp32,bf16,int8` adds, for each precision P, manifest["openvino"][P]:
+{"stages": {stage: {"precision", "inference_precision", "file", "sha256", "tried", "gate", "ms"}},
+"parity": report}. The ladder per stage:
+* fp32: fp32 (the fp32 gate);
+* bf16: bf16, else fp32;
+* int8: NNCF int8 IR (the stages in QUANTIZED_STAGES), bf16 where the CPU has native bf16, fp32.
+Each candidate is checked against eager fp32 on the gate episode's real stage inputs with limits
+from eager bf16 autocast (fssam.runtime.parity, baseline "bf16_autocast"). The first rung that
+passes is chosen, except that int8 is taken only where it pays (faster, measured here, than the
+fastest float rung that passes), and int8's float fall-back is the faster of bf16 and fp32. If the composed episode then fails the end-to-end check,
+the stage furthest over its limits steps down one rung, until it passes; a pipeline that fails
+with every stage at fp32 fails the export with the report.
+
+int8 calibrates on real stage inputs recorded from eager episodes of the calibration set
+(`--calibration DIR`, or a synthetic set written to <export>/calibration/ and said so), with
+min/max activation ranges; the image backbones keep their patch-embedding convolution in float.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fssam.errors import ConfigError
+from fssam.export import calibration as calib
+from fssam.runtime import as_torch, cpu
+from fssam.runtime.contract import STAGE_ORDER
+from fssam.runtime.manifest import file_sha256
+from fssam.runtime.parity import (
+    Baseline,
+    ParityError,
+    check_end_to_end,
+    check_stage,
+    format_report,
+    sample_episode,
+    stage_samples,
+)
+from fssam.runtime.runners.openvino import HINTS, OpenVINORunner, require_native_bf16
+
+PRECISIONS = ("fp32", "bf16", "int8")
+QUANTIZED_STAGES = ("prior_backbone", "image_encoder", "memory_encoder", "head")
+PATCH_EMBED_STAGES = ("prior_backbone", "image_encoder")  # first convolution = patch embedding, kept in float
+IR_FOLDER = "openvino"
+
+
+def parse_precisions(text) -> tuple[str, ...]:
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    unknown = [p for p in items if p not in PRECISIONS]
+    if unknown:
+        raise ConfigError(f"--openvino {', '.join(unknown)}: expected a comma list of {', '.join(PRECISIONS)}")
+    if "bf16" in items:
+        require_native_bf16()  # fail before the long work
+    return tuple(p for p in PRECISIONS if p in items)
+
+
+def _ladder(stage: str, precision: str, bf16: bool) -> list[str]:
+    if precision == "fp32":
+        return ["fp32"]
+    if precision == "bf16":
+        return ["bf16", "fp32"]
+    return (["int8"] if stage in QUANTIZED_STAGES else []) + (["bf16"] if bf16 else []) + ["fp32"]
+
+
+# ---------------------------------------------------------------- int8
+
+def _feeds(model, episodes, specs) -> dict[str, list[dict]]:
+    """Every stage call of eager fp32 episodes as {input name: float32 array}: the calibration data."""
+    feeds = {name: [] for name in QUANTIZED_STAGES}
+    for episode in episodes:
+        records = stage_samples(model, *episode)
+        for name in QUANTIZED_STAGES:
+            names = [entry["name"] for entry in specs[name]["inputs"]]
+            for args, _ in records[name]:
+                feeds[name].append({n: a.detach().float().numpy() for n, a in zip(names, args)})
+    return feeds
+
+
+def _first_convolution(ov_model) -> list[str]:
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            return [op.get_friendly_name()]
+    return []
+
+
+def quantize_stage(onnx_path: str, xml_path: str, items: list[dict], keep_patch_embedding: bool) -> None:
+    """NNCF post-training int8 of one stage's ONNX, saved as IR (xml + bin)."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    model = ov.Core().read_model(onnx_path)
+    ignored = nncf.IgnoredScope(names=_first_convolution(model)) if keep_patch_embedding else None
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(items),
+        subset_size=len(items),
+        model_type=nncf.ModelType.TRANSFORMER,
+        ignored_scope=ignored,
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
+        ),
+    )
+    ov.save_model(quantized, xml_path, compress_to_fp16=False)
+
+
+def _quantize(folder: str, manifest: dict, model, pairs, progress) -> tuple[dict, tuple]:
+    """int8 IR of QUANTIZED_STAGES under openvino/int8/; returns ({stage: entry}, gate episode)."""
+    shots = manifest["shots"]
+    episodes, held_out = calib.episodes(pairs, shots)
+    feeds = _feeds(model, episodes, manifest["stages"])
+    os.makedirs(os.path.join(folder, IR_FOLDER, "int8"), exist_ok=True)
+    entries = {}
+    for name in QUANTIZED_STAGES:
+        if progress is not None:
+            progress.set_postfix_str(f"{name} -> int8 (NNCF)")
+        xml = os.path.join(IR_FOLDER, "int8", f"{name}.xml")
+        quantize_stage(os.path.join(folder, manifest["stages"][name]["file"]), os.path.join(folder, xml), feeds[name],
+                       keep_patch_embedding=name in PATCH_EMBED_STAGES)
+        entries[name] = _file_entry(folder, xml)
+    return entries, held_out
+
+
+def _file_entry(folder: str, relative: str) -> dict:
+    entry = {"file": relative, "sha256": file_sha256(os.path.join(folder, relative))}
+    if relative.endswith(".xml"):
+        weights = relative[: -len(".xml")] + ".bin"
+        entry["weights"] = {"file": weights, "sha256": file_sha256(os.path.join(folder, weights))}
+    return entry
+
+
+# ---------------------------------------------------------------- the ladder
+
+class _Candidates:
+    """Compiled runners per candidate precision, each only for the stages that need it."""
+
+    def __init__(self, folder: str, manifest: dict, files: dict, threads):
+        self.folder, self.manifest, self.files, self.threads = folder, manifest, files, threads
+        self.runners: dict[str, object] = {}
+
+    def runner(self, precision: str, stages):
+        key = (precision, tuple(stages))
+        if key not in self.runners:
+            plan = {name: {"precision": precision, "file": self.files[precision][name]["file"]} for name in stages}
+            self.runners[key] = as_torch(OpenVINORunner(self.folder, precision=precision, threads=self.threads,
+                                                        verify=False, stages=plan, cache=False))
+        return self.runners[key]
+
+
+def _choose(tried: dict) -> str:
+    """The rung of a stage's ladder ({option: {"passed", "ms"}} in ladder order): the first that passes,
+    except int8, which is taken only where it pays (faster than the fastest float rung that passes);
+    between the float fall-backs of int8, the faster. fp32 is the last resort."""
+    floats = [o for o in tried if o != "int8" and tried[o]["passed"]]
+    if "int8" in tried:
+        best = min(floats, key=lambda o: tried[o]["ms"], default="fp32")
+        return "int8" if tried["int8"]["passed"] and tried["int8"]["ms"] < tried.get(best, {"ms": float("inf")})["ms"] else best
+    return floats[0] if floats else "fp32"
+
+
+def _time_stage(runner, name: str, calls, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for args, _ in calls:
+                getattr(runner, name)(*args)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best
+
+
+def _worst(outputs: dict) -> float:
+    return max(stats["max_abs"] / max(stats["limit"], 1e-30) for stats in outputs.values())
+
+
+class _Memo(Baseline):
+    """Baseline stage outputs computed once per call, however many candidates are checked."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.memo = {}
+
+    def stage(self, name, args):
+        key = (name, id(args))
+        if key not in self.memo:
+            self.memo[key] = super().stage(name, args)
+        return self.memo[key]
+
+
+def plan_precision(folder: str, manifest: dict, model, precision: str, files: dict, episode, threads,
+                   progress=None) -> dict:
+    """Choose each stage's precision for `precision` and gate the composed pipeline; the manifest entry."""
+    bf16 = cpu.native_bf16()
+    query, supports, masks = episode
+    records = stage_samples(model, query, supports, masks)
+    candidates = _Candidates(folder, manifest, files, threads)
+    kind = "fp32" if precision == "fp32" else "bf16_autocast"
+    baseline = _Memo(model, "fp32", kind)
+    fp32_baseline = Baseline(model, "fp32", "fp32")
+    stages = {}
+    for name in STAGE_ORDER:
+        if progress is not None:
+            progress.set_postfix_str(f"OpenVINO {precision}: {name}")
+        tried = {}
+        for option in [o for o in _ladder(name, precision, bf16) if name in files.get(o, {})]:
+            runner = candidates.runner(option, [name])
+            outputs, failures = check_stage(runner, name, records[name], fp32_baseline if option == "fp32" else baseline)
+            tried[option] = {"passed": not failures, "worst": _worst(outputs), "outputs": outputs,
+                             "ms": _time_stage(runner, name, records[name])}
+        stages[name] = {"precision": _choose(tried), "tried": tried}
+    while True:
+        plan = {name: {"precision": entry["precision"], "file": files[entry["precision"]][name]["file"]}
+                for name, entry in stages.items()}
+        runner = as_torch(OpenVINORunner(folder, precision=precision, threads=threads, verify=False, stages=plan,
+                                         cache=False))
+        with torch.no_grad():
+            reference = model(query, supports, masks)
+            got = runner(query, supports, masks).float()
+        low = baseline.episode(query, supports, masks) if kind != "fp32" else None
+        end, failures = check_end_to_end(got, reference, low, kind)
+        reduced = [n for n, e in stages.items() if e["precision"] != "fp32"]
+        if not failures or not reduced:
+            break
+        worst = max(reduced, key=lambda n: stages[n]["tried"][stages[n]["precision"]]["worst"])
+        tried = stages[worst]["tried"]
+        rest = list(tried)[list(tried).index(stages[worst]["precision"]) + 1:]
+        stages[worst]["precision"] = _choose({o: tried[o] for o in rest}) if len(rest) > 1 else "fp32"
+        stages[worst]["stepped_down"] = "the end-to-end check failed with this stage furthest over its limits"
+    report = {"precision": precision, "baseline": kind, "failures": failures, "passed": not failures,
+              "stages": {n: e["tried"][e["precision"]]["outputs"] for n, e in stages.items()}, "end_to_end": end}
+    entries = {}
+    for name, entry in stages.items():
+        chosen = entry["precision"]
+        entries[name] = {
+            "precision": chosen,
+            "inference_precision": HINTS[chosen],
+            **files[chosen][name],
+            "ms": round(entry["tried"][chosen]["ms"], 2),
+            "tried": {o: {"passed": t["passed"], "ms": round(t["ms"], 2), "worst_error_over_limit": round(t["worst"], 4)}
+                      for o, t in entry["tried"].items()},
+            **({"stepped_down": entry["stepped_down"]} if "stepped_down" in entry else {}),
+        }
+    return {"stages": entries, "parity": report}
+
+
+def gate_openvino(folder: str, manifest: dict, model, precisions, calibration: str | None = None, threads=None,
+                  seed: int = 0, progress=None) -> dict:
+    """manifest["openvino"] for `precisions`: IR for int8, a gated per-stage plan per precision."""
+    import openvino as ov
+
+    info = cpu.cpu_info()
+    onnx_files = {name: {"file": spec["file"], "sha256": spec["sha256"]} for name, spec in manifest["stages"].items()}
+    files = {"fp32": onnx_files, "bf16": onnx_files}
+    result = {"openvino_version": ov.__version__, "cpu": {"model": info["model"], "flags": info["reported"]}}
+    episode = sample_episode(model.config, manifest["shots"], batch=1, seed=seed + 7)
+    if "int8" in precisions:
+        size, shots = model.config.image_size, manifest["shots"]
+        if calibration is None:
+            calibration = calib.write_synthetic(os.path.join(folder, "calibration"), size,
+                                                max(calib.SYNTHETIC_PAIRS, calib.minimum_pairs(shots)), seed=seed)
+            source = "synthetic"
+            print("int8: no --calibration given: calibrating on a synthetic set of shapes written to "
+                  f"{os.path.basename(folder)}/calibration/ (give real image/mask pairs for real data)", file=sys.stderr)
+        else:
+            source = "user"
+        pairs = calib.read_set(calibration, size, shots)
+        result["calibration"] = calib.describe(calibration, source)
+        result["calibration"]["held_out"] = shots + 1
+        quantized, held_out = _quantize(folder, manifest, model, pairs, progress)
+        files["int8"] = quantized
+    for precision in precisions:
+        gate_episode = held_out if precision == "int8" else episode
+        result[precision] = plan_precision(folder, manifest, model, precision, files, gate_episode, threads, progress)
+        if not result[precision]["parity"]["passed"]:
+            raise ParityError("OpenVINO " + format_report(result[precision]["parity"], manifest["stages"]),
+                              result[precision]["parity"])
+        if progress is not None:
+            progress.update()
+    if "int8" in precisions:  # IR that no plan uses is not kept
+        used = {e["file"] for e in result["int8"]["stages"].values()}
+        for name, entry in files["int8"].items():
+            if entry["file"] not in used:
+                for path in (entry["file"], entry["weights"]["file"]):
+                    os.remove(os.path.join(folder, path))
+    return result
