@@ -247,3 +247,16 @@ def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"fssam eval: error: data root not found: {tmp_path / 'nowhere'}"]
+
+
+def test_openvino_backend_runs_the_same_episodes_and_agrees(runs, pascal, artifacts, tmp_path):
+    eager, _, folder = runs
+    out = tmp_path / "openvino.json"
+    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "openvino", "--precision", "fp32",
+                                       "--artifacts", artifacts, "--compare-with", str(folder / "eager.json"))) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "openvino" and result["backend_details"]["runtime"] == "OpenVINO fp32"
+    assert result["episodes_sha256"] == eager["episodes_sha256"]
+    assert result["agreement"]["mask_iou"]["min"] >= 0.999
+    with pytest.raises(ConfigError, match="--precision is for"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16"))

@@ -1,12 +1,17 @@
 """The Triton serving path, against a real tritonserver on loopback (tiny config).
 
-The module exports the tiny config once, writes a python-ort repository and starts the server
-(the nvidia-pytriton wheel's tritonserver, or one on PATH). If the server cannot be started the
-tests fail: they do not skip.
+The module exports the tiny config once, writes python-ort and python-openvino repositories and
+starts the server on them (the nvidia-pytriton wheel's tritonserver, or one on PATH). If a server
+cannot be started the tests fail: they do not skip. The native configs (onnxruntime, openvino,
+tensorrt) are checked by parsing them with Triton's model-config protobuf: the wheel's server has
+none of those backends.
 """
 
+import ast
 import concurrent.futures
+import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -17,20 +22,38 @@ from fssam.runtime.parity import FP32_LOGITS_ATOL, FP32_MIN_IOU, mask_iou, sampl
 from fssam.model import get_config
 
 SIZE = 64
+STAGES = ("prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head")
+STAGE_TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "fssam", "serving", "templates", "stage_model.py")
+
+
+def _serve(tmp, artifacts, **options):
+    from fssam.serving.repository import write_repository
+    from fssam.serving.server import TritonServer
+
+    write_repository(artifacts, str(tmp / "repository"), **options)
+    triton = TritonServer(str(tmp / "repository"), http_port=0, grpc_port=0, log_path=str(tmp / "tritonserver.log"))
+    triton.start(timeout=240)  # raises ServingError with the log tail: a broken server fails the tests
+    return triton
+
+
+def _stop(triton):
+    code = triton.stop()
+    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code}); log {triton.log_path}"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_artifacts):
-    from fssam.serving.repository import write_repository
-    from fssam.serving.server import TritonServer
-
-    tmp = tmp_path_factory.mktemp("serving")
-    write_repository(tiny_artifacts[0], str(tmp / "repository"), stage_backend="python-ort")
-    triton = TritonServer(str(tmp / "repository"), http_port=0, grpc_port=0, log_path=str(tmp / "tritonserver.log"))
-    triton.start(timeout=240)  # raises ServingError with the log tail: a broken server fails the tests
+    triton = _serve(tmp_path_factory.mktemp("serving"), tiny_artifacts[0], stage_backend="python-ort")
     yield triton
-    code = triton.stop()
-    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code}); log {triton.log_path}"
+    _stop(triton)
+
+
+@pytest.fixture(scope="module")
+def openvino_server(tmp_path_factory, tiny_artifacts):
+    triton = _serve(tmp_path_factory.mktemp("serving-openvino"), tiny_artifacts[0], stage_backend="python-openvino",
+                    precision="fp32")
+    yield triton
+    _stop(triton)
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +73,166 @@ def test_repository_layout(server):
     for name in ("prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head"):
         config = open(os.path.join(repo, name, "config.pbtxt")).read()
         assert 'backend: "python"' in config and "dynamic_batching" in config and "model_warmup" in config
-        assert os.path.isfile(os.path.join(repo, name, "1", "model.onnx"))
+        assert '"onnxruntime"' in config and os.path.isfile(os.path.join(repo, name, "1", "model.onnx"))
+        assert open(os.path.join(repo, name, "1", "model.py")).read() == open(STAGE_TEMPLATE).read()
     pipeline = open(os.path.join(repo, "fssam_pipeline", "config.pbtxt")).read()
     assert "support_cache_size" in pipeline and "instance_group" in pipeline and "input_data_file" in pipeline
 
 
-def test_native_backend_configs(tmp_path, server, tiny_artifacts):
-    """onnxruntime configs for NGC containers: native backend, GPU instances, same tensors."""
-    from fssam.errors import InputError
+def _parse(path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(open(path).read(), model_config_pb2.ModelConfig())
+
+
+def _parameters(config) -> dict:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+@pytest.mark.parametrize("backend,precision", [
+    ("python-ort", None), ("python-openvino", "fp32"), ("python-openvino", "bf16"), ("onnxruntime", None),
+    ("openvino", "fp32"), ("openvino", "bf16"),
+])
+def test_every_config_parses_as_a_triton_model_config(tmp_path, tiny_artifacts, backend, precision):
+    """Every config.pbtxt of each stage backend parses with tritonclient's model-config protobuf,
+    with the backend, instance kind, batching and parameters that backend needs."""
+    from fssam.runtime.cpu import native_bf16
+    from fssam.runtime.runners.openvino import compile_properties
+
+    if backend == "python-openvino" and precision == "bf16" and not native_bf16():
+        pytest.skip("python-openvino bf16 needs native bf16 (the refusal is tested below)")
+    from fssam.serving.repository import write_repository
+
+    info = write_repository(tiny_artifacts[0], str(tmp_path / "repo"), stage_backend=backend, precision=precision,
+                            threads=2)
+    assert info["stage_backend"] == backend and set(info["stages"]) == set(STAGES)
+    for name in (*STAGES, "fssam_pipeline"):
+        config = _parse(tmp_path / "repo" / name / "config.pbtxt")
+        assert config.name == name and config.input and config.output and config.model_warmup
+    for name in STAGES:
+        config = _parse(tmp_path / "repo" / name / "config.pbtxt")
+        params = _parameters(config)
+        entry = info["stages"][name]
+        assert entry["backend"] == backend and entry["precision"] == (precision or "fp32")
+        assert (tmp_path / "repo" / name / "1" / entry["file"]).is_file()
+        kind = config.instance_group[0].kind
+        if backend.startswith("python-"):
+            assert config.backend == "python" and config.max_batch_size == 64 and config.HasField("dynamic_batching")
+            assert params["runtime"] == {"python-ort": "onnxruntime", "python-openvino": "openvino"}[backend]
+            assert params["model_file"] == entry["file"] == "model.onnx"
+        if backend == "python-openvino":
+            assert json.loads(params["openvino_properties"]) == compile_properties(entry["precision"], 2)
+        if backend == "onnxruntime":
+            assert config.backend == "onnxruntime" and kind == config.instance_group[0].KIND_GPU
+        if backend == "openvino":
+            # the OpenVINO backend fixes the batch at max_batch_size > 0: 0 and a -1 batch dim keep it dynamic
+            assert config.backend == "openvino" and config.default_model_filename == "model.onnx"
+            assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+            assert all(tensor.dims[0] == -1 for tensor in [*config.input, *config.output])
+            assert all(t.dims[0] == 1 for t in config.model_warmup[0].inputs.values())
+            assert kind == config.instance_group[0].KIND_CPU
+            assert params == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "2",
+                              **({"HINT_BF16": "YES"} if entry["precision"] == "bf16" else {})}
+    pipeline = _parameters(_parse(tmp_path / "repo" / "fssam_pipeline" / "config.pbtxt"))
+    assert json.loads(pipeline["stage_max_batch"]) == {name: 64 for name in STAGES}
+
+
+def test_openvino_ir_stages_are_copied_with_their_weights(tmp_path, tiny_artifacts):
+    """A plan stage in IR (the int8 plan's files) lands as model.xml + model.bin, named in the config."""
+    import openvino as ov
+
+    from fssam.runtime.manifest import file_sha256
+    from fssam.serving.repository import write_repository
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts[0], artifacts)
+    (artifacts / "openvino").mkdir(exist_ok=True)
+    ov.save_model(ov.Core().read_model(str(artifacts / "head.onnx")), str(artifacts / "openvino" / "head.xml"))
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    stages = {name: {"precision": "fp32", "file": spec["file"], "sha256": spec["sha256"]}
+              for name, spec in manifest["stages"].items()}
+    stages["head"] = {"precision": "int8", "file": "openvino/head.xml",
+                      "sha256": file_sha256(str(artifacts / "openvino" / "head.xml"))}
+    manifest["openvino"] = {"int8": {"stages": stages, "parity": {"passed": True}}}
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+    for backend in ("python-openvino", "openvino"):
+        info = write_repository(str(artifacts), str(tmp_path / backend), stage_backend=backend, precision="int8")
+        assert info["openvino_gated"] and info["stages"]["head"] == {"backend": backend, "precision": "int8",
+                                                                     "file": "model.xml"}
+        assert sorted(os.listdir(tmp_path / backend / "head" / "1")) == sorted(
+            ["model.xml", "model.bin"] + (["model.py"] if backend == "python-openvino" else []))
+        head = _parse(tmp_path / backend / "head" / "config.pbtxt")
+        if backend == "openvino":
+            assert head.default_model_filename == ""  # model.xml is the backend's default
+        else:
+            assert _parameters(head)["model_file"] == "model.xml"
+        assert _parse(tmp_path / backend / "prior" / "config.pbtxt")
+        assert (tmp_path / backend / "prior" / "1" / "model.onnx").is_file()
+
+
+def test_native_backend_refusals(tmp_path, tiny_artifacts):
+    from fssam.errors import ConfigError, InputError
     from fssam.serving.repository import write_repository
 
     artifacts = tiny_artifacts[0]
-    write_repository(artifacts, str(tmp_path / "ort"), stage_backend="onnxruntime")
-    config = open(tmp_path / "ort" / "head" / "config.pbtxt").read()
-    assert 'backend: "onnxruntime"' in config and "KIND_GPU" in config and 'name: "logits"' in config
-    assert (tmp_path / "ort" / "head" / "1" / "model.onnx").is_file()
     with pytest.raises(InputError, match="no TensorRT engines"):
         write_repository(artifacts, str(tmp_path / "trt"), stage_backend="tensorrt")
+    with pytest.raises(ConfigError, match="no OpenVINO int8 plan"):
+        write_repository(artifacts, str(tmp_path / "int8"), stage_backend="python-openvino", precision="int8")
+    with pytest.raises(ConfigError, match="--precision is for python-openvino and openvino"):
+        write_repository(artifacts, str(tmp_path / "ort"), stage_backend="onnxruntime", precision="bf16")
+    assert not any(tmp_path.iterdir())
+
+
+def test_python_openvino_bf16_refused_without_native_bf16(tmp_path, tiny_artifacts, monkeypatch):
+    """On a CPU without amx_bf16 / avx512_bf16 the python-openvino bf16 repository is refused, naming
+    the flags; the native openvino configs (for another machine) are still written."""
+    from fssam.errors import ConfigError
+    from fssam.serving.repository import write_repository
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Test CPU\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    monkeypatch.setenv("FSSAM_CPUINFO", str(cpuinfo))
+    with pytest.raises(ConfigError, match="native bf16.*Test CPU.*avx512_bf16 no"):
+        write_repository(tiny_artifacts[0], str(tmp_path / "repo"), stage_backend="python-openvino", precision="bf16")
+    assert not (tmp_path / "repo").exists()
+    write_repository(tiny_artifacts[0], str(tmp_path / "native"), stage_backend="openvino", precision="bf16")
+
+
+def test_stage_template_imports_no_torch_or_fssam():
+    tree = ast.parse(open(STAGE_TEMPLATE).read())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add((node.module or "").split(".")[0])
+    assert modules == {"json", "os", "numpy", "onnxruntime", "openvino", "triton_python_backend_utils"}, modules
+
+
+def test_python_openvino_episode_matches_eager(openvino_server, tiny_model):
+    """python-openvino fp32 served by the real tritonserver: within the fp32 gate of eager PyTorch,
+    and the same as OpenVINO fp32 in process."""
+    from fssam.runtime import as_torch, open_runner
+    from fssam.runtime.parity import check_end_to_end
+    from fssam.serving.client import RemoteFSSAM
+    from fssam.serving.repository import read_repository
+
+    info = read_repository(openvino_server.repository)
+    assert info["stage_backend"] == "python-openvino" and info["stage_precision"] == "fp32"
+    query, supports, masks = episode(5)
+    with torch.inference_mode():
+        eager = tiny_model(query, supports, masks)
+        inprocess = as_torch(open_runner("openvino", info["artifacts"], precision="fp32"))(query, supports, masks)
+    with RemoteFSSAM(openvino_server.grpc_url) as remote:
+        logits, cached = remote.infer(query, supports, masks)
+        again, cached_again = remote.infer(query, supports, masks)
+    end, failures = check_end_to_end(logits, eager)
+    assert not failures, failures
+    assert end["max_abs"] <= FP32_LOGITS_ATOL and end["mask_iou"] >= FP32_MIN_IOU
+    assert (logits - inprocess).abs().max().item() <= 1e-5
+    assert not bool(cached.any()) and bool(cached_again.all()) and torch.equal(logits > 0, again > 0)
 
 
 @pytest.mark.parametrize("change,backend,message", [
@@ -255,9 +421,42 @@ def test_deploy_tiny_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--out", str(tmp_path / "d"),
                              "--runs", "3", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "PASS" in result.stdout and "random-init seed 0" in result.stdout
-    assert "in-process ONNX Runtime" in result.stdout and "server overhead" in result.stdout
-    assert (tmp_path / "d" / "repository" / "fssam_pipeline" / "config.pbtxt").is_file()
+    out = result.stdout
+    assert "PASS" in out and "random-init seed 0" in out and "chosen: " in out and "fastest that passed its gate" in out
+    for label in ("eager fp32", "eager bf16 autocast", "ONNX Runtime fp32", "OpenVINO fp32"):
+        assert f"        {label} " in out, label  # a row of the in-process table
+    assert "server overhead" in out and "same run: eager fp32" in out and "eager bf16 autocast" in out.split("same run:")[1]
+    info = json.loads((tmp_path / "d" / "repository" / "fssam_repository.json").read_text())
+    chosen = out.split("-> stage backend ")[1].split(":")[0]
+    assert info["stage_backend"] == chosen in ("python-ort", "python-openvino")
+    assert f"in-process {'ONNX Runtime' if chosen == 'python-ort' else 'OpenVINO'} {info['stage_precision']}:" in out
+
+
+def test_deploy_choice_and_its_reason(monkeypatch, tmp_path, capsys):
+    """The fastest exported runtime that passed its gate is chosen (never an eager baseline, never one
+    that failed); without native bf16 the output says why OpenVINO bf16 was not a candidate."""
+    from fssam.serving import deploy
+
+    class Runner:
+        def describe(self):
+            return "OpenVINO fp32"
+
+    rows = [deploy.Measured("eager fp32", None), deploy.Measured("ONNX Runtime fp32", None, "onnxruntime", passed=True),
+            deploy.Measured("OpenVINO fp32", None, "openvino", runner=Runner(), passed=True),
+            deploy.Measured("OpenVINO int8", None, "openvino", "int8", passed=False)]
+    ms = {"eager fp32": 1.0, "ONNX Runtime fp32": 9.0, "OpenVINO fp32": 5.0, "OpenVINO int8": 2.0}
+    results = {label: {"episode": {"median_ms": value}} for label, value in ms.items()}
+    chosen = deploy.choose(rows, results)
+    assert chosen.label == "OpenVINO fp32" and chosen.stage_backend == "python-openvino"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Test CPU\nflags\t\t: fpu avx2\n")
+    monkeypatch.setenv("FSSAM_CPUINFO", str(cpuinfo))
+    assert deploy.openvino_precisions(int8=False) == ("fp32",)
+    assert deploy.openvino_precisions(int8=True) == ("fp32", "int8")
+    deploy._print_choice(chosen, rows, results)
+    out = capsys.readouterr().out
+    assert "fastest that passed its gate (5.0 ms; next ONNX Runtime fp32 9.0 ms)" in out
+    assert "OpenVINO bf16 was not a candidate" in out and "Test CPU; amx_bf16 no" in out
 
 
 def test_bench_triton_mode_against_running_server(server, tiny_artifacts, tmp_path):
