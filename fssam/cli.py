@@ -50,6 +50,7 @@ def cmd_predict(args) -> int:
 
     if args.url:
         return _predict_remote(args)
+    args.config = args.config or "small"
     cfg = get_config(args.config)  # fail fast on an unknown config, before reading files
     query, supports, masks, query_rgb = load_episode(args.support, args.support_mask, args.query, cfg.image_size)
     model = _build_model(args)
@@ -64,14 +65,39 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _refuse_remote_model_options(args) -> None:
+    """--url runs the server's model, fixed when it was exported: refuse the options it cannot honour."""
+    from fssam.errors import ConfigError
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--num-refine", args.num_refine),
+                                      ("--refine-version", args.refine_version), ("--scma-mode", args.scma_mode))
+             if value is not None]
+    if args.seed != 0:
+        given.append("--seed")
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot be used with --url: the server's model (weights, config, refinement) "
+            f"is fixed when it is exported; export and serve a new model to change it"
+        )
+
+
 def _predict_remote(args) -> int:
     import torch
 
     from fssam.data.preprocess import load_episode
+    from fssam.errors import ConfigError
+    from fssam.model import get_config
     from fssam.serving.client import RemoteFSSAM
 
+    _refuse_remote_model_options(args)
+    wanted = get_config(args.config).image_size if args.config else None  # unknown name: fails before connecting
     with RemoteFSSAM(args.url, protocol=args.protocol) as remote:
         size = int(remote.metadata()["inputs"][0]["shape"][-1])  # the served config's image size
+        if wanted is not None and wanted != size:
+            raise ConfigError(
+                f"--config {args.config} is a {wanted} px model but the server at {args.url} serves a {size} px "
+                f"one: the server's model is fixed when it is exported; drop --config or serve {args.config}"
+            )
         query, supports, masks, query_rgb = load_episode(args.support, args.support_mask, args.query, size)
         start = time.perf_counter()
         logits, cached = remote.infer(query, supports, masks)
@@ -129,6 +155,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _compare_checkpoints(args, manifest: dict) -> list[str]:
+    """The --checkpoint files, which must be exactly the ones the export recorded (by sha256)."""
+    from fssam.errors import ConfigError
+    from fssam.model.checkpoint import file_sha256
+
+    recorded = manifest["weights"].get("checkpoints", [])
+    given = args.checkpoint or []
+    if recorded and not given:
+        names = ", ".join(f"{e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in recorded)
+        raise ConfigError(f"the export in {args.artifacts} was made from checkpoint(s) {names}: give them with "
+                          "--checkpoint (repeat the flag) to rebuild the eager model")
+    hashes = {}
+    for path in given:
+        if not os.path.isfile(path):
+            raise ConfigError(f"checkpoint not found: {path}")
+        hashes[path] = file_sha256(path)
+    wanted = {e["sha256"] for e in recorded}
+    foreign = [path for path, digest in hashes.items() if digest not in wanted]
+    if foreign:
+        raise ConfigError(f"--checkpoint {', '.join(foreign)}: not among the checkpoints the export in "
+                          f"{args.artifacts} was made from ({manifest['weights']['source']}; sha256 differs)")
+    missing = [e for e in recorded if e["sha256"] not in set(hashes.values())]
+    if missing:
+        raise ConfigError("the export was also made from " + ", ".join(
+            f"{e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in missing) + ": give it with --checkpoint too")
+    return given
+
+
 def cmd_compare(args) -> int:
     from fssam.export import ParityError, format_report, load_manifest, parity_report
     from fssam.runtime import as_torch, open_runner
@@ -137,7 +191,7 @@ def cmd_compare(args) -> int:
 
     manifest = load_manifest(args.artifacts)
     cfg = manifest["config"]
-    checkpoints = [entry["path"] for entry in manifest["weights"]["checkpoints"]]
+    checkpoints = _compare_checkpoints(args, manifest)
     seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
     model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
                   refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
@@ -162,16 +216,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="segment a query image given support images and masks")
     _add_model_args(predict)
+    predict.set_defaults(config=None)  # small in-process; with --url only given to check the server's model
     predict.add_argument("--support", action="append", required=True, help="support image (repeat for K shots)")
     predict.add_argument(
         "--support-mask",
         action="append",
         required=True,
-        help="support mask PNG, 0 = background, 1 = foreground, 255 = ignore (one per --support)",
+        help="support mask PNG (one per --support): 0 = background, 1 = foreground, 255 = ignore; or two "
+        "values 0/k (e.g. 0/255 as predict writes): k = foreground",
     )
     predict.add_argument("--query", required=True, help="query image")
     predict.add_argument("--out", required=True, help="output mask PNG (an overlay PNG is written beside it)")
-    predict.add_argument("--url", help="run on a Triton server (host:port) instead of in-process eager PyTorch")
+    predict.add_argument("--url", help="run on a Triton server (host:port) instead of in-process eager PyTorch; "
+                         "the served model is fixed (no --checkpoint, --num-refine, --refine-version, --scma-mode, --seed)")
     predict.add_argument("--protocol", default="grpc", choices=["grpc", "http"], help="with --url: gRPC (8001) or HTTP (8000)")
     predict.set_defaults(func=cmd_predict)
 
@@ -203,6 +260,9 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch", type=int, default=1, help="episodes per call")
     compare.add_argument("--episode-seed", type=int, default=2024)
     compare.add_argument("--json", help="also write the report as JSON here")
+    compare.add_argument("--checkpoint", action="append",
+                         help="a checkpoint the export was made from (repeat the flag); its sha256 must match the "
+                              "manifest's. Needed for exports of checkpoints, not for random-init exports")
     compare.set_defaults(func=cmd_compare)
 
     from fssam.bench.commands import register as register_bench

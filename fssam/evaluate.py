@@ -257,7 +257,7 @@ def _check_manifest(args, manifest: dict, folder: str) -> tuple[str, bool]:
         line = weights["note"]
     else:
         line = "weights: " + ", ".join(
-            f"{e['format']} checkpoint {e['path']} (sha256 {e['sha256'][:12]})" for e in weights["checkpoints"]
+            f"{e['format']} checkpoint {e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in weights["checkpoints"]
         )
     if random_init and "RANDOM" not in line.upper():
         line = f"RANDOM-INIT export ({weights['source']}): outputs are not meaningful"

@@ -1,18 +1,188 @@
-"""Writing outputs so that nothing half-written is ever left at the destination."""
+"""Writing outputs so that nothing half-written is ever left at the destination, and nothing of the
+user's is ever replaced.
+
+- `check_replaceable`: a destination folder is replaced only when it is a complete earlier output
+  of the same command (the caller says which files and folders that output owns).
+- `partial_folder`: the `.<name>.partial-*` temporary folder beside the destination; it is removed
+  on success, on error, on Ctrl-C, SIGTERM and SIGHUP (the process then exits 128 + signal), and a
+  leftover one of a killed run is removed by the next run for the same destination.
+- `replace_folder`: the finished folder moved into place, with the user's umask as its mode.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+from typing import Callable, Iterator
+
+from fssam.errors import InputError
+
+OWNER = ".fssam-partial"  # in a partial folder while it is written: the pid of the writing process
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_MAX_LISTED = 5
+_MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile's random names
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+
+
+def check_replaceable(
+    out: str,
+    what: str,
+    owned: Callable[[str], tuple[set, set]],
+    error: type[Exception] = InputError,
+) -> None:
+    """Refuse (raise `error`, touching nothing) unless `out` is absent, an empty folder, or a complete
+    earlier output. `what`: e.g. "an fssam export folder". `owned(out)` returns (files, trees): the
+    relative paths of the files that output consists of and the top-level folders it owns whole; it
+    raises ValueError with the reason when `out` is not such an output at all."""
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise error(f"{out!r} exists and is not {what} (it is {'a link' if os.path.islink(out) else 'a file'}): "
+                    "refusing to replace it")
+    if not os.listdir(out):
+        return
+    try:
+        files, trees = owned(out)
+    except ValueError as reason:
+        raise error(f"{out!r} exists and is not {what} ({reason}): refusing to replace it; nothing in it was touched") from None
+    files = {os.path.normpath(f) for f in files}
+    folders = {os.path.dirname(f) for f in files}  # the folders listed files are in, and theirs
+    for folder in list(folders):
+        while folder:
+            folder = os.path.dirname(folder)
+            folders.add(folder)
+    extra = []
+    for root, dirs, names in os.walk(out):
+        rel = os.path.relpath(root, out)
+        walk = []
+        for name in dirs:
+            path = os.path.normpath(os.path.join(rel, name))
+            if rel == "." and name in trees and not os.path.islink(os.path.join(root, name)):
+                continue  # owned whole
+            if path in folders and not os.path.islink(os.path.join(root, name)):
+                walk.append(name)
+            else:
+                extra.append(path)  # a folder of someone else's (links are never followed)
+        dirs[:] = walk
+        for name in names:
+            path = os.path.normpath(os.path.join(rel, name))
+            if path not in files:
+                extra.append(path)
+    if extra:
+        raise error(f"{out!r} exists and is not {what}: it also holds {_listing(sorted(extra))}, which its "
+                    "description does not list: refusing to replace it; nothing in it was touched")
+
+
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def replace_folder(tmp: str, out: str) -> None:
-    """Move a finished temporary folder to `out` (same file system), replacing an earlier one there."""
-    if os.path.exists(out):
-        backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(backup, "previous"))
-        os.rename(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    """Move a finished temporary folder to `out` (same file system), replacing an earlier one there.
+    The folder gets the mode the user's umask gives new folders (mkdtemp makes them 0700); the
+    clean-up signals wait until the move is done, so it is never half-done."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(tmp, OWNER))
+    os.chmod(tmp, 0o777 & ~umask())
+    blocked = set(CLEANUP_SIGNALS) | {signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        if os.path.exists(out):
+            backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
+            os.rename(out, os.path.join(backup, "previous"))
+            os.rename(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(out: str, markers: tuple[str, ...] = ()) -> list[str]:
+    """Remove `.<name>.partial-*` folders beside `out` that killed runs left: only folders named
+    exactly so, and only when they look like ours (empty, or holding the owner file of a process
+    that is gone, or one of `markers`). Returns the removed paths."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    pattern = re.compile(re.escape(f".{name}.partial-") + _MKDTEMP_SUFFIX)
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        path = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            content = os.listdir(path)
+            owner = os.path.join(path, OWNER)
+            if OWNER in content:
+                with open(owner) as handle:
+                    text = handle.read().strip()
+                if text.isdigit() and _alive(int(text)):
+                    continue  # another run is writing it right now
+            elif content and not any(marker in content for marker in markers):
+                continue  # not recognisably ours
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+class _Signalled(SystemExit):
+    """Raised in the main thread by SIGTERM / SIGHUP inside `partial_folder`: exit status 128 + signal."""
+
+
+@contextlib.contextmanager
+def partial_folder(out: str, markers: tuple[str, ...] = ()) -> Iterator[str]:
+    """A new temporary folder `.<name>.partial-*` beside `out` (after removing leftovers of killed
+    runs). On leaving the block it is removed if still there (so after `replace_folder` nothing
+    remains); SIGTERM and SIGHUP remove it too and end the process with status 128 + signal."""
+    remove_leftovers(out, markers)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    previous = {}
+    try:
+        with open(os.path.join(tmp, OWNER), "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        if threading.current_thread() is threading.main_thread():
+
+            def handler(signum, frame):
+                for number in CLEANUP_SIGNALS:  # a second signal must not interrupt the clean-up
+                    signal.signal(number, signal.SIG_IGN)
+                raise _Signalled(128 + signum)
+
+            for number in CLEANUP_SIGNALS:
+                previous[number] = signal.signal(number, handler)
+        yield tmp
+    finally:
+        try:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            for number, old in previous.items():
+                signal.signal(number, old)

@@ -1,5 +1,6 @@
 """Write a synthetic 1-shot episode (support.jpg/png, query.jpg) into a folder: a textured disc on noise."""
 
+import os
 import sys
 
 import cv2
@@ -15,14 +16,37 @@ def scene(rng, height, width, center, radius):
     return image, mask
 
 
+class EpisodeError(Exception):
+    pass
+
+
+def _write(path, array):
+    try:
+        written = cv2.imwrite(path, array)
+    except cv2.error as error:
+        raise EpisodeError(f"cannot write {path!r}: {' '.join(str(error).split())}") from None
+    if not written:
+        raise EpisodeError(f"cannot write {path!r} (cv2.imwrite failed: no permission, disk full or bad name?)")
+
+
 def main(folder):
+    if not os.path.isdir(folder):
+        raise EpisodeError(f"folder {folder!r} does not exist (create it first)")
     rng = np.random.default_rng(0)
     support, support_mask = scene(rng, 375, 500, (220, 180), 90)
     query, _ = scene(rng, 333, 480, (300, 150), 70)
-    cv2.imwrite(f"{folder}/support.jpg", cv2.cvtColor(support, cv2.COLOR_RGB2BGR))
-    cv2.imwrite(f"{folder}/support.png", support_mask)
-    cv2.imwrite(f"{folder}/query.jpg", cv2.cvtColor(query, cv2.COLOR_RGB2BGR))
+    _write(os.path.join(folder, "support.jpg"), cv2.cvtColor(support, cv2.COLOR_RGB2BGR))
+    _write(os.path.join(folder, "support.png"), support_mask)
+    _write(os.path.join(folder, "query.jpg"), cv2.cvtColor(query, cv2.COLOR_RGB2BGR))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) != 2:
+        print("usage: make_episode.py DIR (an existing folder; writes support.jpg, support.png, query.jpg)",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        main(sys.argv[1])
+    except EpisodeError as error:
+        print(f"make_episode.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

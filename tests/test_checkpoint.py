@@ -145,3 +145,37 @@ def test_unknown_config_and_options():
         build("tiny", scma_mode="fancy")
     with pytest.raises(ConfigError, match="refine_version"):
         build("tiny", refine_version="v9")
+
+
+@pytest.mark.parametrize("defect", ["int", "nan", "inf"])
+def test_non_tensor_and_non_finite_values_are_refused(tmp_path, source, defect):
+    path = str(tmp_path / "bad.pth")
+    state = fssam_file(source, path, prefix="")
+    if defect == "int":
+        state["sam2.no_obj_ptr"] = 3
+        match = r"not tensors where tensors are expected: sam2\.no_obj_ptr \(int\) \(1 in all\)"
+    else:
+        state["sam2.no_obj_ptr"] = state["sam2.no_obj_ptr"].clone()
+        state["sam2.no_obj_ptr"].view(-1)[0] = float(defect)
+        match = r"NaN or Inf values: sam2\.no_obj_ptr \(1 in all\)"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=match) as info:
+        build("tiny", checkpoint=path)
+    assert path in str(info.value)
+
+
+def test_many_bad_keys_are_counted(tmp_path, source):
+    path = str(tmp_path / "nan.pth")
+    torch.save({"model": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                          for k, v in source.sam2.state_dict().items()}}, path)
+    with pytest.raises(CheckpointError, match=r"NaN or Inf values: .*, \.\.\. \(\d+ in all\)"):
+        build("tiny", checkpoint=path)
+
+
+def test_loaded_checkpoint_is_recorded_by_name_and_hash(tmp_path, source):
+    path = tmp_path / "fssam.pth"
+    fssam_file(source, str(path))
+    model = build("tiny", checkpoint=str(path))
+    assert [set(e) for e in model.checkpoints] == [{"file", "format", "sha256"}]
+    assert model.checkpoints[0]["file"] == "fssam.pth"
+    assert str(tmp_path) not in describe_weights(model)

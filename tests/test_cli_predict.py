@@ -56,9 +56,15 @@ def _bad_case(folder, pairs, query, case):
         bad = folder / "values.png"
         Image.fromarray(np.full((90, 120), 7, np.uint8)).save(bad)
         return ["--support", image, "--support-mask", str(bad)], "has values 7"
-    if case == "empty":
-        empty_image, empty_mask = _write_pair(folder, "empty", 90, 120, seed=3, foreground=False)
-        return ["--support", empty_image, "--support-mask", empty_mask], "is empty"
+    if case == "empty":  # all background (a 0/255 mask is 0 = background, 255 = foreground)
+        empty_image, _ = _write_pair(folder, "empty", 90, 120, seed=3, foreground=False)
+        empty_mask = folder / "empty_zeros.png"
+        Image.fromarray(np.zeros((90, 120), np.uint8)).save(empty_mask)
+        return ["--support", empty_image, "--support-mask", str(empty_mask)], "is empty"
+    if case == "ignore-only":
+        ignore_mask = folder / "ignore_only.png"
+        Image.fromarray(np.full((90, 120), 255, np.uint8)).save(ignore_mask)
+        return ["--support", image, "--support-mask", str(ignore_mask)], "is empty"
     if case == "size":
         return ["--support", pairs[1][0], "--support-mask", mask], "but its image is"
     if case == "unreadable":
@@ -72,7 +78,7 @@ def _bad_case(folder, pairs, query, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["values", "empty", "size", "unreadable", "missing", "unpaired"])
+@pytest.mark.parametrize("case", ["values", "empty", "ignore-only", "size", "unreadable", "missing", "unpaired"])
 def test_bad_input_gives_one_error_line(episode, case):
     folder, pairs, query = episode
     args, message = _bad_case(folder, pairs, query, case)

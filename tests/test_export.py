@@ -328,3 +328,71 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     with pytest.raises(ExportError, match="not an fssam export folder"):
         export("tiny", out=str(tmp_path / "precious"), progress=False)
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "do not delete"
+
+
+def _machine_roots():
+    import site
+
+    import fssam
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(fssam.__file__)))
+    return [r for r in {repo, *site.getsitepackages(), sys.prefix} if r and r != "/"]
+
+
+def test_onnx_files_carry_no_machine_path(artifacts):
+    out, manifest = artifacts
+    roots = _machine_roots()
+
+    def strings(model):
+        yield model.doc_string
+        yield model.graph.doc_string
+        yield from (p.value for p in model.metadata_props)
+        graphs = [model.graph]
+        nodes = [n for f in model.functions for n in f.node]
+        while graphs:
+            graph = graphs.pop()
+            for item in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+                yield item.doc_string
+                yield from (p.value for p in item.metadata_props)
+            for node in graph.node:
+                nodes.append(node)
+                graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+        for node in nodes:
+            yield node.doc_string
+            yield from (p.key + p.value for p in node.metadata_props)
+
+    files = [name for name in os.listdir(out) if name.endswith(".onnx")]
+    assert len(files) == len(STAGE_ORDER)
+    for name in files:
+        model = onnx.load(os.path.join(out, name))
+        found = [s for s in strings(model) if any(root in s for root in roots) or "stack_trace" in s]
+        assert not found, (name, found[:2])
+        assert any(len(n.metadata_props) for n in model.graph.node)  # other exporter metadata is kept
+        raw = open(os.path.join(out, name), "rb").read()
+        assert not any(root.encode() in raw for root in roots), name
+    text = open(os.path.join(out, "manifest.json")).read()
+    assert not any(root in text for root in roots)
+
+
+def test_checkpoint_export_records_name_and_hash_and_compare_needs_it(tmp_path, capsys):
+    from fssam.cli import main
+    from fssam.model.checkpoint import file_sha256, save_fssam_checkpoint
+
+    checkpoint = tmp_path / "weights" / "fssam_tiny.pth"
+    checkpoint.parent.mkdir()
+    save_fssam_checkpoint(build("tiny", seed=3), str(checkpoint))
+    out = tmp_path / "exp"
+    manifest = export("tiny", out=str(out), checkpoint=str(checkpoint), progress=False)
+    entries = load_manifest(str(out))["weights"]["checkpoints"]
+    assert entries == [{"file": "fssam_tiny.pth", "format": "fssam", "sha256": file_sha256(str(checkpoint))}]
+    assert manifest["weights"]["source"] == "checkpoint"
+    assert str(tmp_path) not in (out / "manifest.json").read_text()
+    capsys.readouterr()
+    assert main(["compare", "--artifacts", str(out)]) == 1
+    assert "made from checkpoint(s) fssam_tiny.pth" in capsys.readouterr().err
+    other = tmp_path / "other.pth"
+    save_fssam_checkpoint(build("tiny", seed=4), str(other))
+    assert main(["compare", "--artifacts", str(out), "--checkpoint", str(other)]) == 1
+    assert "not among the checkpoints" in capsys.readouterr().err
+    assert main(["compare", "--artifacts", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert "PASSED" in capsys.readouterr().out

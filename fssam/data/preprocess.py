@@ -1,13 +1,15 @@
 """Reading and preprocessing images and masks as the official FSSAM test does.
 
 Images: RGB, float 0..255, resized to S x S with cv2 INTER_LINEAR. Masks: 0 background,
-1 foreground, 255 ignore; resized with INTER_NEAREST. Predicted logits go back to the
+1 foreground, 255 ignore (or two values 0/k: k foreground, see `check_mask`); resized with
+INTER_NEAREST. Predicted logits go back to the
 original size with bilinear (align_corners=True) before the 0.5 sigmoid threshold.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -21,10 +23,52 @@ IGNORE = 255
 MAX_IMAGE_SIDE = 8192
 
 
+def _too_large(kind: str, path: str, width, height) -> InputError:
+    size = f"{width}x{height}" if width is not None else "too large"
+    return InputError(
+        f"{kind} {path!r} is {size} by its file header, larger than {MAX_IMAGE_SIDE} px a side: "
+        f"downscale it first"
+    )
+
+
+def _png_header_size(path: str):
+    """(width, height) from a PNG IHDR chunk, or (None, None) when the file is not a PNG."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+    except OSError:
+        return None, None
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None, None
+
+
+def _open_checked(path: str, kind: str):
+    """PIL image opened lazily (header only, nothing decoded), its size checked against
+    MAX_IMAGE_SIDE; None when PIL does not know the format. The caller closes it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise _too_large(kind, path, *_png_header_size(path)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    width, height = image.size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        image.close()
+        raise _too_large(kind, path, width, height)
+    return image
+
+
 def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; InputError for missing or unreadable files."""
+    """(H, W, 3) uint8 RGB; InputError for missing, unreadable or too large files (the size is
+    checked from the file header before anything is decoded)."""
     if not os.path.isfile(path):
         raise InputError(f"image {path!r} does not exist")
+    header = _open_checked(path, "image")
+    if header is not None:
+        header.close()
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
@@ -34,38 +78,89 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+ACCEPTED_MASKS = (
+    "expected 0 (background), 1 (foreground), 255 (ignore), or exactly two values 0 and one other "
+    "(0 = background, the other = foreground, e.g. 0/255)"
+)
+
+
+def _is_binary_mask(values) -> bool:
+    """Whether sorted unique `values` read unambiguously as a mask (see `check_mask`)."""
+    values = [int(v) for v in values]
+    if 1 in values:
+        return set(values) <= {0, 1, IGNORE}
+    return len(values) == 2 and values[0] == 0
+
+
+def _pick_channel(channels) -> np.ndarray:
+    """The first channel that reads as a mask; else the first one that varies; else the first."""
+    uniques = [np.unique(channel) for channel in channels]
+    for channel, values in zip(channels, uniques):
+        if _is_binary_mask(values):
+            return channel
+    for channel, values in zip(channels, uniques):
+        if len(values) > 1:
+            return channel
+    return channels[0]
+
+
 def read_mask(path: str) -> np.ndarray:
-    """(H, W) int64 label values; palette PNGs give their indices. InputError if unreadable."""
+    """(H, W) int64 label values of a mask file; InputError if missing, unreadable or too large.
+
+    Single-channel images give their values (16-bit PNGs included); palette ("P") PNGs their
+    indices; LA the L channel when it reads as a mask, else the alpha channel; RGB(A) the grey
+    channel (a colour image is an error), or alpha when alpha is the only information."""
     if not os.path.isfile(path):
         raise InputError(f"mask {path!r} does not exist")
+    image = _open_checked(path, "mask")
+    if image is None:
+        raise InputError(f"mask {path!r} cannot be decoded (corrupt or not an image)")
     try:
-        with Image.open(path) as image:
+        with image:
             image.load()
-            if image.mode in ("RGB", "RGBA"):
-                array = np.asarray(image)[..., :3]
-                if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-                    raise InputError(f"mask {path!r} is a colour image: expected a single-channel label image")
-                return array[..., 0].copy()
-            return np.asarray(image).astype(np.int64)  # mode '1' gives 0/1, 'L'/'P' their values
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"mask {path!r} cannot be decoded: {error}") from None
+            mode = image.mode
+            array = np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise InputError(f"mask {path!r} cannot be decoded: {message}") from None
+    if mode in ("LA", "La", "PA"):
+        return _pick_channel([array[..., 0], array[..., 1]]).astype(np.int64)
+    if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+        rgb = array[..., :3]
+        grey = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        alpha = array[..., 3] if mode in ("RGBA", "RGBa") else None
+        if not grey:
+            raise InputError(f"mask {path!r} is a colour image: expected a single-channel label image")
+        channels = [rgb[..., 0]] + ([alpha] if alpha is not None and (alpha != 255).any() else [])
+        return _pick_channel(channels).astype(np.int64)
+    if array.ndim != 2:
+        raise InputError(f"mask {path!r} has {array.shape[-1]} channels (mode {mode}): expected a single-channel label image")
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(f"mask {path!r} has non-integer values (mode {mode}): expected integer labels")
+    return array.astype(np.int64)  # mode '1' gives 0/1, 'L'/'P'/'I;16' their values
 
 
 def check_mask(mask: np.ndarray, name: str, image_shape=None) -> np.ndarray:
-    """Validate a support mask: values in {0, 1, 255}, some foreground, same size as its image."""
-    values = np.unique(mask)
-    bad = [int(v) for v in values if v not in (0, 1, IGNORE)]
-    if bad:
-        shown = ", ".join(str(v) for v in bad[:8])
-        raise InputError(f"mask {name!r} has values {shown}: expected 0 (background), 1 (foreground), 255 (ignore)")
-    if not (mask == 1).any():
+    """Validate a support mask and return it as uint8 0/1/255.
+
+    Accepted: values in {0, 1, 255} with some 1 (0 background, 1 foreground, 255 ignore); or,
+    with no 1, exactly two values one of which is 0: 0 = background, the other = foreground
+    (0/255 as `fssam predict` writes, 0/65535 16-bit, 0/k). It must match its image's size."""
+    values = [int(v) for v in np.unique(mask)]
+    if values in ([0], [IGNORE]):
         raise InputError(
-            f"mask {name!r} is empty: it has no foreground pixel (value 1; 255 means ignore, not foreground)"
+            f"mask {name!r} is empty: it has no foreground pixel (value 1; 255 alone means ignore, not foreground)"
         )
+    if not _is_binary_mask(values):
+        shown = ", ".join(str(v) for v in values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+        raise InputError(f"mask {name!r} has values {shown}: {ACCEPTED_MASKS}")
     if image_shape is not None and tuple(mask.shape[:2]) != tuple(image_shape[:2]):
         raise InputError(
             f"mask {name!r} is {mask.shape[1]}x{mask.shape[0]} but its image is {image_shape[1]}x{image_shape[0]}"
         )
+    if 1 not in values:  # two-valued 0/k: k is the foreground
+        return (mask != 0).astype(np.uint8)
     return mask.astype(np.uint8)
 
 

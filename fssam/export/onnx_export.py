@@ -12,8 +12,8 @@ import datetime
 import io
 import logging
 import os
-import shutil
-import tempfile
+import site
+import sys
 import warnings
 
 import torch
@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import fssam
 from fssam.errors import FSSAMError, InputError
-from fssam.files import replace_folder
-from fssam.runtime.manifest import FORMAT, write_manifest
+from fssam.files import check_replaceable, partial_folder, replace_folder
+from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
 from fssam.export.stages import STAGE_MODULES
 from fssam.runtime.contract import BATCH, STAGE_ORDER, stage_specs
@@ -77,6 +77,61 @@ def export_stage(model, name: str, example_args: tuple, spec, path: str) -> None
         except Exception as error:  # the exporter raises many types; name the stage
             raise ExportError(f"stage {name}: ONNX export failed: {str(error).splitlines()[0]}\n{sink.getvalue()[-2000:]}") from error
         program.save(path)  # weights go to external data only past the 2 GB protobuf limit
+    strip_machine_paths(path)
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the exporter's per-node Python stack: source paths of this machine
+
+
+def machine_paths() -> list[str]:
+    """Folders of this machine that must not appear in a shipped file: the repository, Python's
+    prefixes and site-packages, the home and working folders."""
+    roots = {os.path.dirname(os.path.dirname(os.path.abspath(fssam.__file__))), sys.prefix, sys.base_prefix,
+             sys.exec_prefix, os.path.expanduser("~"), os.getcwd(), *site.getsitepackages()}
+    with contextlib.suppress(Exception):
+        roots.add(site.getusersitepackages())
+    return sorted(r for r in roots if r and r != os.sep)
+
+
+def strip_machine_paths(path: str) -> None:
+    """Drop the exporter's stack traces, and any doc string or metadata value naming a folder of
+    this machine, from the ONNX file at `path` (external weights, if any, are left as they are)."""
+    import onnx
+
+    roots = machine_paths()
+    model = onnx.load(path, load_external_data=False)
+
+    def clean(owner):
+        if any(root in owner.doc_string for root in roots):
+            owner.doc_string = ""
+        if hasattr(owner, "metadata_props"):
+            keep = [(p.key, p.value) for p in owner.metadata_props
+                    if p.key != STACK_TRACE and not any(root in p.value for root in roots)]
+            if len(keep) != len(owner.metadata_props):
+                del owner.metadata_props[:]
+                for key, value in keep:
+                    owner.metadata_props.add(key=key, value=value)
+
+    def graph(g):
+        clean(g)
+        for group in (g.input, g.output, g.value_info, g.initializer):
+            for item in group:
+                clean(item)
+        for node in g.node:
+            clean(node)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graph(attribute.g)
+                for sub in attribute.graphs:
+                    graph(sub)
+
+    clean(model)
+    graph(model.graph)
+    for function in model.functions:
+        clean(function)
+        for node in function.node:
+            clean(node)
+    onnx.save(model, path)
 
 
 def _check_onnx(path: str, runnable: bool = True) -> None:
@@ -110,12 +165,25 @@ def _weights_entry(model) -> dict:
     return {"source": "checkpoint", "checkpoints": model.checkpoints}
 
 
+def _export_owned(out: str) -> tuple[set, set]:
+    """(files, folders) of the complete export at `out`: manifest.json, every file its manifest lists
+    (all present with their sha256), and the calibration/ and openvino/ folders an OpenVINO export writes."""
+    try:
+        manifest = load_manifest(out)
+    except InputError as error:
+        raise ValueError(str(error)) from None
+    files = {MANIFEST} | {entry["file"] for where, entry in listed_files(manifest) if not where.startswith("weights")}
+    folders = set()
+    if "openvino" in manifest:
+        from fssam.export.openvino import IR_FOLDER
+
+        folders = {"calibration", IR_FOLDER}
+    return files, folders
+
+
 def _check_destination(out: str) -> None:
-    """An earlier export at `out` may be replaced; any other non-empty folder may not."""
-    if os.path.isfile(out) or (
-        os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "manifest.json"))
-    ):
-        raise ExportError(f"{out!r} exists and is not an fssam export folder: refusing to overwrite it")
+    """An earlier complete export at `out` may be replaced; anything else may not."""
+    check_replaceable(out, "an fssam export folder", _export_owned, error=ExportError)
 
 
 def export(
@@ -171,8 +239,7 @@ def export(
     dtype = DTYPES[precision]
     export_model = model if dtype == torch.float32 else copy.deepcopy(model).to_dtype(dtype)
     specs = stage_specs(model.config, shots, dtype=str(dtype).replace("torch.", ""))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
+    with partial_folder(out, markers=(MANIFEST,)) as tmp:
         bar = tqdm(total=len(STAGE_ORDER) + 1 + (len(STAGE_ORDER) if tensorrt else 0) + len(openvino), disable=not progress,
                    desc="export", unit="step")
         examples = _examples(export_model, shots, dtype)
@@ -233,6 +300,3 @@ def export(
         _check_destination(out)
         replace_folder(tmp, out)
         return manifest
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)

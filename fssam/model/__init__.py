@@ -28,7 +28,7 @@ def build(config: str | FSSAMConfig = "small", checkpoint=None, seed: int = 0, *
     paths = [] if checkpoint is None else [checkpoint] if isinstance(checkpoint, (str, bytes)) else list(checkpoint)
     loaded = [load_checkpoint(model, str(path)) for path in paths]
     covered = {entry["format"] for entry in loaded}
-    model.checkpoints = loaded
+    model.checkpoints = loaded  # {"file" (name only), "format", "sha256"}: what a manifest records
     if "fssam" in covered or {"sam2", "dinov2"} <= covered:
         model.random_init_seed = None
     else:
@@ -39,7 +39,7 @@ def build(config: str | FSSAMConfig = "small", checkpoint=None, seed: int = 0, *
 
 def describe_weights(model: FSSAM) -> str:
     """One line saying where the weights come from; random weights are never presented as trained."""
-    parts = [f"{entry['format']} checkpoint {entry['path']} (sha256 {entry['sha256'][:12]})" for entry in model.checkpoints]
+    parts = [f"{entry['format']} checkpoint {entry['file']} (sha256 {entry['sha256'][:12]})" for entry in model.checkpoints]
     if model.random_init_seed is not None:
         untouched = "all weights" if not parts else "weights not covered by " + ", ".join(parts)
         return f"RANDOM-INIT model (seed {model.random_init_seed}): {untouched} are untrained; outputs are not meaningful"

@@ -73,15 +73,38 @@ def _to_model_keys(obj: dict, kind: str, model: nn.Module) -> tuple[dict, str]:
     return {"dino." + k: v for k, v in convert_dinov2_state_dict(_strip_module(obj), grid).items()}, "dino."
 
 
+def _raw_state(obj: dict, kind: str) -> dict:
+    """The file's own state dict (before key conversion) of a checkpoint in format `kind`."""
+    return obj["state_dict"] if kind == "fssam" else obj["model"] if kind == "sam2" else obj
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else f" ({len(keys)} in all)")
+
+
+def _check_values(path: str, state: dict) -> None:
+    """Every value a tensor, every floating tensor finite: one CheckpointError naming the keys."""
+    not_tensors = sorted(f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"checkpoint {path!r} holds values that are not tensors where tensors are expected: "
+                              f"{_listed(not_tensors)}")
+    non_finite = sorted(str(k) for k, v in state.items()
+                        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise CheckpointError(f"checkpoint {path!r} holds tensors with NaN or Inf values: {_listed(non_finite)}")
+
+
 def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dict:
-    """Load `path` into `model` strictly. Returns {"path", "format", "sha256"}."""
+    """Load `path` into `model` strictly. Returns {"file" (the file name, no folder), "format", "sha256"}."""
     obj = read_checkpoint(path)
     found = detect_format(obj)
     if kind is not None and kind != found:
         raise CheckpointError(f"checkpoint {path!r} is in {found!r} format, but {kind!r} was asked for")
+    _check_values(path, _raw_state(obj, found))
     try:
         state, prefix = _to_model_keys(obj, found, model)
-    except ValueError as error:
+    except (ValueError, TypeError, AttributeError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path!r}: {error}") from None
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     problems = []
@@ -101,7 +124,7 @@ def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dic
             f"checkpoint {path!r} ({found} format) does not fit config {model.config.name!r}: " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=(prefix == ""))
-    return {"path": os.path.abspath(path), "format": found, "sha256": file_sha256(path)}
+    return {"file": os.path.basename(path), "format": found, "sha256": file_sha256(path)}
 
 
 def save_fssam_checkpoint(model: nn.Module, path: str) -> None:

@@ -55,8 +55,22 @@ class RemoteFSSAM:
             kwargs = {"connection_timeout": timeout, "network_timeout": timeout} if timeout else {}
             self.client = module.InferenceServerClient(self.address, **kwargs)
 
+    def _unreachable(self, error) -> ServingError:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, ConnectionRefusedError):
+            detail = "connection refused"
+        return ServingError(
+            f"cannot reach the Triton server at {self.address} ({self.protocol}): {detail}; "
+            f"is it running and is {self.address} its {self.protocol} endpoint?"
+        )
+
     def _raise(self, error) -> None:
+        status = error.status() if hasattr(error, "status") and callable(error.status) else None
         message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+        if str(status).endswith("UNAVAILABLE") and re.search(r"connect|resolv|unreachable|socket", str(message), re.I):
+            detail = "connection refused" if "refused" in str(message).lower() else \
+                "unreachable (" + " ".join(str(message).split())[:160] + ")"
+            raise self._unreachable(detail) from None  # gRPC: nothing listening there
         message = re.sub(r"^\[request id: [^\]]*\]\s*", "", str(message or error)).split(" NOTE: ", 1)[0]
         message = " ".join(message.split())  # one line for the CLI
         raise ServingError(f"server {self.address} ({self.protocol}): {message}") from None
@@ -84,7 +98,7 @@ class RemoteFSSAM:
         except InferenceServerException as error:
             self._raise(error)
         except Exception as error:  # connection refused, DNS, timeouts of the transport
-            raise ServingError(f"cannot reach the Triton server at {self.address} ({self.protocol}): {error}") from None
+            raise self._unreachable(error) from None
         logits = torch.from_numpy(np.array(result.as_numpy("logits"), copy=True))
         cached = result.as_numpy("support_cached")
         cached = torch.from_numpy(np.array(cached, copy=True)).reshape(-1).bool() if cached is not None else None
@@ -99,6 +113,8 @@ class RemoteFSSAM:
                 self.client.get_model_metadata(self.model)
         except InferenceServerException as error:
             self._raise(error)
+        except Exception as error:  # connection refused, DNS, timeouts of the transport
+            raise self._unreachable(error) from None
         return meta
 
     def ready(self) -> bool:

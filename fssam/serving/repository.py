@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -31,7 +30,7 @@ from fssam.errors import ConfigError, InputError
 from fssam.runtime.manifest import load_manifest
 from fssam.runtime.contract import STAGE_ORDER
 from fssam.runtime.runners import openvino as ov_runner
-from fssam.files import replace_folder
+from fssam.files import check_replaceable, partial_folder, replace_folder
 from fssam.serving import PIPELINE_MODEL
 
 BACKENDS = ("python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
@@ -106,15 +105,34 @@ def _stage_io(entries: list, batch_dim: bool = False) -> list:
     return out
 
 
+REPOSITORY_FORMAT = "fssam-triton-repository/1"
+
+
+def _repository_owned(out: str) -> tuple[set, set]:
+    """(files, folders) of the complete repository at `out`: its marker and the models it lists."""
+    path = os.path.join(out, MARKER)
+    if not os.path.isfile(path):
+        raise ValueError(f"no {MARKER}")
+    try:
+        with open(path) as handle:
+            description = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{MARKER} is not readable JSON: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != REPOSITORY_FORMAT:
+        raise ValueError(f"{MARKER} is not an {REPOSITORY_FORMAT} description")
+    models = description.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, str) and m and os.sep not in m and m not in (".", "..")
+                                               for m in models):
+        raise ValueError(f"{MARKER} lists no models")
+    return {MARKER}, set(models)
+
+
 def _prepare_out(out: str) -> str:
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise InputError(f"output parent folder {parent!r} does not exist")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)) and (
-        not os.path.isdir(out) or os.listdir(out)
-    ):
-        raise InputError(f"{out!r} exists and is not an fssam model repository: refusing to overwrite it")
+    check_replaceable(out, "an fssam model repository", _repository_owned)
     return out
 
 
@@ -256,8 +274,7 @@ def write_repository(
     precision = _precision(manifest, stage_backend, precision)
     plan = _plan(manifest, stage_backend, precision)
     out = _prepare_out(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    try:
+    with partial_folder(out, markers=(MARKER,)) as tmp:
         stages = _write_stages(tmp, artifacts, manifest, stage_backend, plan, stage_instances, threads)
         stage_max = min(entry["max_batch"] for entry in stages.values())
         size, shots = int(manifest["config"]["image_size"]), int(manifest["shots"])
@@ -287,7 +304,7 @@ def write_repository(
         with open(os.path.join(tmp, PIPELINE_MODEL, "config.pbtxt"), "w") as handle:
             handle.write(text)
         description = {
-            "format": "fssam-triton-repository/1",
+            "format": REPOSITORY_FORMAT,
             "artifacts": os.path.abspath(artifacts),
             "stage_backend": stage_backend,
             "stage_precision": precision,
@@ -304,11 +321,9 @@ def write_repository(
         }
         with open(os.path.join(tmp, MARKER), "w") as handle:
             json.dump(description, handle, indent=2)
+        _prepare_out(out)  # still replaceable now that the new one is complete
         replace_folder(tmp, out)
         return description
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_warmup(folder: str, size: int, shots: int) -> dict:

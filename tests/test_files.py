@@ -1,0 +1,191 @@
+"""Destinations: only complete fssam outputs are replaced; signals and killed runs leave nothing; umask kept."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fssam.errors import InputError
+from fssam.export import ExportError, export, load_manifest
+from fssam.files import OWNER, partial_folder, remove_leftovers
+from fssam.serving.repository import MARKER, write_repository
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def _copy_export(tiny_artifacts, dest):
+    shutil.copytree(tiny_artifacts[0], dest)
+    return str(dest)
+
+
+def test_export_refuses_an_empty_manifest_and_a_user_file(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError) as info:
+        export("tiny", out=str(out), progress=False)
+    message = str(info.value)
+    assert str(out) in message and "not an fssam export folder" in message and "refusing" in message
+    assert _snapshot(out) == {"manifest.json": b"{}", "notes.txt": b"mine"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_export_refuses_a_valid_export_with_an_extra_user_file(tiny_artifacts, tmp_path):
+    out = _copy_export(tiny_artifacts, tmp_path / "out")
+    with open(os.path.join(out, "results.csv"), "w") as handle:
+        handle.write("precious")
+    before = _snapshot(out)
+    with pytest.raises(ExportError, match=r"not an fssam export folder: it also holds results\.csv") as info:
+        export("tiny", out=out, progress=False)
+    assert out in str(info.value)
+    assert _snapshot(out) == before
+    os.makedirs(os.path.join(out, "mine"))  # a user folder (even empty) is not the export's either
+    os.remove(os.path.join(out, "results.csv"))
+    with pytest.raises(ExportError, match="it also holds mine"):
+        export("tiny", out=out, progress=False)
+
+
+def test_export_refuses_a_tampered_export(tiny_artifacts, tmp_path):
+    out = _copy_export(tiny_artifacts, tmp_path / "out")
+    with open(os.path.join(out, "prior.onnx"), "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ExportError, match="does not match its sha256"):
+        export("tiny", out=out, progress=False)
+
+
+def test_reexport_replaces_its_own_export_keeps_umask_and_removes_leftovers(tiny_artifacts, tmp_path, umask_022):
+    out = _copy_export(tiny_artifacts, tmp_path / "out")
+    old = load_manifest(out)
+    leftover = tmp_path / ".out.partial-abcd1234"  # a SIGKILLed run's folder: onnx files and its owner file
+    leftover.mkdir()
+    (leftover / "prior.onnx").write_bytes(b"x")
+    (leftover / OWNER).write_text("999999999\n")
+    manifest = export("tiny", out=out, progress=False, seed=1)
+    assert load_manifest(out)["weights"]["source"] == "random-init seed 1" != old["weights"]["source"]
+    assert manifest["weights"]["source"] == "random-init seed 1"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert OWNER not in os.listdir(out)
+
+
+def _repository(tiny_artifacts, out):
+    return write_repository(tiny_artifacts[0], str(out))
+
+
+def test_repository_refuses_a_bogus_marker_and_a_user_file(tiny_artifacts, tmp_path):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"format": "something-else"}))
+    (out / "model.py").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(InputError, match="not an fssam model repository") as info:
+        _repository(tiny_artifacts, out)
+    assert str(out) in str(info.value)
+    assert _snapshot(out) == before
+    (out / MARKER).write_text("{}")
+    with pytest.raises(InputError, match="not an fssam model repository"):
+        _repository(tiny_artifacts, out)
+    assert (out / "model.py").read_text() == "mine"
+
+
+def test_repository_replaces_only_its_own_repository(tiny_artifacts, tmp_path):
+    out = tmp_path / "repo"
+    _repository(tiny_artifacts, out)
+    _repository(tiny_artifacts, out)  # its own: replaced
+    (out / "my_model").mkdir()
+    (out / "my_model" / "config.pbtxt").write_text("mine")
+    with pytest.raises(InputError, match="it also holds my_model"):
+        _repository(tiny_artifacts, out)
+    assert (out / "my_model" / "config.pbtxt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
+
+
+def test_repository_keeps_the_umask(tiny_artifacts, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        _repository(tiny_artifacts, tmp_path / "repo")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "repo").st_mode & 0o777 == 0o750
+
+
+def test_leftovers_removed_only_when_ours(tiny_artifacts, tmp_path):
+    ours_marker = tmp_path / ".repo.partial-aaaa1111"
+    ours_marker.mkdir()
+    (ours_marker / MARKER).write_text("{}")
+    ours_empty = tmp_path / ".repo.partial-bbbb2222"
+    ours_empty.mkdir()
+    foreign = tmp_path / ".repo.partial-cccc3333"  # right name, but not recognisably ours
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    other_name = tmp_path / ".repo2.partial-dddd4444"
+    other_name.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / ".repo.partial-eeee5555"  # a run that is still writing
+        live.mkdir()
+        (live / OWNER).write_text(f"{sleeper.pid}\n")
+        _repository(tiny_artifacts, tmp_path / "repo")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(os.listdir(tmp_path)) == sorted(["repo", foreign.name, other_name.name, live.name])
+    assert (foreign / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_inside_partial_folder_removes_it_and_exits(tmp_path, signum):
+    out = str(tmp_path / "out")
+    before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as info:
+        with partial_folder(out) as tmp:
+            open(os.path.join(tmp, "half.onnx"), "w").close()
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises before this ends
+    assert info.value.code == 128 + signum
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signum) == before
+
+
+def test_sigterm_of_a_running_export_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "fssam.cli", "export", "--config", "tiny", "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and process.poll() is None:
+            partial = [name for name in os.listdir(tmp_path) if name.startswith(".out.partial-")]
+            if partial and any(name.endswith(".onnx") for name in os.listdir(tmp_path / partial[0])):
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_leftovers_ignores_other_names(tmp_path):
+    (tmp_path / ".out.partial-notmkdtemp-name").mkdir()
+    (tmp_path / "out.partial-abcd1234").mkdir()
+    assert remove_leftovers(str(tmp_path / "out")) == []
+    assert len(os.listdir(tmp_path)) == 2
