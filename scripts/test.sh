@@ -13,6 +13,9 @@ if [ "$#" -gt 0 ]; then
 fi
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
+# the tiny export that many test files read (read-only): made once, by the first file that needs it
+export FSSAM_TEST_ARTIFACTS="$reports/artifacts"
+mkdir "$FSSAM_TEST_ARTIFACTS"
 status=0
 for file in tests/test_*.py; do
   name=$(basename "$file" .py)

@@ -31,8 +31,11 @@ def random_episode(batch=1, shots=1, size=64, seed=0):
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
     """The tiny config exported once (1-shot, fp32) for every test that needs ONNX artifacts."""
-    from fssam.export import export
+    from fssam.export import export, load_manifest
 
-    out = str(tmp_path_factory.mktemp("export") / "tiny")
+    shared = os.environ.get("FSSAM_TEST_ARTIFACTS")  # scripts/test.sh: one export for every test process
+    out = os.path.join(shared, "tiny") if shared else str(tmp_path_factory.mktemp("export") / "tiny")
+    if shared and os.path.isfile(os.path.join(out, "manifest.json")):
+        return out, load_manifest(out)
     manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
     return out, manifest
