@@ -22,7 +22,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no checkpoint covers a part")
     parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (config default: 3)")
     parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
-    parser.add_argument("--scma-mode", default=None, help="paper (default) or official (the released 5-shot code)")
+    parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "
+                        "(every shot calibrates); identical at 1 shot")
 
 
 def _model_options(args) -> dict:
@@ -43,23 +44,26 @@ def _overlay_path(out: str) -> str:
 
 
 def cmd_predict(args) -> int:
-    import torch
-
     from fssam.data.preprocess import load_episode
+    from fssam.device import resolve_device, synchronize
+    from fssam.evaluate import check_eager_precision, eager_forward
     from fssam.model import describe_weights, get_config
 
     if args.url:
         return _predict_remote(args)
     args.config = args.config or "small"
     cfg = get_config(args.config)  # fail fast on an unknown config, before reading files
+    precision = check_eager_precision(args.precision)
+    device = resolve_device(args.device or "auto")
     query, supports, masks, query_rgb = load_episode(args.support, args.support_mask, args.query, cfg.image_size)
-    model = _build_model(args)
+    model = _build_model(args).to(device)
     print(describe_weights(model), file=sys.stderr)
     start = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(query, supports, masks)
+    logits = eager_forward(model, query, supports, masks, device.type, precision)
+    synchronize(device)
     elapsed = time.perf_counter() - start
-    _write_prediction(args, logits, query_rgb, f"eager, {args.config}, CPU", elapsed)
+    where = f"eager, {args.config}, {'CPU' if device.type == 'cpu' else str(device).upper()}, {precision}"
+    _write_prediction(args, logits, query_rgb, where, elapsed)
     if model.random_init_seed is not None:
         print("note: random-init weights: this mask is not a trained model's prediction", file=sys.stderr)
     return 0
@@ -70,7 +74,8 @@ def _refuse_remote_model_options(args) -> None:
     from fssam.errors import ConfigError
 
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--num-refine", args.num_refine),
-                                      ("--refine-version", args.refine_version), ("--scma-mode", args.scma_mode))
+                                      ("--refine-version", args.refine_version), ("--scma-mode", args.scma_mode),
+                                      ("--precision", args.precision), ("--device", args.device))
              if value is not None]
     if args.seed != 0:
         given.append("--seed")
@@ -228,8 +233,14 @@ def make_parser() -> argparse.ArgumentParser:
     predict.add_argument("--query", required=True, help="query image")
     predict.add_argument("--out", required=True, help="output mask PNG (an overlay PNG is written beside it)")
     predict.add_argument("--url", help="run on a Triton server (host:port) instead of in-process eager PyTorch; "
-                         "the served model is fixed (no --checkpoint, --num-refine, --refine-version, --scma-mode, --seed)")
+                         "the served model is fixed (no --checkpoint, --num-refine, --refine-version, --scma-mode, --seed, "
+                         "--precision, --device)")
     predict.add_argument("--protocol", default="grpc", choices=["grpc", "http"], help="with --url: gRPC (8001) or HTTP (8000)")
+    predict.add_argument("--precision", default=None,
+                         help="eager: fp32 (default) or bf16 (the fp32 model under torch.autocast bf16, as the "
+                         "official test; logits float32)")
+    predict.add_argument("--device", default=None,
+                         help="eager: auto (default: cuda when available) | cpu | cuda")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export", help="export every stage to ONNX (+ TensorRT on a GPU), with a manifest and parity gate")

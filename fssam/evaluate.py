@@ -30,6 +30,7 @@ from fssam.errors import ConfigError, DataError, InputError
 
 FORMAT = "fssam-eval/1"
 BACKENDS = ("eager", "onnx", "openvino", "tensorrt", "triton")
+EAGER_PRECISIONS = ("fp32", "bf16")  # bf16: the fp32 model under torch.autocast, as the official FSSAM test
 AGREEMENT_IOU = 0.999  # an episode "agrees" when the two masks' foreground IoU reaches this
 
 PASCAL_CLASSES = (
@@ -101,12 +102,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--num-refine", type=int, default=None, help="eager: IMR rounds (config default: 3)")
     model.add_argument("--refine-version", default=None, help="eager: v1 (official default) or v2")
     model.add_argument("--scma-mode", default=None,
-                       help="eager: paper (default) or official (the released 5-shot FSSAM5s code); "
-                       "exports carry the settings they were exported with")
+                       help="eager: official (default; the released 5-shot FSSAM5s code) or paper (every shot "
+                       "calibrates; identical at 1 shot); exports carry the settings they were exported with")
     model.add_argument("--artifacts", help="onnx / openvino / tensorrt: folder written by `fssam export`")
     model.add_argument("--precision", default=None,
-                       help="onnx / openvino / tensorrt: the runtime's precision (default: the export's); "
-                       "openvino: fp32 | bf16 | int8 (int8 needs `fssam export --openvino int8`)")
+                       help="eager: fp32 (default) | bf16 (the fp32 model under torch.autocast bf16, as the "
+                       "official test); onnx / openvino / tensorrt: the runtime's precision (default: the export's); "
+                       "openvino: fp32 | bf16 | int8 (int8 needs `fssam export --openvino int8`); not for triton")
     model.add_argument("--url", help="triton: server address, e.g. localhost:8000")
     model.add_argument("--protocol", default="http", choices=("http", "grpc"), help="triton protocol")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -166,7 +168,10 @@ def _check_args(args) -> None:
     if args.backend not in RUNTIMES and args.artifacts:
         raise ConfigError(f"--artifacts is for the {', '.join(RUNTIMES)} backends, not {args.backend}")
     if args.precision is not None and args.backend not in RUNTIMES:
-        raise ConfigError(f"--precision is for the {', '.join(RUNTIMES)} backends, not {args.backend}")
+        if args.backend != "eager":
+            raise ConfigError(f"--precision is for the eager, {', '.join(RUNTIMES)} backends, not {args.backend} "
+                              f"(the server's model is fixed when it is exported)")
+        check_eager_precision(args.precision)
     overrides = [flag for flag, value in (("--num-refine", args.num_refine), ("--refine-version", args.refine_version),
                                           ("--scma-mode", args.scma_mode)) if value is not None]
     if overrides and args.backend != "eager":
@@ -216,21 +221,41 @@ def _device(args) -> str:
     return resolve_device(args.device).type
 
 
-def _eager(args) -> Backend:
+def check_eager_precision(precision: str | None) -> str:
+    """The eager precision (None: fp32); anything but fp32 | bf16 is a one-line ConfigError."""
+    precision = "fp32" if precision is None else precision
+    if precision not in EAGER_PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} for eager PyTorch: expected one of {', '.join(EAGER_PRECISIONS)}")
+    return precision
+
+
+def eager_forward(model, query, supports, masks, device: str, precision: str):
+    """model(query, supports, masks) on `device`, under torch.autocast bf16 for precision bf16 (the model
+    stays fp32, as the official FSSAM test); logits are float32 on the CPU."""
+    import contextlib
+
     import torch
 
+    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        logits = model(query.to(device), supports.to(device), masks.to(device))
+    return logits.float().cpu()
+
+
+def _eager(args) -> Backend:
     from fssam.model import build, describe_weights
 
+    precision = check_eager_precision(args.precision)
     device = _device(args)
     model = build(args.config or "small", checkpoint=args.checkpoint, seed=args.init_seed, num_refine=args.num_refine,
                   refine_version=args.refine_version, scma_mode=args.scma_mode).to(device)
 
     def run(query, supports, masks):
-        with torch.inference_mode():
-            return model(query.to(device), supports.to(device), masks.to(device)).float().cpu()
+        return eager_forward(model, query, supports, masks, device, precision)
 
     return Backend("eager", run, model.config.image_size, model.config.to_dict(), describe_weights(model),
-                   model.random_init_seed is not None, {"device": device})
+                   model.random_init_seed is not None, {"device": device, "precision": precision})
 
 
 def _check_manifest(args, manifest: dict, folder: str) -> tuple[str, bool]:

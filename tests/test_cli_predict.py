@@ -98,3 +98,83 @@ def test_unknown_config_is_one_error_line(episode):
     assert result.stderr.strip() == (
         "fssam predict: error: unknown config 'gigantic': expected one of tiny, small, base_plus, large"
     )
+
+
+def _predict_args(pairs, query, out, shots=1):
+    args = ["predict", "--config", "tiny", "--query", query, "--out", str(out)]
+    for image, mask in pairs[:shots]:
+        args += ["--support", image, "--support-mask", mask]
+    return args
+
+
+def test_predict_bf16_writes_a_mask_close_to_fp32(episode, monkeypatch):
+    import torch
+
+    from fssam import cli
+    from fssam import evaluate
+
+    folder, pairs, query = episode
+    logits = {}
+    forward = evaluate.eager_forward
+
+    def recording(model, query, supports, masks, device, precision):
+        logits[precision] = forward(model, query, supports, masks, device, precision)
+        return logits[precision]
+
+    monkeypatch.setattr(evaluate, "eager_forward", recording)
+    for precision in ("fp32", "bf16"):
+        out = folder / f"prec_{precision}.png"
+        code = cli.main([*_predict_args(pairs, query, out, shots=5), "--precision", precision, "--device", "cpu"])
+        assert code == 0 and out.exists()
+    assert logits["fp32"].dtype == logits["bf16"].dtype == torch.float32
+    assert (logits["fp32"] - logits["bf16"]).abs().max() > 0  # autocast ran in bf16
+    fp32 = np.asarray(Image.open(folder / "prec_fp32.png"))
+    bf16 = np.asarray(Image.open(folder / "prec_bf16.png"))
+    assert fp32.shape == bf16.shape == (77, 101) and set(np.unique(bf16)) <= {0, 255}
+    assert (fp32 == bf16).mean() >= 0.9
+
+
+def test_predict_where_names_device_and_precision(episode):
+    folder, pairs, query = episode
+    result = run_cli(*_predict_args(pairs, query, folder / "where.png"), "--precision", "bf16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "(eager, tiny, CPU, bf16)" in result.stdout
+    result = run_cli(*_predict_args(pairs, query, folder / "where32.png"))
+    assert result.returncode == 0, result.stderr
+    assert "(eager, tiny, CPU, fp32)" in result.stdout or "(eager, tiny, CUDA, fp32)" in result.stdout
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--precision", "fp16", "--precision 'fp16' for eager PyTorch: expected one of fp32, bf16"),
+    ("--device", "tpu", "device 'tpu': expected one of auto, cpu, cuda"),
+])
+def test_predict_bad_precision_or_device_is_one_line(episode, flag, value, message):
+    folder, pairs, query = episode
+    out = folder / "bad_flag.png"
+    result = run_cli(*_predict_args(pairs, query, out), flag, value)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"fssam predict: error: {message}"]
+    assert not out.exists()
+
+
+def test_predict_cuda_without_gpu_is_one_line(episode):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    folder, pairs, query = episode
+    result = run_cli(*_predict_args(pairs, query, folder / "cuda.png"), "--device", "cuda")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["fssam predict: error: --device cuda: this machine has no CUDA device"]
+
+
+@pytest.mark.parametrize("flag, value", [("--precision", "bf16"), ("--device", "cpu")])
+def test_predict_url_refuses_precision_and_device(episode, capsys, flag, value):
+    from fssam import cli
+
+    folder, pairs, query = episode
+    out = folder / "remote.png"
+    code = cli.main([*_predict_args(pairs, query, out), "--url", "127.0.0.1:1", flag, value])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and flag in lines[0] and "cannot be used with --url" in lines[0], lines
+    assert not out.exists()

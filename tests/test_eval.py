@@ -259,4 +259,35 @@ def test_openvino_backend_runs_the_same_episodes_and_agrees(runs, pascal, artifa
     assert result["episodes_sha256"] == eager["episodes_sha256"]
     assert result["agreement"]["mask_iou"]["min"] >= 0.999
     with pytest.raises(ConfigError, match="--precision is for"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16"))
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                    "--precision", "bf16"))
+
+
+def test_eager_bf16_runs_and_is_recorded(runs, pascal, tmp_path):
+    eager, _, folder = runs
+    assert eager["backend_details"]["precision"] == "fp32"  # the default
+    out = tmp_path / "bf16.json"
+    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16",
+                                       "--compare-with", str(folder / "eager.json"))) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "eager" and result["backend_details"]["precision"] == "bf16"
+    assert result["episodes"] == EPISODES and result["episodes_sha256"] == eager["episodes_sha256"]
+    assert 0 <= result["miou"] <= 1
+    # the random-init tiny model's logits sit near the threshold, so bf16 rounding flips many pixels (~0.74 agree)
+    assert result["agreement"]["mask_iou"]["pixel_agreement_mean"] >= 0.6
+
+
+def test_eager_and_triton_precisions_are_checked(pascal, tmp_path):
+    out = tmp_path / "x.json"
+    with pytest.raises(ConfigError, match="--precision is for .* not triton"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                    "--precision", "bf16"))
+    with pytest.raises(ConfigError, match="'fp16' for eager PyTorch: expected one of fp32, bf16"):
+        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "fp16"))
+    assert not out.exists()
+
+
+def test_default_scma_mode_is_official():
+    from fssam.model import get_config
+
+    assert get_config("tiny").scma_mode == "official"

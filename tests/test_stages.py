@@ -178,12 +178,14 @@ def test_ignore_label_is_background(tiny_model):
         torch.testing.assert_close(tiny_model(query, supports, ignored), tiny_model(query, supports, masks))
 
 
-def test_scma_modes_are_wired(tiny_model):
+def test_scma_modes_are_wired():
     """The model's config option reaches every SCMA layer; 5-shot outputs differ between modes."""
     from fssam.model import build
 
     official = build("tiny", seed=0, scma_mode="official")
+    paper = build("tiny", seed=0, scma_mode="paper")
     assert all(layer.cross_attn_image.scma_mode == "official" for layer in official.sam2.memory_attention.layers)
+    assert all(layer.cross_attn_image.scma_mode == "paper" for layer in paper.sam2.memory_attention.layers)
     query, supports, masks = random_episode(1, 5, 64, seed=11)
     with torch.no_grad():
-        assert (official(query, supports, masks) - tiny_model(query, supports, masks)).abs().max() > 1e-4
+        assert (official(query, supports, masks) - paper(query, supports, masks)).abs().max() > 1e-4

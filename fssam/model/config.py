@@ -47,7 +47,7 @@ class FSSAMConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     num_refine: int = 3
     refine_version: str = "v1"  # official default; "v2" min-max normalises the refine weight
-    scma_mode: str = "paper"  # "paper": every shot calibrates; "official": the released 5-shot code
+    scma_mode: str = "official"  # "official": the released 5-shot code (default); "paper": every shot calibrates
 
     @property
     def feature_size(self) -> int:
