@@ -487,16 +487,12 @@ def load_masks(path: str) -> tuple[list, str]:
 
 
 def load_result(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise DataError(f"--compare-with file not found: {path}")
+    from fssam.files import read_json
+
     try:
-        with open(path) as handle:
-            result = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(result, dict) or result.get("format") != FORMAT:
-        raise DataError(f"{path} is not an {FORMAT} result (written by fssam eval --out)")
-    return result
+        return read_json(path, FORMAT)
+    except ValueError as reason:
+        raise DataError(f"--compare-with {path}: {reason} (an fssam eval --out result is expected)") from None
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,6 +12,7 @@ user's is ever replaced.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,21 @@ OWNER = ".fssam-partial"  # in a partial folder while it is written: the pid of 
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _MAX_LISTED = 5
 _MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile's random names
+
+
+def read_json(path: str, format: str) -> dict:
+    """The JSON object in `path` whose "format" key is `format` (one of fssam's own files: export
+    manifest, repository marker, eval result). ValueError with the reason otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError("not found")
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not readable JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != format:
+        raise ValueError(f"not an {format} file")
+    return document
 
 
 def _listing(items: list[str]) -> str:

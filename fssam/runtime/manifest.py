@@ -11,6 +11,7 @@ import json
 import os
 
 from fssam.errors import InputError
+from fssam.files import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "fssam-export/1"
@@ -53,13 +54,12 @@ def load_manifest(folder: str, verify: bool = True) -> dict:
     if not os.path.isfile(path):
         raise InputError(f"no {MANIFEST} in {folder!r}: not an fssam export folder (run `fssam export` first)")
     try:
-        with open(path) as handle:
-            manifest = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path!r} is not valid JSON: {error}") from None
+        manifest = read_json(path, FORMAT)
+    except ValueError as reason:
+        raise InputError(f"{path!r} is {reason}") from None
     missing = [key for key in REQUIRED if key not in manifest]
-    if missing or manifest.get("format") != FORMAT:
-        raise InputError(f"{path!r} is not an {FORMAT} manifest (missing: {', '.join(missing) or 'format'})")
+    if missing:
+        raise InputError(f"{path!r} is not an {FORMAT} manifest (missing: {', '.join(missing)})")
     if verify:
         checked = set()
         for where, entry in listed_files(manifest):

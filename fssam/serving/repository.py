@@ -30,7 +30,7 @@ from fssam.errors import ConfigError, InputError
 from fssam.runtime.manifest import load_manifest
 from fssam.runtime.contract import STAGE_ORDER
 from fssam.runtime.runners import openvino as ov_runner
-from fssam.files import check_replaceable, partial_folder, replace_folder
+from fssam.files import check_replaceable, partial_folder, read_json, replace_folder
 from fssam.serving import PIPELINE_MODEL
 
 BACKENDS = ("python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
@@ -110,16 +110,10 @@ REPOSITORY_FORMAT = "fssam-triton-repository/1"
 
 def _repository_owned(out: str) -> tuple[set, set]:
     """(files, folders) of the complete repository at `out`: its marker and the models it lists."""
-    path = os.path.join(out, MARKER)
-    if not os.path.isfile(path):
-        raise ValueError(f"no {MARKER}")
     try:
-        with open(path) as handle:
-            description = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{MARKER} is not readable JSON: {error}") from None
-    if not isinstance(description, dict) or description.get("format") != REPOSITORY_FORMAT:
-        raise ValueError(f"{MARKER} is not an {REPOSITORY_FORMAT} description")
+        description = read_json(os.path.join(out, MARKER), REPOSITORY_FORMAT)
+    except ValueError as reason:
+        raise ValueError(f"{MARKER}: {reason}") from None
     models = description.get("models")
     if not isinstance(models, list) or not all(isinstance(m, str) and m and os.sep not in m and m not in (".", "..")
                                                for m in models):
