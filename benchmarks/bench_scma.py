@@ -5,9 +5,11 @@
 
 Shapes: q (B, H, N, c), k/v (B, H, K*N + N + P, c) with P = 4 * (K + 1) pointer tokens.
 Rows:
-  triton     `fssam.kernels.triton_scma.triton_scma` (calibration inputs in PyTorch + fused kernel)
-  fused      `fssam.kernels.triton_scma.scma_fused` alone (calibration inputs precomputed)
-  reference  `fssam.model.scma.scma_reference` (materialises the N x (2N + P) scores)
+  triton     `fssam.ops.scma.triton_kernel.triton_scma` (calibration inputs in PyTorch + fused kernel)
+  fused      `fssam.ops.scma.triton_kernel.scma_fused` alone (calibration inputs precomputed), split over
+             the keys where `split_plan` says so (column "chunks")
+  onepass    `scma_fused(..., num_splits=1)`: the one-pass kernel on the same shape (what the split gains)
+  reference  `fssam.ops.scma.reference.scma_reference` (materialises the N x (2N + P) scores)
   sdpa       F.scaled_dot_product_attention on the shot-mean keys/values (2N + P), i.e. the
              same attention without the calibration: a floor for what SCMA can cost.
 Times are the median of CUDA-event timed runs (triton.testing.do_bench); memory is the peak
@@ -72,8 +74,8 @@ def measure(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
     """Time and peak memory of every implementation on one shape; errors against fp32 of the same inputs."""
     import triton.testing
 
-    from fssam.kernels.triton_scma import calibration_term, scma_fused, triton_scma
-    from fssam.model.scma import calibration_inputs, scma_reference
+    from fssam.ops.scma.reference import calibration_inputs, calibration_term, scma_reference
+    from fssam.ops.scma.triton_kernel import scma_fused, sm_count, split_plan, triton_scma
 
     q, k, v, masks = make_inputs(batch, shots, args.tokens, args.head_dim, args.heads, DTYPES[dtype_name])
     keys, values, w, _ = calibration_inputs(k, v, masks, args.mode)
@@ -81,10 +83,12 @@ def measure(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
     impls = {
         "triton": lambda: triton_scma(q, k, v, masks, args.mode),
         "fused": lambda: scma_fused(q, keys, values, cal),
+        "onepass": lambda: scma_fused(q, keys, values, cal, num_splits=1),
         "reference": lambda: scma_reference(q, k, v, masks, args.mode),
         "sdpa": lambda: F.scaled_dot_product_attention(q, keys, values),
     }
     exact = scma_reference(q.float(), k.float(), v.float(), masks.float(), args.mode)
+    plan = split_plan(batch * args.heads, args.tokens, keys.shape[2], sm_count(q.device))
     rows = []
     for name, fn in impls.items():
         error = None if name == "sdpa" else float((fn().float() - exact).abs().max())
@@ -93,6 +97,7 @@ def measure(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
             impl=name, dtype=dtype_name, batch=batch, shots=shots, tokens=args.tokens,
             head_dim=args.head_dim, heads=args.heads, pointers=4 * (shots + 1),
             time_ms=ms, peak_mem_mib=peak_memory(fn) / 2**20, max_abs_err_vs_fp32=error,
+            chunks=plan.num_chunks if name in ("triton", "fused") else 1 if name == "onepass" else None,
         ))
         print(f"  {name:9s} {dtype_name} B={batch:2d} K={shots}: {ms:8.3f} ms "
               f"{rows[-1]['peak_mem_mib']:9.1f} MiB", file=sys.stderr)
@@ -109,17 +114,26 @@ def run(args):
     return rows
 
 
+def autotune_choices() -> dict:
+    """The config each autotuned kernel picked, per autotune key (shapes and dtypes)."""
+    from fssam.ops.scma.triton_kernel import _AUTOTUNED
+
+    return {name: {str(key): str(config) for key, config in tuner.cache.items()} for name, tuner in _AUTOTUNED.items()}
+
+
 def markdown(rows) -> str:
     lines = [
-        "| dtype | batch | K | triton ms | fused ms | reference ms | sdpa ms | triton vs reference | triton / sdpa "
-        "| triton MiB | reference MiB | sdpa MiB | triton err | reference err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | batch | K | chunks | triton ms | fused ms | onepass ms | reference ms | sdpa ms | triton vs reference "
+        "| triton / sdpa | triton MiB | reference MiB | sdpa MiB | triton err | reference err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keyed = {(r["dtype"], r["batch"], r["shots"], r["impl"]): r for r in rows}
     for dtype, batch, shots in sorted({(r["dtype"], r["batch"], r["shots"]) for r in rows}):
-        t, fu, ref, sd = (keyed[(dtype, batch, shots, impl)] for impl in ("triton", "fused", "reference", "sdpa"))
+        t, fu, one, ref, sd = (keyed[(dtype, batch, shots, impl)]
+                               for impl in ("triton", "fused", "onepass", "reference", "sdpa"))
         lines.append(
-            f"| {dtype} | {batch} | {shots} | {t['time_ms']:.3f} | {fu['time_ms']:.3f} | {ref['time_ms']:.3f} "
+            f"| {dtype} | {batch} | {shots} | {fu['chunks']} | {t['time_ms']:.3f} | {fu['time_ms']:.3f} "
+            f"| {one['time_ms']:.3f} | {ref['time_ms']:.3f} "
             f"| {sd['time_ms']:.3f} | {ref['time_ms'] / t['time_ms']:.2f}x faster | {t['time_ms'] / sd['time_ms']:.2f}x "
             f"| {t['peak_mem_mib']:.1f} | {ref['peak_mem_mib']:.1f} | {sd['peak_mem_mib']:.1f} "
             f"| {t['max_abs_err_vs_fp32']:.2e} | {ref['max_abs_err_vs_fp32']:.2e} |"
@@ -140,7 +154,7 @@ def plot(rows, path: Path, title: str) -> None:
     groups = sorted({(r["dtype"], r["shots"]) for r in rows})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 7), squeeze=False)
     for col, (dtype, shots) in enumerate(groups):
-        for impl, marker in (("triton", "o"), ("fused", "x"), ("reference", "s"), ("sdpa", "^")):
+        for impl, marker in (("triton", "o"), ("fused", "x"), ("onepass", "+"), ("reference", "s"), ("sdpa", "^")):
             sel = sorted((r for r in rows if (r["dtype"], r["shots"], r["impl"]) == (dtype, shots, impl)),
                          key=lambda r: r["batch"])
             batches = [r["batch"] for r in sel]
@@ -185,6 +199,8 @@ def main(argv=None) -> int:
         triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(), date=stamp,
         tokens=args.tokens, head_dim=args.head_dim, heads=args.heads, mode=args.mode,
         timing="triton.testing.do_bench median, CUDA events", memory="peak allocated during one call minus baseline",
+        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+        autotuned=autotune_choices(),
     )
     json_path = args.out / f"scma_{slug}_{stamp}.json"
     json_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on its default: `fssam deploy --config small` (export every stage with the parity
-# gate, write a Triton model repository, start tritonserver on 127.0.0.1, run one episode through
-# it, compare with eager PyTorch, print a latency summary). Random-init weights unless
-# FSSAM_CHECKPOINT names a checkpoint; the output says which.
+# The main job on its default: `fssam deploy --config small` (export the stages and the two
+# deployable graphs with the parity gate, time them on every runtime, write a Triton model
+# repository (the `fssam` ensemble) for the fastest, start tritonserver on 127.0.0.1 with its
+# response cache, check the served answers against eager PyTorch, print overheads, throughput and
+# payload). Random-init weights unless FSSAM_CHECKPOINT names a checkpoint; the output says which.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ckpt=()

@@ -2,25 +2,46 @@
 # Install with test extras and run the whole test suite. Each test file runs in a pytest process
 # of its own: in one process holding torch, the Triton interpreter, ONNX Runtime and OpenVINO
 # state, spawning a subprocess late in the suite has crashed with SIGSEGV (not yet root-caused;
-# every file passes on its own). The last line sums all files: "N passed, N failed, N skipped".
-# With arguments, one pytest run with those arguments.
+# every file passes on its own). Files run two at a time (FSSAM_TEST_JOBS, default 2: most tests
+# are single-threaded), the longest first; each file's output is printed when it ends. The last
+# line sums all files: "N passed, N failed, N skipped". With arguments, one pytest run with those
+# arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+# TRITON_INTERPRET: tests/conftest.py sets it only where there is no CUDA device (kernels run
+# compiled on a GPU); set it yourself to force either way
+export OMP_NUM_THREADS=1
 if [ "$#" -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
-# the tiny export that many test files read (read-only): made once, by the first file that needs it
+# the tiny export that many test files read (read-only), made once before the files start
 export FSSAM_TEST_ARTIFACTS="$reports/artifacts"
 mkdir "$FSSAM_TEST_ARTIFACTS"
+python - <<'PY'
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py does
+from fssam.export import export
+
+export("tiny", out=os.path.join(os.environ["FSSAM_TEST_ARTIFACTS"], "tiny"), shots=1, precision="fp32", progress=False)
+PY
+export REPORTS="$reports"
+# longest first, so the two lanes end together
+order="test_export test_serving test_bench test_files test_eval test_runtime test_cli_predict test_server"
+files=$( (for name in $order; do echo "tests/$name.py"; done; ls tests/test_*.py) | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 status=0
-for file in tests/test_*.py; do
-  name=$(basename "$file" .py)
-  python -m pytest -q -p no:cacheprovider --junitxml="$reports/$name.xml" "$file" || status=$?
-done
+echo "$files" | xargs -P "${FSSAM_TEST_JOBS:-2}" -I{} bash -c '
+  name=$(basename "{}" .py)
+  python -m pytest -q -p no:cacheprovider --junitxml="$REPORTS/$name.xml" "{}" > "$REPORTS/$name.log" 2>&1
+  code=$?
+  { echo "== {} (exit $code)"; cat "$REPORTS/$name.log"; } 
+  exit $code' || status=$?
 python - "$reports" <<'PY'
 import glob, sys
 import xml.etree.ElementTree as ET

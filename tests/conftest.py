@@ -1,9 +1,32 @@
 import os
+import sys
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _choose_triton_interpreter() -> None:
+    """TRITON_INTERPRET must be decided before triton is imported (`@triton.jit` reads it then).
+
+    FSSAM_TRITON_INTERPRET=1 / 0 asks for the interpreter / the compiler explicitly; otherwise a
+    TRITON_INTERPRET already in the environment is the user's choice, and without either the
+    interpreter is used only where there is no CUDA device: on a GPU the kernels run compiled."""
+    asked = os.environ.get("FSSAM_TRITON_INTERPRET")
+    if asked is not None:
+        if asked not in ("", "0"):
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
+    elif "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        import warnings
+
+        warnings.warn("triton was imported before tests/conftest.py chose TRITON_INTERPRET: kernels already "
+                      "decorated keep the mode they were decorated in", stacklevel=1)
+
+
+_choose_triton_interpreter()
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny shapes: one thread is fastest, and immune to a busy machine
 torch.set_num_threads(1)
 

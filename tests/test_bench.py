@@ -57,7 +57,9 @@ def test_quick_bench_writes_json_table_and_plots(tiny_artifacts, tmp_path):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
     assert not (out / "artifacts-1shot").exists()  # the given artifacts were reused
-    assert modes["onnxruntime"]["device"] == "cpu" and modes["eager_fp32"]["device"] == data["device"]
+    assert modes["eager_fp32"]["device"] == data["device"]
+    assert modes["onnxruntime"]["device"] == ("cuda" if modes["onnxruntime"]["io_binding"] else "cpu")
+    assert modes["onnxruntime"]["providers"] and modes["onnxruntime"]["providers"][0] in modes["onnxruntime"]["runtime"]
 
 
 def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_artifacts, tmp_path):
@@ -182,3 +184,49 @@ def test_tensorrt_is_skipped_without_a_gpu_when_other_modes_run(tiny_artifacts, 
     assert result.returncode == 0, result.stderr
     runs = json.loads((out / "results.json").read_text())["runs"]["1"]
     assert "no CUDA device" in runs["skipped"]["tensorrt"] and "tensorrt" not in runs["modes"]
+
+
+def _ort_mode_args(artifacts, device):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(artifacts=artifacts, shot_list=[1], config="tiny", threads=None, out="unused",
+                           mode_list=["onnxruntime"], device_resolved=torch.device(device),
+                           num_refine=None, refine_version=None, scma_mode=None)
+
+
+def test_onnxruntime_mode_reports_its_providers(tiny_artifacts, monkeypatch):
+    """The onnxruntime mode records the providers that ran: on the CPU the CPU provider; asked for
+    a GPU by an onnxruntime without the CUDA provider, the CPU provider and why (no GPU needed)."""
+    import onnxruntime as ort
+
+    from fssam.bench.run import _runtime_mode
+    from fssam.model import get_config
+    from fssam.runtime.parity import sample_episode
+
+    mode = _runtime_mode(_ort_mode_args(tiny_artifacts[0], "cpu"), "onnxruntime", "onnxruntime", None, 1, False)
+    mode.episode(*sample_episode(get_config("tiny"), 1))
+    report = mode.report()
+    assert report["providers"] == ["CPUExecutionProvider"] and report["io_binding"] is False
+    assert report["runtime"] == "ONNX Runtime fp32 (CPUExecutionProvider)" and mode.device.type == "cpu"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    mode = _runtime_mode(_ort_mode_args(tiny_artifacts[0], "cuda"), "onnxruntime", "onnxruntime", None, 1, False)
+    assert mode.device.type == "cpu" and mode.report()["providers"] == ["CPUExecutionProvider"]
+    assert "no CUDAExecutionProvider" in mode.report()["runtime"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA provider with IO binding needs a CUDA device; "
+                                                          "this machine has none")
+def test_onnxruntime_mode_runs_on_the_gpu_with_io_binding(tiny_artifacts):
+    import onnxruntime as ort
+
+    from fssam.bench.run import _runtime_mode
+    from fssam.model import get_config
+    from fssam.runtime.parity import sample_episode
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    mode = _runtime_mode(_ort_mode_args(tiny_artifacts[0], "cuda"), "onnxruntime", "onnxruntime", None, 1, False)
+    seconds, stages = mode.episode(*sample_episode(get_config("tiny"), 1))
+    report = mode.report()
+    assert mode.device.type == "cuda" and report["io_binding"] and "CUDAExecutionProvider" in report["providers"]
+    assert seconds > 0 and set(stages) == {"prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head"}

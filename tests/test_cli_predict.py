@@ -111,17 +111,17 @@ def test_predict_bf16_writes_a_mask_close_to_fp32(episode, monkeypatch):
     import torch
 
     from fssam import cli
-    from fssam import evaluate
+    from fssam.eval import precision as eager
 
     folder, pairs, query = episode
     logits = {}
-    forward = evaluate.eager_forward
+    forward = eager.eager_forward
 
     def recording(model, query, supports, masks, device, precision):
         logits[precision] = forward(model, query, supports, masks, device, precision)
         return logits[precision]
 
-    monkeypatch.setattr(evaluate, "eager_forward", recording)
+    monkeypatch.setattr(eager, "eager_forward", recording)
     for precision in ("fp32", "bf16"):
         out = folder / f"prec_{precision}.png"
         code = cli.main([*_predict_args(pairs, query, out, shots=5), "--precision", precision, "--device", "cpu"])

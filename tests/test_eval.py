@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from fssam import evaluate
+from fssam import eval as evaluation
+from fssam.commands import eval as eval_command
 from fssam.data import load_fold, sample_episodes, scan_fold, write_fold
 from fssam.errors import ConfigError, DataError, FSSAMError
 
@@ -61,7 +62,7 @@ def artifacts(tiny_artifacts):
 
 def parse(*argv):
     parser = argparse.ArgumentParser(prog="fssam")
-    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    eval_command.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
 
 
@@ -76,9 +77,9 @@ def runs(pascal, artifacts, tmp_path_factory):
     """Eager with saved masks, then ONNX compared with it."""
     folder = tmp_path_factory.mktemp("runs")
     eager, onnx = folder / "eager.json", folder / "onnx.json"
-    assert evaluate.cmd_eval(eval_args(pascal, eager, "--backend", "eager", "--save-masks", str(folder))) == 0
-    assert evaluate.cmd_eval(eval_args(pascal, onnx, "--backend", "onnx", "--artifacts", artifacts,
-                                       "--save-masks", str(folder), "--compare-with", str(eager))) == 0
+    assert eval_command.handle(eval_args(pascal, eager, "--backend", "eager", "--save-masks", str(folder))) == 0
+    assert eval_command.handle(eval_args(pascal, onnx, "--backend", "onnx", "--artifacts", artifacts,
+                                         "--save-masks", str(folder), "--compare-with", str(eager))) == 0
     return json.loads(eager.read_text()), json.loads(onnx.read_text()), folder
 
 
@@ -108,11 +109,11 @@ def test_masks_agree_between_eager_and_onnx(runs):
     assert agreement["identical_fraction"] >= 0.9
     assert abs(agreement["miou_delta"]) < 1e-3
     # the saved masks round-trip and match the hashes in the JSON
-    masks, fingerprint = evaluate.load_masks(eager["masks_file"])
+    masks, fingerprint = evaluation.load_masks(eager["masks_file"])
     assert fingerprint == eager["episodes_sha256"] and len(masks) == EPISODES
     for mask, entry in zip(masks, eager["per_episode"]):
         assert list(mask.shape) == entry["size"] == [H, W]
-        assert evaluate.mask_digest(mask) == entry["mask_sha256"] and int(mask.sum()) == entry["foreground"]
+        assert evaluation.mask_digest(mask) == entry["mask_sha256"] and int(mask.sum()) == entry["foreground"]
 
 
 def test_result_json_is_well_formed(runs, artifacts):
@@ -147,7 +148,7 @@ def test_compare_without_saved_masks_uses_hashes(runs, pascal, tmp_path):
     plain = dict(eager, masks_file=None)
     (tmp_path / "plain.json").write_text(json.dumps(plain))
     out = tmp_path / "again.json"
-    assert evaluate.cmd_eval(eval_args(pascal, out, "--compare-with", str(tmp_path / "plain.json"))) == 0
+    assert eval_command.handle(eval_args(pascal, out, "--compare-with", str(tmp_path / "plain.json"))) == 0
     agreement = json.loads(out.read_text())["agreement"]
     assert agreement["mask_iou"] is None and "--save-masks" in agreement["note"]
     assert agreement["identical_fraction"] == 1.0  # eager twice: bit-identical
@@ -156,10 +157,10 @@ def test_compare_without_saved_masks_uses_hashes(runs, pascal, tmp_path):
 def test_compare_with_other_episodes_is_refused(runs, pascal, tmp_path):
     _, _, folder = runs
     with pytest.raises(DataError, match="other episodes.*seed 321 vs 5"):
-        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--seed", "5", "--compare-with",
-                                    str(folder / "eager.json")))
+        eval_command.handle(eval_args(pascal, tmp_path / "x.json", "--episode-seed", "5", "--compare-with",
+                                      str(folder / "eager.json")))
     with pytest.raises(DataError, match="not found"):
-        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--compare-with", str(tmp_path / "none.json")))
+        eval_command.handle(eval_args(pascal, tmp_path / "x.json", "--compare-with", str(tmp_path / "none.json")))
 
 
 def test_missing_root_and_lists_name_the_path(pascal, tmp_path, monkeypatch):
@@ -167,30 +168,30 @@ def test_missing_root_and_lists_name_the_path(pascal, tmp_path, monkeypatch):
     missing = str(tmp_path / "VOC2012")
     args = parse("--dataset", "pascal", "--root", missing, "--list-root", lists, "--config", "tiny")
     with pytest.raises(DataError, match=f"data root not found: {missing}"):
-        evaluate.cmd_eval(args)
+        eval_command.handle(args)
     args = parse("--dataset", "pascal", "--root", root, "--list-root", str(tmp_path / "lists"), "--config", "tiny")
     with pytest.raises(DataError, match=str(tmp_path / "lists")):
-        evaluate.cmd_eval(args)
+        eval_command.handle(args)
     monkeypatch.chdir(tmp_path)  # default list root: lists/pascal under the current folder
     with pytest.raises(DataError, match="list root not found: lists/pascal"):
-        evaluate.cmd_eval(parse("--dataset", "pascal", "--root", root, "--config", "tiny"))
+        eval_command.handle(parse("--dataset", "pascal", "--root", root, "--config", "tiny"))
     with pytest.raises(DataError, match="sub_class_file_list_1.txt|data_list_1.txt"):
-        evaluate.cmd_eval(parse("--dataset", "pascal", "--root", root, "--list-root", lists, "--fold", "1"))
+        eval_command.handle(parse("--dataset", "pascal", "--root", root, "--list-root", lists, "--fold", "1"))
 
 
 def test_artifacts_must_match_the_request(pascal, artifacts, tmp_path):
     out = tmp_path / "x.json"
     with pytest.raises(ConfigError, match="1-shot.*--shots 2"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--shots", "2"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--shots", "2"))
     with pytest.raises(ConfigError, match="config 'tiny' but --config small"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--config", "small"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts, "--config", "small"))
     with pytest.raises(ConfigError, match="--scma-mode: eager only"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts,
-                                    "--scma-mode", "official"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "onnx", "--artifacts", artifacts,
+                                      "--scma-mode", "official"))
     with pytest.raises(ConfigError, match="needs --artifacts"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "onnx"))
     with pytest.raises(FSSAMError, match="manifest.json"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "onnx", "--artifacts", str(tmp_path)))
+        eval_command.handle(eval_args(pascal, out, "--backend", "onnx", "--artifacts", str(tmp_path)))
 
 
 def test_tensorrt_without_gpu_says_so(pascal, artifacts, tmp_path):
@@ -199,14 +200,14 @@ def test_tensorrt_without_gpu_says_so(pascal, artifacts, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(FSSAMError, match="CUDA"):
-        evaluate.cmd_eval(eval_args(pascal, tmp_path / "x.json", "--backend", "tensorrt", "--artifacts", artifacts))
+        eval_command.handle(eval_args(pascal, tmp_path / "x.json", "--backend", "tensorrt", "--artifacts", artifacts))
 
 
 def test_triton_backend_through_the_client(pascal, runs, tmp_path, monkeypatch, tiny_model):
     eager, _, folder = runs
     monkeypatch.setitem(sys.modules, "fssam.serving.client", None)  # not importable
     with pytest.raises(ConfigError, match="predict_remote"):
-        evaluate.cmd_eval(eval_args(pascal, tmp_path / "t.json", "--backend", "triton", "--url", "localhost:8000"))
+        eval_command.handle(eval_args(pascal, tmp_path / "t.json", "--backend", "triton", "--url", "localhost:8000"))
     calls = []
 
     def predict_remote(url, query, supports, masks, protocol):
@@ -215,26 +216,18 @@ def test_triton_backend_through_the_client(pascal, runs, tmp_path, monkeypatch, 
 
     monkeypatch.setitem(sys.modules, "fssam.serving.client", types.SimpleNamespace(predict_remote=predict_remote))
     out = tmp_path / "t.json"
-    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
-                                       "--protocol", "grpc", "--compare-with", str(folder / "eager.json"))) == 0
+    assert eval_command.handle(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                         "--protocol", "grpc", "--compare-with", str(folder / "eager.json"))) == 0
     result = json.loads(out.read_text())
     assert calls == [("localhost:8000", "grpc")] * EPISODES
     assert result["random_init"] is None and "not checked" in result["weights"]
     assert result["agreement"]["mask_iou"]["min"] == 1.0
 
 
-def _cli():
-    from fssam import cli
-
-    parser = cli.make_parser()
-    wired = any("eval" in (getattr(a, "choices", None) or {}) for a in parser._actions)
-    return ["-m", "fssam.cli"] if wired else ["-m", "fssam.evaluate"]
-
-
 def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):
     root, lists = pascal
     out = tmp_path / "cli.json"
-    base = [sys.executable, *_cli(), "eval", "--dataset", "pascal", "--list-root", lists, "--fold", "0",
+    base = [sys.executable, "-m", "fssam.cli", "eval", "--dataset", "pascal", "--list-root", lists, "--fold", "0",
             "--shots", "1", "--backend", "eager", "--config", "tiny", "--episodes", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([*base, "--root", root, "--out", str(out), "--save-masks", str(tmp_path)],
@@ -252,23 +245,23 @@ def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):
 def test_openvino_backend_runs_the_same_episodes_and_agrees(runs, pascal, artifacts, tmp_path):
     eager, _, folder = runs
     out = tmp_path / "openvino.json"
-    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "openvino", "--precision", "fp32",
-                                       "--artifacts", artifacts, "--compare-with", str(folder / "eager.json"))) == 0
+    assert eval_command.handle(eval_args(pascal, out, "--backend", "openvino", "--precision", "fp32",
+                                         "--artifacts", artifacts, "--compare-with", str(folder / "eager.json"))) == 0
     result = json.loads(out.read_text())
     assert result["backend"] == "openvino" and result["backend_details"]["runtime"] == "OpenVINO fp32"
     assert result["episodes_sha256"] == eager["episodes_sha256"]
     assert result["agreement"]["mask_iou"]["min"] >= 0.999
     with pytest.raises(ConfigError, match="--precision is for"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
-                                    "--precision", "bf16"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                      "--precision", "bf16"))
 
 
 def test_eager_bf16_runs_and_is_recorded(runs, pascal, tmp_path):
     eager, _, folder = runs
     assert eager["backend_details"]["precision"] == "fp32"  # the default
     out = tmp_path / "bf16.json"
-    assert evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16",
-                                       "--compare-with", str(folder / "eager.json"))) == 0
+    assert eval_command.handle(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16",
+                                         "--compare-with", str(folder / "eager.json"))) == 0
     result = json.loads(out.read_text())
     assert result["backend"] == "eager" and result["backend_details"]["precision"] == "bf16"
     assert result["episodes"] == EPISODES and result["episodes_sha256"] == eager["episodes_sha256"]
@@ -280,10 +273,10 @@ def test_eager_bf16_runs_and_is_recorded(runs, pascal, tmp_path):
 def test_eager_and_triton_precisions_are_checked(pascal, tmp_path):
     out = tmp_path / "x.json"
     with pytest.raises(ConfigError, match="--precision is for .* not triton"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
-                                    "--precision", "bf16"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
+                                      "--precision", "bf16"))
     with pytest.raises(ConfigError, match="'fp16' for eager PyTorch: expected one of fp32, bf16"):
-        evaluate.cmd_eval(eval_args(pascal, out, "--backend", "eager", "--precision", "fp16"))
+        eval_command.handle(eval_args(pascal, out, "--backend", "eager", "--precision", "fp16"))
     assert not out.exists()
 
 

@@ -13,7 +13,7 @@ from fssam.errors import CheckpointError, InputError
 from fssam.export import ParityError, export, load_manifest
 from fssam.runtime import as_torch, open_runner
 from fssam.runtime.parity import sample_episode
-from fssam.runtime.contract import STAGE_ORDER
+from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER
 from fssam.model import build
 
 
@@ -22,17 +22,37 @@ def artifacts(tiny_artifacts):
     return tiny_artifacts
 
 
-def test_six_onnx_files_and_manifest(artifacts):
+def test_stage_and_graph_onnx_files_and_manifest(artifacts):
     out, manifest = artifacts
-    assert sorted(os.listdir(out)) == sorted([f"{name}.onnx" for name in STAGE_ORDER] + ["manifest.json"])
-    for name in STAGE_ORDER:
+    assert sorted(os.listdir(out)) == sorted([f"{name}.onnx" for name in (*STAGE_ORDER, *GRAPH_ORDER)] + ["manifest.json"])
+    for name in (*STAGE_ORDER, *GRAPH_ORDER):
+        entry = manifest["stages"].get(name) or manifest["graphs"][name]
         model = onnx.load(os.path.join(out, f"{name}.onnx"))
         onnx.checker.check_model(model)
         first = model.graph.input[0].type.tensor_type.shape.dim[0]
         assert first.dim_param, f"{name}: batch dimension is not dynamic"
-        assert [i.name for i in model.graph.input] == [t["name"] for t in manifest["stages"][name]["inputs"]]
+        assert [i.name for i in model.graph.input] == [t["name"] for t in entry["inputs"]]
     assert manifest["weights"]["source"] == "random-init seed 0"
-    assert manifest["parity"]["onnxruntime"]["passed"]
+    assert manifest["parity"]["onnxruntime"]["passed"] and manifest["graph_parity"]["onnxruntime"]["passed"]
+    uint8 = onnx.TensorProto.UINT8
+    encoder = onnx.load(os.path.join(out, "support_encoder.onnx"))
+    assert [i.type.tensor_type.elem_type for i in encoder.graph.input] == [uint8, uint8]
+
+
+def test_graphs_match_eager_and_compose_as_the_stages(artifacts, tiny_model):
+    """The deployable graphs, per graph and end to end, within the fp32 gate; through ONNX Runtime
+    they give the stage composition's logits (query memory encodings batched or not)."""
+    out, manifest = artifacts
+    report = manifest["graph_parity"]["onnxruntime"]
+    assert report["units"] == "graphs" and set(report["stages"]) == set(GRAPH_ORDER)
+    assert report["end_to_end"]["max_abs"] <= 1e-3 and report["end_to_end"]["mask_iou"] >= 0.999
+    runner = as_torch(open_runner("onnxruntime", out))
+    query, supports, masks = sample_episode(tiny_model.config, 1, batch=3, seed=21)
+    with torch.inference_mode():
+        eager = tiny_model(query, supports, masks)
+        graphs = runner.run_graphs(query, supports, masks)
+        stages = runner(query, supports, masks)
+    assert (graphs - eager).abs().max().item() <= 1e-3 and (graphs - stages).abs().max().item() <= 1e-4
 
 
 def test_each_stage_matches_eager_within_gate(artifacts):
@@ -274,7 +294,7 @@ def test_head_exports_with_custom_scma_nodes(tmp_path):
     """The TensorRT variant of the head: one fssam::SCMA node per memory-attention layer, no decomposition."""
     from fssam.export.onnx_export import _examples, export_stage
     from fssam.runtime.contract import stage_specs
-    from fssam.kernels import onnx_custom_node
+    from fssam.ops.scma import onnx_custom_node
 
     model = build("tiny")
     path = str(tmp_path / "head.onnx")
@@ -299,9 +319,9 @@ def test_custom_scma_export_keeps_a_decomposed_head_for_onnx_runtime(tmp_path, m
     built = {}
 
     def fake_build_engines(folder, manifest, model, progress=None):
-        for name, entry in manifest["stages"].items():
+        for name, entry in {**manifest["stages"], **manifest["graphs"]}.items():
             built[name] = entry.get("tensorrt_onnx", entry)["file"]
-        return {"engines": {}, "parity": {"passed": True}}
+        return {"engines": {}, "parity": {"passed": True}, "graph_parity": {"passed": True}}
 
     monkeypatch.setattr(trt_export, "require_tensorrt", lambda: None)
     monkeypatch.setattr(trt_export, "build_engines", fake_build_engines)
@@ -309,6 +329,7 @@ def test_custom_scma_export_keeps_a_decomposed_head_for_onnx_runtime(tmp_path, m
     manifest = export("tiny", out=str(out), tensorrt=True, scma_node="custom", progress=False)
     assert manifest["parity"]["onnxruntime"]["passed"]
     assert built["head"] == "head.scma.onnx" and built["prior"] == "prior.onnx"
+    assert built["query_segmenter"] == "query_segmenter.onnx"  # the graphs: decomposed SCMA (see #13 item 4)
     assert load_manifest(str(out))["stages"]["head"]["tensorrt_onnx"]["file"] == "head.scma.onnx"
     decomposed = [n for n in onnx.load(str(out / "head.onnx")).graph.node if n.domain == "fssam"]
     custom = onnx.load(str(out / "head.scma.onnx"))
@@ -362,7 +383,7 @@ def test_onnx_files_carry_no_machine_path(artifacts):
             yield from (p.key + p.value for p in node.metadata_props)
 
     files = [name for name in os.listdir(out) if name.endswith(".onnx")]
-    assert len(files) == len(STAGE_ORDER)
+    assert len(files) == len(STAGE_ORDER) + len(GRAPH_ORDER)
     for name in files:
         model = onnx.load(os.path.join(out, name))
         found = [s for s in strings(model) if any(root in s for root in roots) or "stack_trace" in s]
@@ -396,3 +417,90 @@ def test_checkpoint_export_records_name_and_hash_and_compare_needs_it(tmp_path, 
     assert "not among the checkpoints" in capsys.readouterr().err
     assert main(["compare", "--artifacts", str(out), "--checkpoint", str(checkpoint)]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- batch limits (--max-batch)
+
+def test_tensorrt_profiles_come_from_the_export_limit(monkeypatch):
+    """A 5-shot export with --max-batch 4: the per-image stages admit 4 x 5 = 20 images (and the
+    query's 2B memory encodings), the per-episode stages and the graphs 4 episodes. Checked on the
+    profile shapes serialize_network is given (runners.tensorrt.profile_shapes); TensorRT itself
+    is a recording stand-in (no GPU here)."""
+    from fssam.export import tensorrt as trt_export
+    from fssam.model import get_config
+    from fssam.runtime.contract import PER_IMAGE_STAGES, graph_specs, stage_specs
+    from fssam.runtime.runners.tensorrt import batch_profile, profile_shapes
+
+    config = get_config("tiny")
+    specs = {**stage_specs(config, 5), **graph_specs(config, 5)}
+    profiles = profile_shapes({name: spec.to_dict() for name, spec in specs.items()}, max_batch=4, shots=5)
+    assert set(profiles) == set(STAGE_ORDER) | set(GRAPH_ORDER)
+    for name, inputs in profiles.items():
+        assert [t["name"] for t in specs[name].to_dict()["inputs"]] == list(inputs)
+        for low, opt, high in inputs.values():
+            assert low[0] == 1 and low[1:] == opt[1:] == high[1:]
+            assert (opt[0], high[0]) == ((5, 20) if name in PER_IMAGE_STAGES else (1, 4)), name
+    assert profiles["prior_backbone"]["images"][2] == [20, 3, 64, 64]
+    assert profiles["support_encoder"]["support_images"][2] == [4, 5, 3, 64, 64]
+    assert batch_profile("memory_encoder", 4, 1) == (1, 2, 8)  # 1-shot: the query's 2B encodings set the limit
+    fake = _FakeTensorRT()
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: fake)
+    trt_export.serialize_network(b"onnx", "fp16", batch_profile("image_encoder", 4, 5))
+    assert [c for c in fake.calls if c[0] == "profile"] == [("profile", "image", ([1, 3, 64, 64], [5, 3, 64, 64],
+                                                                                  [20, 3, 64, 64]))]
+
+
+def test_the_limit_is_recorded_and_runners_refuse_a_batch_over_it(artifacts):
+    """Default --max-batch 8 (1-shot): 8 episodes, 16 images for the per-image stages; a larger
+    batch is a clear error before anything runs."""
+    out, manifest = artifacts
+    assert manifest["max_batch"] == 8
+    assert manifest["stages"]["image_encoder"]["max_batch"] == 16 and manifest["stages"]["prior"]["max_batch"] == 8
+    assert {manifest["graphs"][name]["max_batch"] for name in GRAPH_ORDER} == {8}
+    runner = as_torch(open_runner("onnxruntime", out))
+    with pytest.raises(InputError, match=r"stage image_encoder: batch 17 is over this export's limit of 16 "
+                                         r"\(--max-batch 8 episodes, 1-shot\)"):
+        runner.image_encoder(torch.zeros(17, 3, 64, 64))
+    support = torch.zeros(9, 1, 3, 64, 64, dtype=torch.uint8), torch.zeros(9, 1, 64, 64, dtype=torch.uint8)
+    with pytest.raises(InputError, match="stage support_encoder: batch 9 is over"):
+        runner.support_encoder(*support)
+    with pytest.raises(InputError, match="max_batch must be in 1..64"):
+        export("tiny", out="unused", max_batch=0)
+
+
+# ---------------------------------------------------------------- bf16
+
+def test_bf16_export_passes_the_checker_and_its_gate_says_what_it_ran(tmp_path):
+    """`fssam export --precision bf16` (5-shot, --max-batch 4): opset 22 (Conv, MaxPool, Sin, Cos
+    take bf16 there), Einsum cast to fp32 and back, every file through ONNX's full check; ONNX
+    Runtime's CPU provider has no bf16 kernels, so the gate runs fp32 arithmetic with bf16 rounding
+    after every operator and the manifest says so. The graphs keep uint8 inputs."""
+    from fssam.runtime.runners.tensorrt import profile_shapes
+
+    out = tmp_path / "bf16"
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "export", "--config", "tiny", "--precision", "bf16",
+                             "--shots", "5", "--max-batch", "4", "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PASSED" in result.stdout and "bf16 at opset 22" in result.stdout
+    manifest = load_manifest(str(out))
+    assert manifest["dtype"] == "bfloat16" and manifest["opset"] == 22 and manifest["max_batch"] == 4
+    bf16 = manifest["bf16"]
+    assert bf16["opset"] == 22 and "fp32 arithmetic per operator" in bf16["gate"]["onnxruntime"]
+    assert {op for ops in bf16["fp32_ops"].values() for op in ops} == {"Einsum"}
+    assert set(bf16["fp32_ops"]) >= {"prior", "refine", "query_segmenter"}
+    for report in (manifest["parity"]["onnxruntime"], manifest["graph_parity"]["onnxruntime"]):
+        assert report["passed"] and report["baseline"] == "same_dtype", report["failures"]
+        assert "fp32 arithmetic per operator" in report["runtime"]
+    bf16_type, uint8 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8
+    for name in (*STAGE_ORDER, *GRAPH_ORDER):
+        entry = manifest["stages"].get(name) or manifest["graphs"][name]
+        assert entry["precision"] == "bf16" and entry["onnxruntime_cpu"].startswith("does not load: ")
+        model = onnx.load(str(out / entry["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {22}
+        inputs = [i.type.tensor_type.elem_type for i in model.graph.input]
+        assert inputs == ([uint8, uint8] if name == "support_encoder" else [uint8] + [bf16_type] * 3 + [uint8]
+                          if name == "query_segmenter" else [bf16_type] * len(inputs)), name
+    profiles = profile_shapes({**manifest["stages"], **manifest["graphs"]}, manifest["max_batch"], manifest["shots"])
+    assert profiles["image_encoder"]["images"][2][0] == 20 and profiles["head"]["feat_s0"][2][0] == 4

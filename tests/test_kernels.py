@@ -1,29 +1,43 @@
-"""SCMA kernels: the Triton kernel vs the reference, the fssam::scma custom op and the model on
-it, the ONNX custom node, and the TensorRT plugin.
+"""SCMA (`fssam.ops.scma`): the Triton kernel (one pass and split over the keys) vs the reference,
+the sm_90 resources of every autotune config, the fssam::scma custom op and the model on it, the
+ONNX custom node, and the TensorRT plugin.
 
 On a CPU-only machine the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, set by
-conftest before triton is imported); with a GPU it runs compiled on CUDA.
+conftest before triton is imported); with a GPU it runs compiled on CUDA (and
+test_gpu_kernel_runs_compiled checks that it did).
 """
 
+import ast
+import collections
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 
-import fssam.kernels as kernels
-from fssam.kernels import tensorrt_plugin
-from fssam.model.scma import scma_reference
+import fssam.model.attention as attention
+import fssam.ops.scma as scma_ops
+from fssam.ops.scma import op as scma_op
+from fssam.ops.scma import tensorrt_plugin, triton_kernel
+from fssam.ops.scma.onnx_node import CustomNode, active_custom_node, onnx_custom_node, scma_onnx_node
+from fssam.ops.scma.reference import calibration_inputs, scma_reference
+from fssam.ops.scma.triton_kernel import SplitPlan, split_plan
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = triton_kernel.interpreting()
 needs_triton_device = pytest.mark.skipif(
     not CUDA and not INTERPRET, reason="the Triton kernel needs a CUDA GPU or TRITON_INTERPRET=1"
 )
-BF16_REASON = "bf16 tl.dot is wrong in the Triton CPU interpreter (triton#11584): bf16 runs on GPU only"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (this machine has none)")
+BF16_REASON = ("needs a CUDA GPU: bf16 tl.dot is wrong in the Triton CPU interpreter (triton#11584), so bf16 "
+               "runs on GPU only")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_inputs(batch=1, heads=2, tokens=16, head_dim=16, shots=1, pointers=4, dtype=torch.float32, seed=0,
@@ -39,9 +53,24 @@ def make_inputs(batch=1, heads=2, tokens=16, head_dim=16, shots=1, pointers=4, d
 
 
 def triton_scma(*args, **kwargs):
-    from fssam.kernels.triton_scma import triton_scma as fn
+    return triton_kernel.triton_scma(*args, **kwargs)
 
-    return fn(*args, **kwargs)
+
+def _counting(calls, name, fn):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts which implementation torch.ops.fssam.scma ran: "reference" / "triton"."""
+    calls = collections.Counter()
+    monkeypatch.setattr(scma_op, "scma_reference", _counting(calls, "reference", scma_op.scma_reference))
+    monkeypatch.setattr(triton_kernel, "triton_scma", _counting(calls, "triton", triton_kernel.triton_scma))
+    return calls
 
 
 # ----------------------------------------------------------------------------- kernel, fp32
@@ -54,7 +83,7 @@ def triton_scma(*args, **kwargs):
 @pytest.mark.parametrize("tokens,head_dim", [(16, 16), (36, 32), (16, 64), (36, 64), (20, 128), (16, 256)])
 def test_fp32_matches_reference(tokens, head_dim, shots, pointers, mode):
     q, k, v, masks = make_inputs(2, 2, tokens, head_dim, shots, pointers, seed=tokens + shots + pointers)
-    got = triton_scma(q, k, v, masks, mode)
+    got = triton_scma(q, k, v, masks, mode, num_splits=1)
     expected = scma_reference(q, k, v, masks, mode)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -68,26 +97,28 @@ def test_fp32_multi_tile_tails_and_strided_q(block):
     q, k, v, masks = make_inputs(1, 3, 36, 24, 2, 5, seed=7)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, c) with non-standard strides
     assert not q_view.is_contiguous()
-    got = triton_scma(q_view, k, v, masks, "paper", block_m=block, block_n=block)
+    got = triton_scma(q_view, k, v, masks, "paper", block_m=block, block_n=block, num_splits=1)
     torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton_device
-def test_constant_rows_max_equals_min():
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_constant_rows_max_equals_min(num_splits):
     """q = 0: every score is 0, max = min, a = 0 / 1e-7 = 0 (no NaN); bias = min(0, 10 (w - 1))."""
     q, k, v, masks = make_inputs(1, 2, 16, 32, 2, 4, seed=3)
     q = torch.zeros_like(q)
-    got = triton_scma(q, k, v, masks, "paper")
+    got = triton_scma(q, k, v, masks, "paper", num_splits=num_splits)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton_device
-def test_constant_pseudo_query_keys():
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_constant_pseudo_query_keys(num_splits):
     """All pseudo-query keys equal: each row's pseudo block is constant (max = min) for any q."""
     q, k, v, masks = make_inputs(1, 1, 16, 16, 1, 4, seed=4)
     k[:, :, 16:32] = k[:, :, 16:17]
-    got = triton_scma(q, k, v, masks, "paper")
+    got = triton_scma(q, k, v, masks, "paper", num_splits=num_splits)
     torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
 
 
@@ -96,19 +127,112 @@ def test_constant_pseudo_query_keys():
 def test_all_zero_support_mask(shots):
     q, k, v, masks = make_inputs(2, 1, 16, 16, shots, 4, seed=5)
     masks = torch.zeros_like(masks)
-    got = triton_scma(q, k, v, masks, "paper")
+    got = triton_scma(q, k, v, masks, "paper", num_splits=1)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- kernel, split over the keys
+
+
+@needs_triton_device
+@pytest.mark.parametrize(
+    "tokens,head_dim,shots,pointers,num_splits,block,mode",
+    [
+        # N = 36, L = 77: chunks of 32 keys [0, 32) [32, 64) [64, 77) cross N = 36 and 2N = 72 inside a
+        # chunk and inside a key tile; 3 stats slices of 16 pseudo-query keys [36, 52) [52, 68) [68, 72)
+        (36, 32, 2, 5, 3, 32, "paper"),
+        (36, 32, 2, 5, 3, 16, "official"),
+        (36, 24, 1, 0, 8, 16, "paper"),  # P = 0 (the last chunk ends at 2N), odd head dim, chunks of 16 keys
+        (36, 64, 5, 24, 2, 16, "paper"),  # 5 shots, many pointers, 2 chunks
+        (20, 128, 1, 4, 4, 32, "official"),  # ragged query tile (N = 20 < BLOCK_M)
+    ],
+)
+def test_split_fp32_matches_reference(tokens, head_dim, shots, pointers, num_splits, block, mode):
+    """The split path's arithmetic (partial row min/max reduced exactly, per-chunk online softmax,
+    log-sum-exp combine) against the reference, and against the one-pass kernel."""
+    q, k, v, masks = make_inputs(2, 2, tokens, head_dim, shots, pointers, seed=tokens + num_splits)
+    plan = split_plan(2 * 2, tokens, calibration_inputs(k, v, masks, mode)[0].shape[2], None, num_splits)
+    assert plan.num_chunks > 1 and plan.num_stat_slices > 1, plan
+    got = triton_scma(q, k, v, masks, mode, block_m=block, block_n=block, num_splits=num_splits)
+    expected = scma_reference(q, k, v, masks, mode)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    one_pass = triton_scma(q, k, v, masks, mode, block_m=block, block_n=block, num_splits=1)
+    torch.testing.assert_close(got, one_pass, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton_device
+def test_split_calibration_uses_the_exact_row_min_max():
+    """One row's pseudo-query scores spread over several stats slices with the extremes in
+    different slices: a split that used per-slice (not row-wide) min/max would differ."""
+    q, k, v, masks = make_inputs(1, 1, 48, 16, 1, 0, seed=31)
+    k[:, :, 48 + 2] *= 6.0  # the row max of most rows in the first slice
+    k[:, :, 96 - 3] *= -6.0  # the row min in the last one
+    got = triton_scma(q, k, v, masks, "paper", block_m=16, block_n=16, num_splits=3)
+    torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_split_fp16_within_twice_torch_fp16_error(num_splits):
+    _low_precision_check(torch.float16, 36, 64, 2, 5, "paper", seed=23, num_splits=num_splits)
+
+
+def test_split_plan_heuristic_for_the_serving_shapes():
+    """H100 (132 SMs), N = 1024 (32 x 32), H = 1, L = 2N + 8: batch 1 and 4 leave most SMs idle
+    with one pass (16 / 64 programs of 64 queries) and split; batch 8 and 16 do not."""
+    n, length, sms = 1024, 2 * 1024 + 8, 132
+    assert split_plan(1, n, length, sms) == SplitPlan(1, length, 1, n)  # off by default (measured slower, H200)
+    assert split_plan(1, n, length, sms, auto=True) == SplitPlan(num_chunks=11, chunk=192, num_stat_slices=8,
+                                                                 stat_chunk=128)
+    assert split_plan(4, n, length, sms, auto=True) == SplitPlan(num_chunks=5, chunk=448, num_stat_slices=4,
+                                                                 stat_chunk=256)
+    for batch in (8, 16):
+        assert split_plan(batch, n, length, sms, auto=True).num_chunks == 1
+    assert split_plan(1, n, length, None, auto=True).num_chunks == 1  # CPU / interpreter: no SM count, no split
+    for batch in (1, 2, 3, 4):  # the split launches fill the GPU
+        plan = split_plan(batch, n, length, sms, auto=True)
+        assert plan.num_chunks * batch * 16 >= sms
+        assert plan.chunk % triton_kernel.SPLIT_ALIGN == 0 and plan.chunk >= triton_kernel.MIN_CHUNK
+        assert (plan.num_chunks - 1) * plan.chunk < length <= plan.num_chunks * plan.chunk
+        assert (plan.num_stat_slices - 1) * plan.stat_chunk < n <= plan.num_stat_slices * plan.stat_chunk
+    # forced: chunks rounded to 16 keys, every chunk and slice non-empty
+    assert split_plan(4, 36, 77, None, num_splits=3) == SplitPlan(3, 32, 3, 16)
+    assert split_plan(4, 36, 77, sms, num_splits=1).num_chunks == 1
+    with pytest.raises(ValueError, match="num_splits"):
+        split_plan(1, 36, 77, None, num_splits=0)
+
+
+def test_autotune_tables():
+    """Every (kernel, dtype class, head dim class) has candidates; BLOCK_M <= the split decision's
+    nominal tile and BLOCK_N divides the split alignment (chunks are whole key tiles); the
+    autotuners' pruning keeps exactly the table's entries."""
+    for (kernel, _, _), table in triton_kernel.AUTOTUNE_CONFIGS.items():
+        assert kernel in triton_kernel.KERNELS and 1 <= len(table) <= 4
+        for block_m, block_n, warps, stages in table:
+            assert 16 <= block_m <= triton_kernel.NOMINAL_BLOCK_M and triton_kernel.SPLIT_ALIGN % block_n == 0
+            assert warps in (1, 2, 4, 8) and stages >= 1
+    for kernel in triton_kernel.KERNELS:
+        tuner = triton_kernel._AUTOTUNED[kernel]
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in (16, 48, 64, 96, 128, 256):
+                q = torch.empty(0, dtype=dtype)
+                kept = tuner.early_config_prune(tuner.configs, {"Q": q}, HEAD_DIM=head_dim)
+                expected = triton_kernel.autotune_configs(kernel, head_dim, dtype)
+                assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == \
+                    sorted((c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in expected)
 
 
 # ----------------------------------------------------------------------------- kernel, fp16 / bf16
 
 
-def _low_precision_check(dtype, tokens, head_dim, shots, pointers, mode, seed):
-    q, k, v, masks = make_inputs(1, 2, tokens, head_dim, shots, pointers, dtype=dtype, seed=seed)
+def _low_precision_check(dtype, tokens, head_dim, shots, pointers, mode, seed, batch=1, heads=2, num_splits=None):
+    """Tolerance (flash-attention's rule): the kernel's error against fp32 on the same rounded
+    inputs is at most twice PyTorch's own error in that dtype."""
+    q, k, v, masks = make_inputs(batch, heads, tokens, head_dim, shots, pointers, dtype=dtype, seed=seed)
     exact = scma_reference(q.float(), k.float(), v.float(), masks, mode)  # same (rounded) inputs, fp32
     torch_error = (scma_reference(q, k, v, masks, mode).float() - exact).abs().max().item()
-    got = triton_scma(q, k, v, masks, mode)
+    got = triton_scma(q, k, v, masks, mode, num_splits=num_splits)
     assert got.dtype == dtype
     kernel_error = (got.float() - exact).abs().max().item()
     assert kernel_error <= 2 * torch_error + 1e-4, (kernel_error, torch_error)
@@ -124,17 +248,44 @@ def test_fp16_within_twice_torch_fp16_error(tokens, head_dim, shots, pointers, m
 
 @needs_triton_device
 @pytest.mark.skipif(not CUDA, reason=BF16_REASON)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("shots,pointers", [(1, 4), (5, 24)])
 @pytest.mark.parametrize("tokens,head_dim", [(36, 32), (64, 128)])
-def test_bf16_within_twice_torch_bf16_error(tokens, head_dim, shots, pointers):
-    _low_precision_check(torch.bfloat16, tokens, head_dim, shots, pointers, "paper", seed=13)
+def test_bf16_within_twice_torch_bf16_error(tokens, head_dim, shots, pointers, num_splits):
+    _low_precision_check(torch.bfloat16, tokens, head_dim, shots, pointers, "paper", seed=13, num_splits=num_splits)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_production_shape(dtype):
-    """N = 1024 (32 x 32), c = 256, K = 5, P = 24: the benchmark's shape, fp16/bf16 on GPU."""
-    _low_precision_check(dtype, 1024, 256, 5, 24, "paper", seed=17)
+def test_gpu_production_shape(dtype, batch):
+    """N = 1024 (32 x 32), c = 256, K = 5, P = 24, H = 1: the serving shape, fp16/bf16, autotuned;
+    on an H100 batch 1 and 4 take the split path, batch 16 the one-pass kernel."""
+    _low_precision_check(dtype, 1024, 256, 5, 24, "paper", seed=17, batch=batch, heads=1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: checks that on a GPU the kernels run compiled, not in the "
+                                     "interpreter (this machine has no GPU, so they run interpreted here)")
+def test_gpu_kernel_runs_compiled():
+    """On a GPU the kernels are compiled Triton kernels, not the interpreter (which would copy
+    CUDA tensors to the host): TRITON_INTERPRET is off, the kernels are JITFunctions, and running
+    the one-pass and split paths leaves compiled binaries for this device in their caches."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    assert not triton_kernel.interpreting(), "TRITON_INTERPRET is set on a CUDA machine: kernels run interpreted"
+    for name, fn in triton_kernel.KERNEL_FUNCTIONS.items():
+        assert isinstance(fn, JITFunction) and type(fn).__name__ != "InterpretedFunction", (name, type(fn))
+    q, k, v, masks = make_inputs(1, 1, 64, 64, 1, 4, dtype=torch.float16, seed=41)
+    for num_splits in (1, 3):
+        out = triton_scma(q, k, v, masks, "paper", num_splits=num_splits)
+        assert out.is_cuda
+    torch.cuda.synchronize()
+    for name, fn in triton_kernel.KERNEL_FUNCTIONS.items():
+        compiled = [kernel for cache in fn.device_caches.values() for kernel in cache[0].values()]
+        assert compiled, f"{name}: no compiled kernel in the JIT cache"
+        assert all(kernel.metadata.target.backend == "cuda" for kernel in compiled), name
+    assert triton.__version__  # the compiler that built them
 
 
 def test_cpu_without_interpreter_is_refused():
@@ -144,17 +295,158 @@ def test_cpu_without_interpreter_is_refused():
         triton_scma(*make_inputs(device="cpu"))
 
 
+# ----------------------------------------------------------------------------- sm_90 resources of every config
+
+H100_REGISTERS_PER_THREAD = 255
+H100_REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and the most one thread block may use)
+H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory per thread block
+SERVING_HEAD_DIM = 256  # SAM 2's memory attention: one head of 256
+
+
+def _sm90_dtypes(klass, head_dim):
+    """The 16-bit tables serve fp16 and bf16: both are compiled at the serving head dim, fp16
+    elsewhere (their resources differ by a few registers, never in shared memory)."""
+    if klass == "fp32":
+        return ("fp32",)
+    return ("fp16", "bf16") if head_dim == SERVING_HEAD_DIM else ("fp16",)
+
+
+def _sm90_cases():
+    """Every autotune config of every kernel, at the head dim of its table, and the combine kernel."""
+    cases = []
+    for (kernel, klass, head_dim), table in triton_kernel.AUTOTUNE_CONFIGS.items():
+        for dtype in _sm90_dtypes(klass, head_dim):
+            for block_m, block_n, warps, stages in table:
+                cases.append(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, BLOCK_M=block_m,
+                                  BLOCK_N=block_n, num_warps=warps, num_stages=stages))
+    for head_dim in (64, 128, 256):
+        for dtype in ("fp16", "fp32") + (("bf16",) if head_dim == SERVING_HEAD_DIM else ()):
+            cases.append(dict(kernel="combine", dtype=dtype, head_dim=head_dim, BLOCK_N=None,
+                              **triton_kernel.combine_config(head_dim)))
+    return cases
+
+
+def _case_id(case):
+    tiles = f"m{case['BLOCK_M']}" + (f"n{case['BLOCK_N']}" if case["BLOCK_N"] else "")
+    return f"{case['kernel']}-{case['dtype']}-c{case['head_dim']}-{tiles}w{case['num_warps']}s{case['num_stages']}"
+
+
+SM90_CASES = _sm90_cases()
+
+_SM90_SCRIPT = textwrap.dedent(
+    r'''
+    import concurrent.futures, contextlib, io, json, multiprocessing, os, re, subprocess, sys, tempfile
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its ptxas -v log when it compiles
+
+    def compile_case(case):
+        import torch, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.cache import get_cache_manager
+        from fssam.ops.scma import triton_kernel as tk
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case["dtype"]]
+        fn = tk.KERNEL_FUNCTIONS[case["kernel"]]
+        # 16-divisible pointers and strides, as the JIT launch specialises them at the serving shape (c = 256, N = 1024)
+        aligned = [n for n in fn.arg_names if n in ("Q", "K", "V", "O", "CAL", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
+                   or n.startswith("stride_") or n in ("N", "CHUNK")]
+        config = {k: case[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        # A CompiledKernel's n_regs / n_spills are filled in only when its binary is loaded on a GPU. Here:
+        # the registers of Triton's cubin (cuobjdump -res-usage), and the spill stores / loads and stack frame
+        # from the ptxas -v log of Triton's own ptxas run (TRITON_DUMP_PTXAS_LOG); on a Triton cache hit
+        # (no ptxas run) from ptxas -v on Triton's PTX with the flags of Triton's make_cubin (same registers,
+        # checked).
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            compiled = tk.compile_for_target(fn, dtype, case["head_dim"], config, GPUTarget("cuda", 90, 32),
+                                             aligned=aligned)
+        meta = compiled.metadata
+        log = printed.getvalue()
+        cache = get_cache_manager(compiled.hash)  # beside Triton's cached kernel: warm runs skip ptxas
+        log_name = meta.name + ".ptxas-v.log"
+        if "bytes spill stores" not in log and cache.get_file(log_name):
+            with open(cache.get_file(log_name)) as f:
+                log = f.read()
+        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                                   text=True, check=True).stdout
+            if "bytes spill stores" not in log:
+                with open(ptx, "w") as f:
+                    f.write(compiled.asm["ptx"])
+                log = subprocess.run([os.path.join(tools, "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                      "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "v.cubin")],
+                                     capture_output=True, text=True, check=True).stderr
+        cache.put(log, log_name, binary=False)
+        regs = int(re.search(r"Function " + re.escape(meta.name) + r":\s*REG:(\d+)", usage)[1])
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        return dict(case, regs=regs, ptxas_regs=int(re.search(r"Used (\d+) registers", log)[1]),
+                    stack_frame=int(frame[1]), spill_stores=int(frame[2]), spill_loads=int(frame[3]),
+                    spills=int(frame[2]) // 4, shared=meta.shared, threads=meta.num_warps * 32,
+                    scratch=getattr(meta, "global_scratch_size", 0) or 0)
+
+    cases = json.loads(sys.stdin.read())
+    workers = max(1, min(len(cases), os.cpu_count() or 1))
+    # fork: this parent has imported neither torch nor triton, each worker compiles on its own
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for result in pool.map(compile_case, cases):
+            print(json.dumps(result), flush=True)
+    '''
+)
+
+
+def _run_compiled(script: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python without TRITON_INTERPRET (the real Triton compiler), in a temp dir."""
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FSSAM_TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,
+                              input=stdin, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sm90_resources():
+    """Every autotune config of every kernel compiled for sm_90 (H100) with Triton's bundled ptxas,
+    no GPU needed; {case id: resources}. Compiled in parallel, once per test module."""
+    result = _run_compiled(_SM90_SCRIPT, stdin=json.dumps(SM90_CASES), timeout=600)
+    if result.returncode != 0 and "cuobjdump" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("Triton's CUDA backend tools (ptxas, cuobjdump) are not available")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    table = "\n".join(f"{_case_id(r)}: regs {r['regs']}, spill stores {r['spill_stores']} B, stack frame "
+                      f"{r['stack_frame']} B, shared {r['shared']} B" for r in rows)
+    print(f"\nsm_90 resources per config:\n{table}")
+    return {_case_id(row): row for row in rows}
+
+
+@pytest.mark.parametrize("case", SM90_CASES, ids=_case_id)
+def test_config_fits_sm90(case, sm90_resources):
+    """Registers <= 255 per thread and regs x threads within the 64K register file, no register
+    spills (ptxas' spill stores, in 4-byte words as Triton's n_spills; unless documented in
+    triton_kernel.DOCUMENTED_SPILLS), no Triton scratch memory, and shared memory within an
+    H100's 227 KiB per block."""
+    usage = sm90_resources[_case_id(case)]
+    assert usage["ptxas_regs"] == usage["regs"], usage  # ptxas -v reproduced Triton's cubin
+    assert usage["regs"] <= H100_REGISTERS_PER_THREAD, usage
+    assert usage["regs"] * usage["threads"] <= H100_REGISTER_FILE, usage
+    assert usage["spills"] <= triton_kernel.DOCUMENTED_SPILLS.get(_case_id(case), 0), usage
+    assert usage["shared"] <= H100_SHARED_PER_BLOCK, usage
+    assert usage["scratch"] == 0, usage
+
+
 # ----------------------------------------------------------------------------- custom op
 
 
-def test_dispatcher_uses_custom_op_and_matches_reference():
+def test_dispatcher_uses_custom_op_and_matches_reference(op_calls):
     q, k, v, masks = make_inputs(1, 2, 16, 16, 2, 4, device="cpu")
-    before = sum(kernels.CALLS.values())
-    got = kernels.scma(q, k, v, masks, "official")
-    assert sum(kernels.CALLS.values()) == before + 1
+    got = scma_ops.scma(q, k, v, masks, "official")
+    assert op_calls == {"reference": 1}
     assert torch.equal(got, scma_reference(q, k, v, masks, "official"))
     with pytest.raises(ValueError, match="mode"):
-        kernels.scma(q, k, v, masks, "bogus")
+        scma_ops.scma(q, k, v, masks, "bogus")
 
 
 def test_custom_op_registration_checks():
@@ -175,29 +467,50 @@ def test_custom_op_backward_matches_reference():
         torch.testing.assert_close(got.grad, expected.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_model_forward_goes_through_custom_op(tiny_model, monkeypatch):
+def test_model_forward_goes_through_custom_op(op_calls, monkeypatch):
+    """The model, built on the device under test, calls torch.ops.fssam.scma: the Triton kernel on
+    CUDA, the reference on CPU (and, under the interpreter, the Triton kernel inside
+    triton_on_cpu); bypassing the op (the reference called directly) gives the same masks."""
     from conftest import random_episode
 
-    query, supports, masks = random_episode(1, 2, 64, seed=21)
-    kernels.CALLS.clear()
-    with torch.no_grad():
-        through_op = tiny_model(query, supports, masks)
-    calls = sum(kernels.CALLS.values())
-    assert calls > 0, "the model did not call torch.ops.fssam.scma"
+    from fssam.model import build
 
-    if INTERPRET or CUDA:  # the same forward with the Triton kernel inside the op
-        kernels.CALLS.clear()
-        with torch.no_grad(), kernels.triton_on_cpu(not CUDA and INTERPRET):
-            through_triton = tiny_model(query, supports, masks)
-        assert kernels.CALLS["triton"] == calls
+    model = build("tiny", seed=0).to(DEVICE)
+    query, supports, masks = (t.to(DEVICE) for t in random_episode(1, 2, 64, seed=21))
+    with torch.no_grad():
+        through_op = model(query, supports, masks)
+    calls = sum(op_calls.values())
+    assert calls > 0, "the model did not call torch.ops.fssam.scma"
+    assert op_calls["triton" if CUDA else "reference"] == calls
+
+    if INTERPRET and not CUDA:  # the same forward with the Triton kernel (interpreted) inside the op
+        op_calls.clear()
+        with torch.no_grad(), scma_ops.triton_on_cpu():
+            through_triton = model(query, supports, masks)
+        assert op_calls == {"triton": calls}
         torch.testing.assert_close(through_triton, through_op, atol=1e-5, rtol=1e-5)
 
-    monkeypatch.setattr(kernels, "scma", scma_reference)  # the reference path, bypassing the op
-    kernels.CALLS.clear()
+    monkeypatch.setattr(attention, "scma", scma_reference)  # the reference path, bypassing the op
+    op_calls.clear()
     with torch.no_grad():
-        through_reference = tiny_model(query, supports, masks)
-    assert sum(kernels.CALLS.values()) == 0
-    torch.testing.assert_close(through_op, through_reference, atol=0, rtol=0)
+        through_reference = model(query, supports, masks)
+    assert sum(op_calls.values()) == 0
+    if CUDA:  # the compiled fp32 kernel (IEEE dots) vs PyTorch's fp32 reference on the same device
+        torch.testing.assert_close(through_op, through_reference, atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(through_op, through_reference, atol=0, rtol=0)
+
+
+def test_ops_package_imports_nothing_outside_it():
+    """No import cycles: fssam.ops.scma imports no other part of fssam (the model imports it, the
+    exporter and the TensorRT runner import it, never the other way round)."""
+    for path in (REPO / "fssam" / "ops").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for name in names:
+                assert not name.startswith("fssam") or name.startswith("fssam.ops"), (path.name, name)
+    assert not (REPO / "fssam" / "kernels").exists()
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -209,7 +522,7 @@ class _ScmaModule(torch.nn.Module):
         self.mode = mode
 
     def forward(self, q, k, v, masks):
-        return kernels.scma(q, k, v, masks, self.mode) * 2.0
+        return scma_ops.scma(q, k, v, masks, self.mode) * 2.0
 
 
 def _export(mode, inputs):
@@ -222,15 +535,34 @@ def _export(mode, inputs):
     return program.model_proto
 
 
+def test_onnx_custom_node_is_a_per_export_switch():
+    """Only inside the exporter's `with onnx_custom_node():` block, only in that thread/context;
+    constructing it changes nothing, and leaving the block restores the previous choice."""
+    switch = onnx_custom_node(True, aot=False)
+    assert active_custom_node() is None
+    with switch:
+        assert active_custom_node() == CustomNode(aot=False)
+        with onnx_custom_node(False):
+            assert active_custom_node() is None
+        assert active_custom_node() == CustomNode(aot=False)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(active_custom_node()))
+        thread.start()
+        thread.join()
+        assert seen == [None]
+    assert active_custom_node() is None
+    q, k, v, masks = make_inputs(1, 1, 16, 16, 1, 4, device="cpu")
+    with onnx_custom_node():  # outside torch.onnx.export the op runs as usual
+        torch.testing.assert_close(scma_ops.scma(q, k, v, masks), scma_reference(q, k, v, masks))
+
+
 def test_onnx_custom_node_export():
     import onnx
 
     inputs = make_inputs(1, 2, 16, 16, 2, 4, device="cpu")
-    assert not kernels.onnx_custom_node_enabled()
-    with kernels.onnx_custom_node(True):
-        assert kernels.onnx_custom_node_enabled()
+    with onnx_custom_node():
         model = _export("paper", inputs)
-    assert not kernels.onnx_custom_node_enabled()
+    assert active_custom_node() is None
     onnx.checker.check_model(model, full_check=False)
     custom = [node for node in model.graph.node if node.domain == "fssam"]
     assert len(custom) == 1
@@ -274,6 +606,12 @@ def test_onnx_default_export_is_standard_ops_and_matches_reference(mode):
     torch.testing.assert_close(torch.from_numpy(out), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_custom_node_needs_the_aot_plugin():
+    q, k, v, masks = make_inputs(1, 1, 16, 16, 1, 4, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="bf16 needs the plugin's AOT kernel"):
+        scma_onnx_node(q, k, v, masks, aot=False)
+
+
 # ----------------------------------------------------------------------------- TensorRT plugin
 
 
@@ -284,91 +622,57 @@ def test_tensorrt_plugin_imports_and_explains_requirement():
         tensorrt_plugin.register()
 
 
-def _run_compiled(script: str) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python without TRITON_INTERPRET (the real Triton compiler), in a temp dir."""
-    import tempfile
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        return subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=300)
-
-
-def test_kernel_compiles_for_sm90_and_aot_ptx_drops_triton_hidden_params():
-    """Compile for sm_90 (no GPU needed: Triton's bundled ptxas) in a process without
-    TRITON_INTERPRET, for fp16/bf16/fp32 and head dims 64/128/256: the JIT launch config must fit
-    an H100's shared memory with at most 256 B of register spills, and the fp16/bf16 AOT kernel
-    must fit 48 KiB, have the hidden scratch parameters removed and still assemble."""
+def test_aot_ptx_drops_triton_hidden_params_and_assembles_for_sm90():
+    """The TensorRT AOT kernel (fp16/bf16, the serving head dim 256 and 64), compiled for sm_90
+    without a GPU: fits 48 KiB of static-launch shared memory, has Triton's hidden scratch
+    parameters removed, and still assembles with Triton's ptxas."""
     script = textwrap.dedent(
         """
         import os, re, subprocess, torch, triton
         from triton.backends.compiler import GPUTarget
-        from fssam.kernels.tensorrt_plugin import compile_aot_kernel, kernel_signature
-        from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs, kernel_config
+        from fssam.ops.scma.tensorrt_plugin import compile_aot_kernel
         target = GPUTarget("cuda", 90, 32)
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        def spills(ptx):  # bytes of register spill stores reported by ptxas -v
-            with open("s.ptx", "w") as f:
-                f.write(ptx)
-            info = subprocess.run([ptxas, "-v", "-arch=sm_90a", "s.ptx", "-o", "s.cubin"], capture_output=True,
-                                  text=True, check=True).stderr
-            return sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", info))
-
-        for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-            for head_dim in (64, 128, 256):
-                config = kernel_config(head_dim, 4096, dtype, interpret=False)
-                consts = constexprs(head_dim, dtype, config)
-                jit = triton.compile(triton.compiler.ASTSource(fn=_scma_fwd_kernel, signature=kernel_signature(dtype, consts),
-                                                               constexprs=consts), target=target,
-                                     options=dict(num_warps=config["num_warps"], num_stages=config["num_stages"]))
-                assert jit.metadata.shared <= 227 * 1024, (dtype, head_dim, jit.metadata.shared)
-                if os.path.exists(ptxas):
-                    assert spills(jit.asm["ptx"]) <= 256, (dtype, head_dim, "register spills")
-                if dtype == torch.float32:
-                    print("ok", ty, head_dim, jit.metadata.shared)
-                    continue  # fp32 is not an AOT plugin type worth the compile time here
-                kernel = compile_aot_kernel(dtype, head_dim, target=target)
-                entry = re.search(r"\\.entry\\s+\\w+\\s*\\((.*?)\\)", kernel.ptx, re.S).group(1)
-                params = [p for p in entry.split(",") if p.strip()]
-                assert len(params) == kernel.num_params == 22, len(params)
-                assert kernel.stripped and all(name not in kernel.ptx for name in kernel.stripped)
-                assert kernel.shared <= 48 * 1024
-                if os.path.exists(ptxas):
-                    with open("k.ptx", "w") as f:
-                        f.write(kernel.ptx)
-                    subprocess.run([ptxas, "-arch=sm_90a", "k.ptx", "-o", "k.cubin"], check=True)
-                print("ok", ty, head_dim, jit.metadata.shared, kernel.shared, kernel.stripped)
+        for dtype, head_dim in ((torch.float16, 256), (torch.bfloat16, 256), (torch.float16, 64)):
+            kernel = compile_aot_kernel(dtype, head_dim, target=target)
+            entry = re.search(r"\\.entry\\s+\\w+\\s*\\((.*?)\\)", kernel.ptx, re.S).group(1)
+            params = [p for p in entry.split(",") if p.strip()]
+            assert len(params) == kernel.num_params == 22, len(params)
+            assert kernel.stripped and all(name not in kernel.ptx for name in kernel.stripped)
+            assert kernel.shared <= 48 * 1024
+            with open("k.ptx", "w") as f:
+                f.write(kernel.ptx)
+            subprocess.run([ptxas, "-arch=sm_90a", "k.ptx", "-o", "k.cubin"], check=True)
+            print("ok", dtype, head_dim, kernel.block_m, kernel.block_n, kernel.num_warps, kernel.num_stages,
+                  kernel.shared, kernel.stripped)
         """
     )
     result = _run_compiled(script)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+    if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("Triton's CUDA backend tools are not available")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ok") == 9, result.stdout
+    assert result.stdout.count("ok") == 3, result.stdout
 
 
-@pytest.mark.skipif(not tensorrt_plugin.available(), reason="the TensorRT plugin needs a CUDA GPU and tensorrt")
+@pytest.mark.skipif(not tensorrt_plugin.available(), reason="needs a CUDA GPU and the tensorrt package")
 @pytest.mark.parametrize("aot", [True, False])
 def test_tensorrt_plugin_matches_reference(aot):
+    import tensorrt as trt
+
+    from fssam.export.tensorrt import serialize_network
+    from fssam.runtime.runners.tensorrt import deserialize, execute
+
     q, k, v, masks = make_inputs(1, 2, 64, 64, 2, 8, dtype=torch.float16, device="cpu", seed=9)
-    with kernels.onnx_custom_node(True, aot=aot):
+    with onnx_custom_node(aot=aot):
         model = _export("paper", (q, k, v, masks))
-    engine = tensorrt_plugin.build_engine(model.SerializeToString(), fp16=True)
+    tensorrt_plugin.register()
+    engine = deserialize(trt.Runtime(trt.Logger(trt.Logger.WARNING)),
+                         serialize_network(model.SerializeToString(), "fp16"), "the SCMA engine")
     feed = {"q": q, "k": k, "v": v, "support_masks": masks}
-    (out,) = tensorrt_plugin.run_engine(engine, feed).values()
+    (out,) = execute(trt, engine, engine.create_execution_context(), feed, torch.cuda.Stream()).values()
     exact = 2.0 * scma_reference(q.float(), k.float(), v.float(), masks, "paper")
     torch_error = (2.0 * scma_reference(q, k, v, masks, "paper").float() - exact).abs().max().item()
     assert (out.float().cpu() - exact).abs().max().item() <= 2 * torch_error + 1e-3
-
-
-def test_bf16_custom_node_needs_the_aot_plugin():
-    from fssam.kernels.op import scma_onnx_node
-
-    q, k, v, masks = make_inputs(1, 1, 16, 16, 1, 4, dtype=torch.bfloat16, device="cpu")
-    with pytest.raises(ValueError, match="bf16 needs the plugin's AOT kernel"):
-        scma_onnx_node(q, k, v, masks, aot=False)
 
 
 _FAKE_TENSORRT_PLUGIN = '''
@@ -429,7 +733,7 @@ def test_tensorrt_plugin_definitions_and_aot_launch_contract():
     script = _FAKE_TENSORRT_PLUGIN + textwrap.dedent(
         """
         import inspect, typing, torch
-        from fssam.kernels import tensorrt_plugin as tp
+        from fssam.ops.scma import tensorrt_plugin as tp
         tp.available = lambda: True
         compile_for_sm90 = tp.compile_aot_kernel
         tp.compile_aot_kernel = lambda dtype, head_dim: compile_for_sm90(dtype, head_dim, target=("cuda", 90, 32))

@@ -98,18 +98,18 @@ def test_openvino_fp32_matches_eager(tiny_artifacts, batch):
 def test_openvino_compiled_model_cache_and_threads(tiny_artifacts, tmp_path, monkeypatch):
     monkeypatch.setenv("FSSAM_OPENVINO_CACHE", str(tmp_path / "cache"))
     first = open_runner("openvino", tiny_artifacts[0], threads=1)
-    assert not first.compiled["head"].get_property("LOADED_FROM_CACHE")
+    assert not first.compile("head").get_property("LOADED_FROM_CACHE")
     second = open_runner("openvino", tiny_artifacts[0], threads=1)
-    assert second.compiled["head"].get_property("LOADED_FROM_CACHE")
-    assert second.compiled["head"].get_property("INFERENCE_NUM_THREADS") == 1
-    assert "float32" in str(second.compiled["head"].get_property("INFERENCE_PRECISION_HINT")).lower()
+    assert second.compile("head").get_property("LOADED_FROM_CACHE")
+    assert second.compile("head").get_property("INFERENCE_NUM_THREADS") == 1
+    assert "float32" in str(second.compile("head").get_property("INFERENCE_PRECISION_HINT")).lower()
 
 
 @pytest.mark.skipif(not cpu.native_bf16(), reason=f"OpenVINO bf16 needs amx_bf16 or avx512_bf16; "
                     f"this CPU has: {cpu.describe()}")
 def test_openvino_bf16_runs_and_its_gated_plan_passes(tiny_artifacts, tmp_path):
     runner = open_runner("openvino", tiny_artifacts[0], precision="bf16")
-    assert "bfloat16" in str(runner.compiled["head"].get_property("INFERENCE_PRECISION_HINT")).lower()
+    assert "bfloat16" in str(runner.compile("head").get_property("INFERENCE_PRECISION_HINT")).lower()
     model = build("tiny", seed=0)
     query, supports, masks = sample_episode(model.config, 1, seed=3)
     assert torch.isfinite(as_torch(runner)(query, supports, masks)).all()
@@ -236,3 +236,104 @@ def test_calibration_folder_errors(tmp_path):
     os.remove(tmp_path / "syn" / "masks" / "0001.png")
     with pytest.raises(InputError, match="without a mask"):
         calibration.read_set(str(tmp_path / "syn"), 64, 1)
+
+
+# ---------------------------------------------------------------- ONNX Runtime: providers and bf16
+
+def test_onnxruntime_providers_follow_the_device():
+    """cpu: the CPU provider; cuda: TensorRT (where this onnxruntime has it), CUDA, then CPU for the
+    rest; cuda without the CUDA provider: the CPU provider and a note saying why."""
+    from fssam.runtime.runners.onnxruntime import select_providers
+
+    cpu_only, gpu, gpu_trt = (["AzureExecutionProvider", "CPUExecutionProvider"],
+                              ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                              ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert select_providers("cpu", gpu_trt) == (["CPUExecutionProvider"], None)
+    assert select_providers("cuda", gpu) == (["CUDAExecutionProvider", "CPUExecutionProvider"], None)
+    assert select_providers("cuda", gpu_trt) == (gpu_trt, None)
+    providers, note = select_providers("cuda", cpu_only)
+    assert providers == ["CPUExecutionProvider"] and "no CUDAExecutionProvider" in note and "onnxruntime-gpu" in note
+    with pytest.raises(ConfigError, match="device 'tpu'"):
+        select_providers("tpu", gpu)
+
+
+def test_onnxruntime_runner_says_which_provider_ran(tiny_artifacts, monkeypatch):
+    import onnxruntime as ort
+
+    runner = open_runner("onnxruntime", tiny_artifacts[0])
+    assert runner.providers == ["CPUExecutionProvider"] and not runner.io_binding and runner.tensors == "numpy"
+    runner.prior_backbone(np.zeros((1, 3, 64, 64), np.float32))
+    assert runner.providers_used() == ["CPUExecutionProvider"]
+    assert runner.describe() == "ONNX Runtime fp32 (CPUExecutionProvider)"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    asked_gpu = open_runner("onnxruntime", tiny_artifacts[0], device="cuda")
+    assert asked_gpu.providers == ["CPUExecutionProvider"] and not asked_gpu.io_binding
+    assert "no CUDAExecutionProvider" in asked_gpu.describe()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="IO binding on the GPU needs a CUDA device; this machine has none")
+def test_onnxruntime_io_binding_keeps_tensors_on_the_gpu(tiny_artifacts):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    model = build("tiny", seed=0)
+    runner = open_runner("onnxruntime", tiny_artifacts[0], device="cuda")
+    assert runner.io_binding and runner.tensors == "torch"
+    query, supports, masks = sample_episode(model.config, 1, batch=2, seed=3)
+    logits = as_torch(runner, "cuda")(query.cuda(), supports.cuda(), masks.cuda())
+    assert logits.is_cuda and "CUDAExecutionProvider" in runner.providers_used()
+    with torch.no_grad():
+        expected = model(query, supports, masks)
+    assert (logits.cpu() - expected).abs().max().item() <= 1e-2  # TF32 / cuDNN defaults of the CUDA provider
+
+
+def _bf16_graph(opset):
+    """x (N, 4) bf16 -> Einsum with a bf16 weight -> Add -> Sin: one op without bf16 at opset 22."""
+    import ml_dtypes
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bf16 = onnx.TensorProto.BFLOAT16
+    weight = numpy_helper.from_array((np.arange(16, dtype=np.float32).reshape(4, 4) / 8).astype(ml_dtypes.bfloat16),
+                                     "weight")  # exact in bf16, and so are the products below
+    nodes = [helper.make_node("Einsum", ["x", "weight"], ["mixed"], equation="nc,cd->nd"),
+             helper.make_node("Add", ["mixed", "x"], ["summed"]),
+             helper.make_node("Sin", ["summed"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", bf16, ["n", 4])],
+                              [helper.make_tensor_value_info("y", bf16, ["n", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def test_bf16_casts_only_what_onnx_cannot_take_and_the_cpu_copy_rounds_like_bf16():
+    """cast_ops_without_bf16: at opset 22 only Einsum (bf16 from opset 28) is cast; at 18 Sin too.
+    fp32_arithmetic: ONNX Runtime's CPU provider (no bf16 kernels: the file itself does not load)
+    runs the copy, and every operator's output is rounded to bf16, as numpy computes it here."""
+    import ml_dtypes
+    import onnx
+    import onnxruntime as ort
+
+    from fssam.runtime.bf16 import cast_ops_without_bf16, fp32_arithmetic
+
+    legacy = _bf16_graph(18)
+    assert cast_ops_without_bf16(legacy) == {"Einsum": 1, "Sin": 1}
+    model = _bf16_graph(22)
+    with pytest.raises(Exception, match="bfloat16"):
+        onnx.checker.check_model(model, full_check=True)
+    assert cast_ops_without_bf16(model) == {"Einsum": 1}
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(fp32_arithmetic(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (np.arange(12, dtype=np.float32).reshape(3, 4) - 6) / 4  # exact in bf16: x @ weight is exact in fp32
+    got = session.run(None, {"x": x})[0]
+
+    def rounded(a):
+        return a.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+    weight = np.arange(16, dtype=np.float32).reshape(4, 4) / 8
+    expected = rounded(np.sin(rounded(rounded(x @ weight) + x)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert not np.allclose(got, np.sin(x @ weight + x), rtol=0, atol=1e-6)  # the rounding is there

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fssam.model.scma import scma_reference
+from fssam.ops.scma.reference import scma_reference
 
 
 def literal_scma(q, k, v, masks, shot):
@@ -110,3 +110,15 @@ def test_unknown_mode_is_an_error():
     q, k, v, masks = _inputs(1, 1, 1, 0)
     with pytest.raises(ValueError, match="scma mode"):
         scma_reference(q, k, v, masks, mode="nope")
+
+
+def test_model_helpers_are_the_reference_ones():
+    """The prior generator and the refinement use SCMA's masked average and min-max
+    normalisation: one implementation (fssam.model.scma only re-exports them)."""
+    import fssam.model.prior as prior
+    import fssam.model.refine as refine
+    import fssam.ops.scma.reference as reference
+
+    assert prior.masked_average is reference.masked_average
+    assert prior.min_max_normalise is refine.min_max_normalise is reference.min_max_normalise
+    assert prior.COSINE_EPS == reference.COSINE_EPS

@@ -17,7 +17,7 @@ import time
 import torch
 
 from fssam.device import synchronize
-from fssam.runtime.contract import STAGE_ORDER, encode_support, run_episode, segment
+from fssam.runtime.contract import STAGE_ORDER, binary_masks, encode_support, run_episode, segment, to_uint8
 
 
 class TimedStages:
@@ -84,6 +84,50 @@ class StageMode:
             segment(self.timed, query, self.support)
             synchronize(self.device)
         return time.perf_counter() - start
+
+
+class GraphMode:
+    """A mode whose runner exposes the two deployable graphs (an exported runtime, or the eager
+    model's own support_encoder / query_segmenter): what a server runs, in process.
+    Episode: both graphs; cached support: query_segmenter alone on the support tensors of the
+    first call. Times per graph."""
+
+    per_stage = True
+
+    def __init__(self, name: str, runner, context=contextlib.nullcontext, device="cpu", runtime: str | None = None):
+        self.name, self.runner, self.context, self.runtime = name, runner, context, runtime
+        self.device = torch.device(device)
+        self.support = None
+
+    def _inputs(self, query, supports, masks):
+        masks = to_uint8(binary_masks(masks))
+        return tuple(to_uint8(t).to(self.device) for t in (query, supports)) + (masks.to(self.device),)
+
+    def _timed(self, times, name, *args):
+        synchronize(self.device)
+        start = time.perf_counter()
+        with self.context():
+            out = getattr(self.runner, name)(*args)
+        synchronize(self.device)
+        times[name] = time.perf_counter() - start
+        return out
+
+    def episode(self, query, supports, masks) -> tuple[float, dict]:
+        query, supports, masks = self._inputs(query, supports, masks)
+        times = {}
+        with torch.inference_mode():
+            support = self._timed(times, "support_encoder", supports, masks)
+            self._timed(times, "query_segmenter", query, *support, masks)
+        return sum(times.values()), times
+
+    def cached(self, query, supports, masks) -> float:
+        query, supports, masks = self._inputs(query, supports, masks)
+        with torch.inference_mode():
+            if self.support is None:
+                self.support = self.runner.support_encoder(supports, masks)
+            times = {}
+            self._timed(times, "query_segmenter", query, *self.support, masks)
+        return times["query_segmenter"]
 
 
 class EpisodeMode:

@@ -106,10 +106,12 @@ def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     if runs.get("concurrency"):
         lines.append("\nServer, client-measured, concurrency sweep:\n")
-        lines.append("| concurrency | requests | failures | median ms | throughput episodes/s |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| concurrency | support | requests | failures | median ms | throughput episodes/s |")
+        lines.append("|---|---|---|---|---|---|")
         for row in runs["concurrency"]:
-            lines.append(f"| {row['concurrency']} | {row['requests']} | {row['failures']} | {row['median_ms']:.1f} | {row['throughput']:.2f} |")
+            support = "cached" if row["cached_support"] else "new"
+            lines.append(f"| {row['concurrency']} | {support} | {row['requests']} | {row['failures']} | "
+                         f"{row['median_ms']:.1f} | {row['episodes_per_s']:.2f} |")
     return lines + [""]
 
 
@@ -153,8 +155,9 @@ def plots(result: dict, folder: str) -> list[str]:
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if runs.get("concurrency"):
-            rows = runs["concurrency"]
-            ax.plot([r["concurrency"] for r in rows], [r["throughput"] for r in rows], marker="o", label="server")
+            for cached, label in ((True, "server, cached support"), (False, "server, new support sets")):
+                rows = [r for r in runs["concurrency"] if r["cached_support"] == cached]
+                ax.plot([r["concurrency"] for r in rows], [r["episodes_per_s"] for r in rows], marker="o", label=label)
             ax.set_xlabel("concurrent clients")
             ax.set_title(f"Server throughput vs concurrency ({shots}-shot)")
         else:

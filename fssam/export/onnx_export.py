@@ -2,6 +2,17 @@
 
 Everything is written into a temporary folder beside DIR and renamed to DIR at the end, so an
 interrupted or failed export leaves nothing half-written.
+
+Batch limit: `max_batch` episodes per call (`--max-batch`, default 8), recorded in the manifest
+(manifest["max_batch"], and each stage's and graph's "max_batch": contract.batch_limit, B*max(K, 2)
+images for the per-image stages). The same limit bounds torch.export's dynamic dimension, the
+TensorRT profiles (runners.tensorrt.profile_shapes), what the runners accept, and the
+`--max-batch` of `fssam repository`.
+
+bf16: written at opset BF16_OPSET with casts around the operators whose ONNX schema has no bf16
+(fssam.runtime.bf16: Einsum); ONNX Runtime's CPU provider has no bf16 kernels, so the gate runs
+each bf16 graph with fp32 arithmetic and bf16 rounding after every operator and the manifest says
+so (manifest["bf16"]); TensorRT's gate runs the files as they are.
 """
 
 from __future__ import annotations
@@ -25,15 +36,17 @@ from fssam.files import check_replaceable, partial_folder, replace_folder
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
 from fssam.export.stages import STAGE_MODULES
-from fssam.runtime.contract import BATCH, STAGE_ORDER, stage_specs
-from fssam.kernels import onnx_custom_node
+from fssam.runtime.contract import (BATCH, DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT, STAGE_ORDER, batch_limit,
+                                    graph_specs, stage_specs)
+from fssam.runtime.bf16 import BF16_OPSET, EMULATION
+from fssam.ops.scma import onnx_custom_node
 from fssam.model import build, describe_weights
 from fssam.model.checkpoint import file_sha256
 
 log = logging.getLogger("fssam")
 OPSET = 18
 EXPORT_BATCH = 2  # example batch for tracing: 1 would be specialised as a constant
-MAX_BATCH = 64
+MAX_BATCH = MAX_BATCH_LIMIT  # the largest --max-batch
 CUSTOM_HEAD_FILE = "head.scma.onnx"  # --scma-node custom: the head with fssam::SCMA nodes, for TensorRT
 
 
@@ -55,10 +68,16 @@ def _quiet():
             logging.disable(previous)
 
 
-def export_stage(model, name: str, example_args: tuple, spec, path: str) -> None:
-    """Export one stage (the model's own method, wrapped) with a dynamic batch dimension."""
+def export_stage(model, name: str, example_args: tuple, spec, path: str, limit: int | None = None) -> dict:
+    """Export one stage or deployable graph (the model's own method, wrapped) with a dynamic batch
+    dimension of at most `limit` (default: contract.batch_limit at the default --max-batch; never
+    below the example's batch, which tracing needs). A bf16 model gives a bf16 file at opset
+    BF16_OPSET with casts around the operators that have no bf16 there; returns {op type: count}
+    of those (empty for fp32 / fp16)."""
     module = STAGE_MODULES[name](model).eval()
-    batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())  # the graphs' examples are uint8
+    limit = limit or batch_limit(name, DEFAULT_MAX_BATCH, 1)
+    batch = torch.export.Dim(BATCH, min=1, max=max(limit, *(int(a.shape[0]) for a in example_args)))
     dynamic_shapes = {t.name: {0: batch} for t in spec.inputs}
     with _quiet() as sink, torch.no_grad():
         try:
@@ -69,15 +88,29 @@ def export_stage(model, name: str, example_args: tuple, spec, path: str) -> None
                 dynamic_shapes=dynamic_shapes,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                opset_version=OPSET,
+                opset_version=BF16_OPSET if bf16 else OPSET,
                 optimize=True,
                 verbose=False,
                 report=False,
             )
         except Exception as error:  # the exporter raises many types; name the stage
-            raise ExportError(f"stage {name}: ONNX export failed: {str(error).splitlines()[0]}\n{sink.getvalue()[-2000:]}") from error
+            raise ExportError(f"{name}: ONNX export failed: {str(error).splitlines()[0]}\n{sink.getvalue()[-2000:]}") from error
         program.save(path)  # weights go to external data only past the 2 GB protobuf limit
     strip_machine_paths(path)
+    return _cast_ops_without_bf16(path) if bf16 else {}
+
+
+def _cast_ops_without_bf16(path: str) -> dict:
+    """fssam.runtime.bf16.cast_ops_without_bf16 on the file at `path` (rewritten when it changes)."""
+    import onnx
+
+    from fssam.runtime.bf16 import cast_ops_without_bf16
+
+    model = onnx.load(path, load_external_data=False)
+    changed = cast_ops_without_bf16(model)
+    if changed:
+        onnx.save(model, path)
+    return changed
 
 
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the exporter's per-node Python stack: source paths of this machine
@@ -134,25 +167,71 @@ def strip_machine_paths(path: str) -> None:
     onnx.save(model, path)
 
 
-def _check_onnx(path: str, runnable: bool = True) -> None:
-    """A valid ONNX model that ONNX Runtime loads (`runnable`; custom fssam nodes only check)."""
+def _check_onnx(path: str, runnable: bool = True) -> str | None:
+    """A valid ONNX model that ONNX Runtime's CPU provider loads (`runnable`; custom fssam nodes
+    only check). A bf16 file also passes ONNX's full check (every operator's input types against
+    its schema); that provider has no bf16 kernels, so the copy the gate runs
+    (fssam.runtime.bf16.fp32_arithmetic) must load, and what the provider said of the file itself
+    is returned (None for other dtypes)."""
     import onnx
     import onnxruntime as ort
 
+    from fssam.runtime.bf16 import fp32_arithmetic, is_bf16
+
     onnx.checker.check_model(path)
-    if runnable:
+    if not runnable:
+        return None
+    model = onnx.load(path)
+    if not is_bf16(model):
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return None
+    onnx.checker.check_model(model, full_check=True)
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 4  # the refusal is the expected answer: keep ONNX Runtime's log out of the terminal
+    try:
+        ort.InferenceSession(path, sess_options=quiet, providers=["CPUExecutionProvider"])
+        status = "loads"
+    except Exception as error:  # onnxruntime raises its own exception types
+        status = "does not load: " + str(error).splitlines()[0][:300]
+    ort.InferenceSession(fp32_arithmetic(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return status
 
 
 def _examples(model, shots: int, dtype) -> dict[str, tuple]:
-    """Real stage inputs from an eager episode at the export batch, cast to the export dtype."""
+    """Real stage and graph inputs from an eager episode at the export batch, cast to the export dtype
+    (the graphs' uint8 pixels and masks stay uint8)."""
     episode = [t.to(dtype) for t in sample_episode(model.config, shots, batch=EXPORT_BATCH, seed=99)]
-    records = stage_samples(model, *episode)
     examples = {}
-    for name in STAGE_ORDER:
-        args = records[name][-1][0]  # memory_encoder: a query call (batch = episodes); any call has the layout
-        examples[name] = tuple(a.to(dtype) for a in args)
+    for units in (STAGE_ORDER, GRAPH_ORDER):
+        records = stage_samples(model, *episode, units=units)
+        for name in units:
+            args = records[name][-1][0]  # memory_encoder: a query call (batch = episodes); any call has the layout
+            examples[name] = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     return examples
+
+
+def _bf16_entry(dtype, fp32_ops: dict, onnxruntime_cpu: str | None) -> dict:
+    """A stage's or graph's bf16 facts for the manifest (nothing for fp32 / fp16): the operators
+    that run in fp32 inside the bf16 graph, and whether ONNX Runtime's CPU provider loads the file."""
+    if dtype != torch.bfloat16:
+        return {}
+    return {"precision": "bf16", "fp32_ops": fp32_ops, "onnxruntime_cpu": onnxruntime_cpu}
+
+
+def _bf16_summary(stages: dict, graphs: dict) -> dict:
+    """manifest["bf16"]: what a bf16 export is, and what its ONNX Runtime gate does and does not check."""
+    units = {**stages, **graphs}
+    fp32_ops = {name: entry["fp32_ops"] for name, entry in units.items() if entry["fp32_ops"]}
+    unloadable = sorted(name for name, entry in units.items() if entry["onnxruntime_cpu"] != "loads")
+    return {
+        "opset": BF16_OPSET,
+        "bf16_units": sorted(units),  # every stage and graph is bf16 (with the fp32 operators below)
+        "fp32_ops": fp32_ops,  # operators whose ONNX schema has no bf16 at this opset: cast to fp32 and back
+        "onnxruntime_cpu": ("loads every file" if not unloadable else
+                            f"cannot load {', '.join(unloadable)} (no bf16 kernels)"),
+        "gate": {"onnxruntime": EMULATION,
+                 "tensorrt": "the files as they are, bf16 kernels on the GPU (fssam export --tensorrt)"},
+    }
 
 
 def _weights_entry(model) -> dict:
@@ -200,10 +279,12 @@ def export(
     openvino=(),
     calibration: str | None = None,
     threads: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
-    report) when the gate fails, and leaves no `out` behind in that case."""
+    report) when the gate fails, and leaves no `out` behind in that case. `max_batch`: episodes
+    per call the files, engines and a served repository admit (see the module docstring)."""
     if precision not in DTYPES:
         raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
     if scma_node not in ("decomposed", "custom"):
@@ -215,6 +296,8 @@ def export(
         )
     if shots < 1:
         raise InputError(f"shots must be >= 1, got {shots}")
+    if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise InputError(f"max_batch must be in 1..{MAX_BATCH_LIMIT} episodes, got {max_batch}")
     if openvino:
         from fssam.export.openvino import parse_precisions
 
@@ -239,26 +322,33 @@ def export(
     dtype = DTYPES[precision]
     export_model = model if dtype == torch.float32 else copy.deepcopy(model).to_dtype(dtype)
     specs = stage_specs(model.config, shots, dtype=str(dtype).replace("torch.", ""))
+    specs.update(graph_specs(model.config, shots, dtype=str(dtype).replace("torch.", "")))
     with partial_folder(out, markers=(MANIFEST,)) as tmp:
-        bar = tqdm(total=len(STAGE_ORDER) + 1 + (len(STAGE_ORDER) if tensorrt else 0) + len(openvino), disable=not progress,
+        units = len(STAGE_ORDER) + len(GRAPH_ORDER)
+        bar = tqdm(total=units + 2 + (units if tensorrt else 0) + len(openvino), disable=not progress,
                    desc="export", unit="step")
         examples = _examples(export_model, shots, dtype)
-        stages = {}
-        for name in STAGE_ORDER:
+        def export_unit(name: str) -> dict:
+            """One stage or graph to ONNX: its manifest entry."""
             bar.set_postfix_str(f"{name} -> ONNX")
             path = os.path.join(tmp, f"{name}.onnx")
-            export_stage(export_model, name, examples[name], specs[name], path)
-            _check_onnx(path)
-            stages[name] = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict()}
+            limit = batch_limit(name, max_batch, shots)
+            fp32_ops = export_stage(export_model, name, examples[name], specs[name], path, limit)
+            entry = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict(),
+                     "max_batch": limit, **_bf16_entry(dtype, fp32_ops, _check_onnx(path))}
             if scma_node == "custom" and name == "head":
                 # TensorRT's head: one fssam::SCMA node per layer (the plugin); head.onnx stays the
                 # decomposed graph that ONNX Runtime, the gate and the python-ort server run
                 custom = os.path.join(tmp, CUSTOM_HEAD_FILE)
                 with onnx_custom_node(True):
-                    export_stage(export_model, name, examples[name], specs[name], custom)
+                    export_stage(export_model, name, examples[name], specs[name], custom, limit)
                 _check_onnx(custom, runnable=False)
-                stages[name]["tensorrt_onnx"] = {"file": CUSTOM_HEAD_FILE, "sha256": file_sha256(custom)}
+                entry["tensorrt_onnx"] = {"file": CUSTOM_HEAD_FILE, "sha256": file_sha256(custom)}
             bar.update()
+            return entry
+
+        stages = {name: export_unit(name) for name in STAGE_ORDER}
+        graphs = {name: export_unit(name) for name in GRAPH_ORDER}
         manifest = {
             "format": FORMAT,
             "fssam_version": fssam.__version__,
@@ -268,21 +358,35 @@ def export(
             "precision": precision,
             "dtype": str(dtype).replace("torch.", ""),
             "weights": _weights_entry(model),
-            "opset": OPSET,
+            "opset": BF16_OPSET if dtype == torch.bfloat16 else OPSET,
+            "max_batch": max_batch,  # episodes per call; each stage's and graph's own limit beside its tensors
             "torch": torch.__version__,
             "pipeline": list(STAGE_ORDER),
             "scma_node": scma_node,
             "stages": stages,
+            "graphs": graphs,
         }
+        if dtype == torch.bfloat16:
+            manifest["bf16"] = _bf16_summary(stages, graphs)
         write_manifest(tmp, manifest)
         bar.set_postfix_str("parity gate")
         from fssam.runtime import as_torch, open_runner
 
-        report = parity_report(model, as_torch(open_runner("onnxruntime", tmp)), precision, sample_episode(model.config, shots, batch=1, seed=seed + 7))
+        runner = as_torch(open_runner("onnxruntime", tmp))
+        gate_episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
+        report = parity_report(model, runner, precision, gate_episode)
+        report["runtime"] = runner.describe()
         manifest["parity"] = {"onnxruntime": report}
         bar.update()
         if gate and not report["passed"]:
             raise ParityError(format_report(report, stages), report)
+        bar.set_postfix_str("parity gate (graphs)")
+        report = parity_report(model, runner, precision, gate_episode, stages=GRAPH_ORDER)
+        report["runtime"] = runner.describe()
+        manifest["graph_parity"] = {"onnxruntime": report}
+        bar.update()
+        if gate and not report["passed"]:
+            raise ParityError(format_report(report, graphs), report)
         if openvino:
             from fssam.export.openvino import gate_openvino
 
@@ -293,8 +397,9 @@ def export(
             from fssam.export.tensorrt import build_engines
 
             manifest["tensorrt"] = build_engines(tmp, manifest, model, progress=bar)
-            if gate and not manifest["tensorrt"]["parity"]["passed"]:
-                raise ParityError(format_report(manifest["tensorrt"]["parity"], stages), manifest["tensorrt"]["parity"])
+            for key, specs_ in (("parity", stages), ("graph_parity", graphs)):
+                if gate and not manifest["tensorrt"][key]["passed"]:
+                    raise ParityError(format_report(manifest["tensorrt"][key], specs_), manifest["tensorrt"][key])
         write_manifest(tmp, manifest)
         bar.close()
         _check_destination(out)

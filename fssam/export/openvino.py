@@ -30,7 +30,7 @@ import torch
 from fssam.errors import ConfigError
 from fssam.export import calibration as calib
 from fssam.runtime import as_torch, cpu
-from fssam.runtime.contract import STAGE_ORDER
+from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER
 from fssam.runtime.manifest import file_sha256
 from fssam.runtime.parity import (
     Baseline,
@@ -38,6 +38,7 @@ from fssam.runtime.parity import (
     check_end_to_end,
     check_stage,
     format_report,
+    parity_report,
     sample_episode,
     stage_samples,
 )
@@ -249,6 +250,21 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
     return {"stages": entries, "parity": report}
 
 
+def plan_graphs(folder: str, manifest: dict, model, precision: str, episode, threads) -> dict:
+    """The deployable graphs, each run whole at one precision: `precision`'s rung if the graph
+    gate passes, else fp32 (bf16's fall-back). {"precision", "tried": {rung: passed}, "parity"}."""
+    tried = {}
+    for option in _ladder("graphs", precision, cpu.native_bf16()):
+        plan = {name: {"precision": option, "file": spec["file"]} for name, spec in manifest["graphs"].items()}
+        runner = as_torch(OpenVINORunner(folder, precision=option, threads=threads, verify=False, stages=plan,
+                                         cache=False))
+        report = parity_report(model, runner, option, episode, stages=GRAPH_ORDER,
+                               baseline="fp32" if option == "fp32" else "bf16_autocast")
+        tried[option] = report["passed"]
+        if report["passed"] or option == "fp32":
+            return {"precision": option, "tried": tried, "parity": report}
+
+
 def gate_openvino(folder: str, manifest: dict, model, precisions, calibration: str | None = None, threads=None,
                   seed: int = 0, progress=None) -> dict:
     """manifest["openvino"] for `precisions`: IR for int8, a gated per-stage plan per precision."""
@@ -280,6 +296,13 @@ def gate_openvino(folder: str, manifest: dict, model, precisions, calibration: s
         if not result[precision]["parity"]["passed"]:
             raise ParityError("OpenVINO " + format_report(result[precision]["parity"], manifest["stages"]),
                               result[precision]["parity"])
+        if precision != "int8" and "graphs" in manifest:
+            if progress is not None:
+                progress.set_postfix_str(f"OpenVINO {precision}: graphs")
+            graphs = result[precision]["graphs"] = plan_graphs(folder, manifest, model, precision, episode, threads)
+            if not graphs["parity"]["passed"]:
+                raise ParityError("OpenVINO graphs " + format_report(graphs["parity"], manifest["graphs"]),
+                                  graphs["parity"])
         if progress is not None:
             progress.update()
     if "int8" in precisions:  # IR that no plan uses is not kept

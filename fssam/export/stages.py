@@ -1,4 +1,4 @@
-"""The six export stages as modules: thin wrappers over the eager model's own methods.
+"""The six export stages and the two deployable graphs as modules: thin wrappers over the eager model's own methods.
 
 The tensor contracts (names, shapes, dtypes) are fssam.runtime.contract's.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fssam.runtime.contract import BATCH, STAGE_ORDER, StageSpec, TensorSpec, stage_specs  # noqa: F401
+from fssam.runtime.contract import BATCH, GRAPH_ORDER, STAGE_ORDER, StageSpec, TensorSpec, graph_specs, stage_specs  # noqa: F401
 
 
 class _Stage(nn.Module):
@@ -51,6 +51,20 @@ class HeadStage(_Stage):
         )
 
 
+class SupportEncoderGraph(_Stage):
+    """Deployable graph 1: the cacheable support side of an episode."""
+
+    def forward(self, support_images, support_masks):
+        return self.model.support_encoder(support_images, support_masks)
+
+
+class QuerySegmenterGraph(_Stage):
+    """Deployable graph 2: query image + encoded support -> logits (IMR rounds unrolled)."""
+
+    def forward(self, query, support_features, support_memory, support_pointers, support_masks):
+        return self.model.query_segmenter(query, support_features, support_memory, support_pointers, support_masks)
+
+
 STAGE_MODULES = {
     "prior_backbone": PriorBackboneStage,
     "image_encoder": ImageEncoderStage,
@@ -58,4 +72,6 @@ STAGE_MODULES = {
     "memory_encoder": MemoryEncoderStage,
     "refine": RefineStage,
     "head": HeadStage,
+    "support_encoder": SupportEncoderGraph,
+    "query_segmenter": QuerySegmenterGraph,
 }

@@ -1,10 +1,17 @@
 """TensorRT engines from the exported ONNX stages (GPU only); the runner is fssam.runtime.runners.tensorrt.
 
-Engines get one optimisation profile over batch 1..8 (optimum 1). Networks are strongly typed: the
-ONNX of an fp16/bf16 export is already in that dtype (with the fp32 islands eager keeps), and TensorRT
-keeps every tensor in the type the graph gives it (TensorRT 10's FP16/BF16 builder flags are
-deprecated and gone in 11). fp32 builds turn TF32 off (it is on by default) to stay within the
-fp32 parity tolerances. On a machine without CUDA every entry point raises a clear error.
+Each engine gets one optimisation profile from the export's own limit (manifest["max_batch"]
+episodes; the per-image stages max_batch * max(K, 2) images: runners.tensorrt.profile_shapes).
+Networks are strongly typed: the ONNX of an fp16/bf16 export is already in that dtype (with the
+fp32 islands eager keeps, and for bf16 the casts around the operators whose ONNX schema has no
+bf16, see fssam.runtime.bf16), and TensorRT keeps every tensor in the type the graph gives it
+(TensorRT 10's FP16/BF16 builder flags are deprecated and gone in 11). fp32 builds turn TF32 off
+(it is on by default) to stay within the fp32 parity tolerances. On a machine without CUDA every
+entry point raises a clear error.
+
+Engines holding fssam::SCMA plugin nodes record the plugin's kind (`plugin_kind`): "aot" (the
+Triton kernel compiled to PTX inside the engine: any TensorRT runtime runs it, no Python) or "jit"
+(a Python callback: the engine runs only in a Python process that registered the plugin).
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from fssam.runtime.runners.tensorrt import (  # noqa: F401  (TensorRTUnavailable
 WORKSPACE_BYTES = 8 << 30
 
 
-def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
-    """A serialized TensorRT engine from ONNX bytes; a batch profile 1..8 for a dynamic dim 0."""
+def serialize_network(onnx_model: bytes, precision: str = "fp32",
+                      batch: tuple[int, int, int] = (MIN_BATCH, OPT_BATCH, MAX_BATCH)) -> bytes:
+    """A serialized TensorRT engine from ONNX bytes; one profile with dimension 0 over `batch`
+    (min, opt, max) for the inputs whose dimension 0 is dynamic (runners.tensorrt.batch_profile)."""
     if precision not in ("fp32", "fp16", "bf16"):
         raise FSSAMError(f"precision {precision!r}: expected fp32, fp16 or bf16")
     trt = require_tensorrt()
@@ -50,9 +59,10 @@ def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
     dynamic = [tensor for tensor in inputs if len(tensor.shape) and list(tensor.shape)[0] == -1]
     if dynamic:
         profile = builder.create_optimization_profile()
+        low, opt, high = batch
         for tensor in dynamic:
             rest = list(tensor.shape)[1:]
-            profile.set_shape(tensor.name, [MIN_BATCH, *rest], [OPT_BATCH, *rest], [MAX_BATCH, *rest])
+            profile.set_shape(tensor.name, [low, *rest], [opt, *rest], [high, *rest])
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -60,11 +70,29 @@ def serialize_network(onnx_model: bytes, precision: str = "fp32") -> bytes:
     return bytes(serialized)
 
 
-def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
+def plugin_kind(onnx_path: str) -> str | None:
+    """"aot" or "jit": the fssam::SCMA plugin implementation the ONNX file's custom nodes ask
+    TensorRT for (node attribute aot = 1 / 0); None when it has no fssam node."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == "fssam"]
+    nodes += [n for function in model.functions for n in function.node if n.domain == "fssam"]
+    if not nodes:
+        return None
+    kinds = set()
+    for node in nodes:
+        aot = [a for a in node.attribute if a.name == "aot"]
+        kinds.add("aot" if aot and onnx.helper.get_attribute_value(aot[0]) else "jit")
+    return "jit" if "jit" in kinds else "aot"  # one JIT node is enough to need Python at run time
+
+
+def build_engine(onnx_path: str, engine_path: str, precision: str,
+                 batch: tuple[int, int, int] = (MIN_BATCH, OPT_BATCH, MAX_BATCH)) -> dict:
     start = time.perf_counter()
     with open(onnx_path, "rb") as handle:
         try:
-            serialized = serialize_network(handle.read(), precision)
+            serialized = serialize_network(handle.read(), precision, batch)
         except TensorRTUnavailable:
             raise
         except FSSAMError as error:
@@ -75,19 +103,26 @@ def build_engine(onnx_path: str, engine_path: str, precision: str) -> dict:
 
 
 def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
-    """Build one engine per stage next to the ONNX files and gate them against eager PyTorch."""
+    """Build one engine per stage and deployable graph next to the ONNX files and gate them against eager PyTorch."""
     from fssam.runtime.parity import parity_report, sample_episode
     from fssam.runtime.runner import as_torch
 
+    from fssam.runtime.contract import DEFAULT_MAX_BATCH
+    from fssam.runtime.runners.tensorrt import batch_profile
+
     _register_plugin_if_needed(manifest)
+    max_batch = int(manifest.get("max_batch", DEFAULT_MAX_BATCH))
     engines = {}
-    for name, entry in manifest["stages"].items():
+    for name, entry in {**manifest["stages"], **manifest.get("graphs", {})}.items():
         if progress is not None:
             progress.set_postfix_str(f"{name} -> TensorRT")
         engine_file = f"{name}.engine"
         source = entry.get("tensorrt_onnx", entry)["file"]  # the fssam::SCMA head with --scma-node custom
-        info = build_engine(os.path.join(folder, source), os.path.join(folder, engine_file), manifest["precision"])
-        engines[name] = {"file": engine_file, **info}
+        batch = batch_profile(name, max_batch, manifest["shots"])
+        info = build_engine(os.path.join(folder, source), os.path.join(folder, engine_file), manifest["precision"],
+                            batch)
+        engines[name] = {"file": engine_file, **info, "profile": dict(zip(("min", "opt", "max"), batch)),
+                         "plugin": plugin_kind(os.path.join(folder, source))}
         if progress is not None:
             progress.update()
     trt = require_tensorrt()
@@ -95,10 +130,13 @@ def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
         "engines": engines,
         "tensorrt_version": trt.__version__,
         "device": torch.cuda.get_device_name(0),
-        "profile": {"min": MIN_BATCH, "opt": OPT_BATCH, "max": MAX_BATCH},
+        "max_batch": max_batch,  # episodes; each engine's "profile" is its dimension 0 range
     }
     write_manifest(folder, manifest)
     runner = as_torch(TensorRTRunner(folder, verify=False))
     episode = sample_episode(model.config, manifest["shots"], batch=1, seed=11)
     manifest["tensorrt"]["parity"] = parity_report(model, runner, manifest["precision"], episode)
+    if "graphs" in manifest:
+        manifest["tensorrt"]["graph_parity"] = parity_report(model, runner, manifest["precision"], episode,
+                                                             stages=tuple(manifest["graphs"]))
     return manifest["tensorrt"]

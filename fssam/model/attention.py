@@ -12,6 +12,7 @@ from sam2.modeling.sam.transformer import RoPEAttention
 from torch import Tensor
 
 from fssam.model.rope import axial_rotary_angles, rotate
+from fssam.ops.scma import scma  # the custom op; the reference or one ONNX node while exporting
 
 
 class RotaryAttention(RoPEAttention):
@@ -53,8 +54,6 @@ class SupportCalibratedAttention(RotaryAttention):
     ) -> Tensor:
         if support_masks is None:
             return super().forward(q, k, v, num_k_exclude_rope)
-        from fssam.kernels import scma  # dispatcher: the custom op when available, else the reference
-
         q, k, v = self._project(q, k, v, num_k_exclude_rope)
         out = scma(q, k, v, support_masks, self.scma_mode)
         return self.out_proj(self._recombine_heads(out))

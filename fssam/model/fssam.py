@@ -13,6 +13,7 @@ from torch import nn
 
 from fssam.model.config import FSSAMConfig
 from fssam.model.dino import IMAGENET_MEAN, IMAGENET_STD, PriorBackbone
+from fssam.runtime import contract
 from fssam.runtime.contract import encode_support, run_episode, segment
 from fssam.model.prior import pseudo_prompts
 from fssam.model.refine import iterative_memory_refinement
@@ -164,6 +165,19 @@ class FSSAM(nn.Module):
     def segment(self, query_images: torch.Tensor, support: dict) -> torch.Tensor:
         """Query mask logits (B, 1, S, S) given an encoded support set."""
         return segment(self, query_images, support)
+
+    # ---------------------------------------------------------------- the deployable graphs
+    def support_encoder(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> tuple:
+        """uint8 support images (B, K, 3, S, S) and 0/1 masks (B, K, S, S) -> support_features
+        (B, K, D, g, g), support_memory (B, K, M, h, w), support_pointers (B, K, C)."""
+        dtype = self.pixel_mean.dtype
+        return contract.support_encoder(self, support_images.to(dtype), support_masks.to(dtype))
+
+    def query_segmenter(self, query, support_features, support_memory, support_pointers, support_masks):
+        """uint8 query (B, 3, S, S), the support_encoder outputs and uint8 0/1 masks -> logits (B, 1, S, S)."""
+        dtype = self.pixel_mean.dtype
+        return contract.query_segmenter(self, query.to(dtype), support_features, support_memory, support_pointers,
+                                        support_masks.to(dtype))
 
     def forward(self, query_images, support_images, support_masks):
         """query_images (B, 3, S, S), support_images (B, K, 3, S, S), support_masks (B, K, S, S) with

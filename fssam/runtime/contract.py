@@ -11,17 +11,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 STAGE_ORDER = ("prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head")
+GRAPH_ORDER = ("support_encoder", "query_segmenter")  # the deployable graphs (what a server runs)
 RUNS_PER_EPISODE = {
     "prior_backbone": "K support + 1 query",
     "image_encoder": "K support + 1 query",
     "prior": "1",
-    "memory_encoder": "K support + 2 query",
+    "memory_encoder": "K support + 2 query (one batch)",
     "refine": "1",
     "head": "1",
+    "support_encoder": "1 (cacheable: support images and masks only)",
+    "query_segmenter": "1",
 }
 PER_IMAGE_STAGES = ("prior_backbone", "image_encoder", "memory_encoder")  # batch = images, not episodes
 BATCH = "batch"  # the dynamic dimension 0 of every stage tensor
+DEFAULT_MAX_BATCH = 8  # episodes per call an export admits (`fssam export --max-batch`)
+MAX_BATCH_LIMIT = 64  # the largest --max-batch of an export and of a served repository
 IGNORE = 255  # mask value of ignored pixels
+
+
+def batch_limit(name: str, max_batch: int, shots: int) -> int:
+    """The largest dimension 0 that unit `name` receives when episodes come `max_batch` at a time:
+    the per-image stages see B*K support images or the query's 2B memory encodings, so
+    max_batch * max(K, 2); the per-episode stages and the two graphs see max_batch."""
+    return max_batch * max(shots, 2) if name in PER_IMAGE_STAGES else max_batch
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,22 @@ def stage_specs(cfg, shots: int, dtype: str = "float32") -> dict[str, StageSpec]
     return {spec.name: spec for spec in specs}
 
 
+def graph_specs(cfg, shots: int, dtype: str = "float32") -> dict[str, StageSpec]:
+    """The two deployable graphs: images and masks enter as uint8 (pixels 0..255, masks 0/1)."""
+    stages = stage_specs(cfg, shots, dtype)
+    s, k = cfg.image_size, shots
+    support_images = TensorSpec("support_images", (BATCH, k, 3, s, s), "uint8")
+    support_masks = TensorSpec("support_masks", (BATCH, k, s, s), "uint8")
+    features = TensorSpec("support_features", (BATCH, k, *stages["prior_backbone"].outputs[0].shape[1:]), dtype)
+    memory, pointers = stages["head"].inputs[3:5]
+    specs = [
+        StageSpec("support_encoder", (support_images, support_masks), (features, memory, pointers)),
+        StageSpec("query_segmenter", (TensorSpec("query", (BATCH, 3, s, s), "uint8"), features, memory, pointers,
+                                      support_masks), stages["head"].outputs),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
 def _merge(x, b: int, k: int):
     return x.reshape(b * k, *x.shape[2:])  # (B, K, ...) -> (BK, ...)
 
@@ -118,13 +146,28 @@ def encode_support(stages, support_images, support_masks) -> dict:
     }
 
 
+def _concat(a, b):
+    """[a; b] along dimension 0, torch or numpy."""
+    if hasattr(a, "is_floating_point"):
+        import torch  # only reached with torch tensors, so torch is loaded already
+
+        return torch.cat([a, b])
+    import numpy as np
+
+    return np.concatenate([a, b])
+
+
 def segment(stages, query_images, support: dict):
-    """Query mask logits (B, 1, S, S) from query images (B, 3, S, S) and an encoded support set."""
+    """Query mask logits (B, 1, S, S) from query images (B, 3, S, S) and an encoded support set.
+
+    The query's two memory encodings (under prior_fg and prior_ae) run as one batch of 2B."""
+    b = query_images.shape[0]
     query_dino = stages.prior_backbone(query_images)
     s0, s1, s2 = stages.image_encoder(query_images)
     prior_fg, prior_ae = stages.prior(query_dino, support["dino_features"], support["masks"])
-    fg_memory, _ = stages.memory_encoder(s0, s1, s2, prior_fg)
-    ae_memory, ae_pointer = stages.memory_encoder(s0, s1, s2, prior_ae)
+    memory, pointers = stages.memory_encoder(_concat(s0, s0), _concat(s1, s1), _concat(s2, s2),
+                                             _concat(prior_fg, prior_ae))
+    fg_memory, ae_memory, ae_pointer = memory[:b], memory[b:], pointers[b:]
     refined_memory, _ = stages.refine(support["memory"], support["masks"], fg_memory, ae_memory, prior_fg, prior_ae)
     return stages.head(s0, s1, s2, support["memory"], support["pointers"], refined_memory, ae_pointer, support["masks"])
 
@@ -140,3 +183,37 @@ def binary_masks(support_masks):
 
 def run_episode(stages, query_images, support_images, support_masks):
     return segment(stages, query_images, encode_support(stages, support_images, binary_masks(support_masks)))
+
+
+# ---------------------------------------------------------------- the deployable graphs
+
+def support_encoder(stages, support_images, support_masks) -> tuple:
+    """Graph 1 over float inputs (the caller casts uint8): (support_features, support_memory, support_pointers)."""
+    support = encode_support(stages, support_images, support_masks)
+    return support["dino_features"], support["memory"], support["pointers"]
+
+
+def query_segmenter(stages, query, support_features, support_memory, support_pointers, support_masks):
+    """Graph 2 over float inputs: query mask logits (B, 1, S, S)."""
+    support = {"dino_features": support_features, "memory": support_memory, "pointers": support_pointers,
+               "masks": support_masks}
+    return segment(stages, query, support)
+
+
+def to_uint8(array):
+    """Pixels or masks (torch or numpy) as uint8; values must already be whole numbers in 0..255."""
+    if hasattr(array, "is_floating_point"):
+        import torch
+
+        return array if array.dtype == torch.uint8 else array.round().clamp(0, 255).to(torch.uint8)
+    import numpy as np
+
+    return array if array.dtype == np.uint8 else np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def run_graphs(graphs, query, support_images, support_masks):
+    """An episode through the two deployable graphs (`graphs.support_encoder`, `graphs.query_segmenter`),
+    as the served ensemble runs it: uint8 images, uint8 0/1 masks (255 = ignore becomes 0)."""
+    masks = to_uint8(binary_masks(support_masks))
+    features, memory, pointers = graphs.support_encoder(to_uint8(support_images), masks)
+    return graphs.query_segmenter(to_uint8(query), features, memory, pointers, masks)

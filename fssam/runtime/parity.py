@@ -20,7 +20,7 @@ import copy
 import torch
 
 from fssam.errors import FSSAMError
-from fssam.runtime.contract import STAGE_ORDER, binary_masks, run_episode
+from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER, binary_masks, run_episode, run_graphs
 
 FP32_LOGITS_ATOL = 1e-3
 FP32_MIN_IOU = 0.999
@@ -66,11 +66,12 @@ def mask_iou(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def sample_episode(cfg, shots: int, batch: int = 1, seed: int = 1234):
-    """A deterministic synthetic episode at the config's size: noise images, rectangle masks."""
+    """A deterministic synthetic episode at the config's size: noise images (whole numbers 0..255,
+    so the uint8 graphs see the same pixels), rectangle masks."""
     g = torch.Generator().manual_seed(seed)
     s = cfg.image_size
-    query = torch.rand(batch, 3, s, s, generator=g) * 255
-    supports = torch.rand(batch, shots, 3, s, s, generator=g) * 255
+    query = torch.randint(0, 256, (batch, 3, s, s), generator=g).float()
+    supports = torch.randint(0, 256, (batch, shots, 3, s, s), generator=g).float()
     masks = torch.zeros(batch, shots, s, s)
     for b in range(batch):
         for k in range(shots):
@@ -81,14 +82,14 @@ def sample_episode(cfg, shots: int, batch: int = 1, seed: int = 1234):
 
 
 class RecordingStages:
-    """The eager model's stages, recording every call's inputs and outputs."""
+    """The eager model's stages (or graphs), recording every call's inputs and outputs."""
 
-    def __init__(self, model):
+    def __init__(self, model, units=STAGE_ORDER):
         self.model = model
-        self.records: dict[str, list[tuple[tuple, tuple]]] = {name: [] for name in STAGE_ORDER}
+        self.records: dict[str, list[tuple[tuple, tuple]]] = {name: [] for name in units}
 
     def __getattr__(self, name):
-        if name not in STAGE_ORDER:
+        if name == "records" or name not in self.records:
             raise AttributeError(name)
 
         def run(*args):
@@ -99,11 +100,21 @@ class RecordingStages:
         return run
 
 
-def stage_samples(model, query, supports, masks) -> dict[str, list[tuple[tuple, tuple]]]:
-    """Real inputs/outputs of every stage call in one eager episode: {stage: [(inputs, outputs), ...]}."""
-    recorder = RecordingStages(model)
+def is_graphs(units) -> bool:
+    """True for the deployable graphs (composed by contract.run_graphs), False for the stages."""
+    units = tuple(units)
+    if set(units) <= set(GRAPH_ORDER):
+        return True
+    if set(units) <= set(STAGE_ORDER):
+        return False
+    raise FSSAMError(f"parity: {', '.join(units)} mixes stages and graphs")
+
+
+def stage_samples(model, query, supports, masks, units=STAGE_ORDER) -> dict[str, list[tuple[tuple, tuple]]]:
+    """Real inputs/outputs of every stage (or graph) call in one eager episode: {name: [(inputs, outputs), ...]}."""
+    recorder = RecordingStages(model, units)
     with torch.no_grad():
-        run_episode(recorder, query, supports, masks)
+        (run_graphs if is_graphs(units) else run_episode)(recorder, query, supports, masks)
     return recorder.records
 
 
@@ -196,19 +207,29 @@ def check_end_to_end(got: torch.Tensor, reference: torch.Tensor, baseline_logits
 
 def parity_report(model, runner, precision: str = "fp32", episode=None, stages=STAGE_ORDER,
                   baseline: str | None = None) -> dict:
-    """Compare `runner` (the six stage methods on torch tensors) with the fp32 eager `model`.
-    Returns the report with "passed"."""
+    """Compare `runner` (the six stage methods, or with `stages=GRAPH_ORDER` the two deployable
+    graphs, on torch tensors) with the fp32 eager `model`. Returns the report with "passed".
+
+    Graphs take uint8 pixels: the episode's pixels are rounded to whole numbers first, and the
+    eager reference runs on those same pixels."""
     baseline = Baseline(model, precision, baseline or getattr(runner, "baseline", None) or default_baseline(precision))
     query, supports, masks = episode if episode is not None else sample_episode(model.config, shots=1)
     masks = binary_masks(masks)
-    records = stage_samples(model, query, supports, masks)
-    report = {"precision": precision, "baseline": baseline.kind, "stages": {}, "end_to_end": {}, "failures": []}
+    graphs = is_graphs(stages)
+    if graphs:
+        query, supports = query.round().clamp(0, 255), supports.round().clamp(0, 255)
+    records = stage_samples(model, query, supports, masks, units=stages)
+    report = {"precision": precision, "baseline": baseline.kind, "units": "graphs" if graphs else "stages",
+              "stages": {}, "end_to_end": {}, "failures": []}
     for name in stages:
         report["stages"][name], failures = check_stage(runner, name, records[name], baseline)
         report["failures"] += failures
     with torch.no_grad():
         reference = model(query, supports, masks)
-        got = runner(*_cast((query, supports, masks), baseline.input_dtype)).float()
+        if graphs:
+            got = run_graphs(runner, query, supports, masks).float()
+        else:
+            got = runner(*_cast((query, supports, masks), baseline.input_dtype)).float()
     low = baseline.episode(query, supports, masks) if baseline.model is not None else None
     report["end_to_end"], failures = check_end_to_end(got, reference, low, baseline.kind)
     report["failures"] += failures

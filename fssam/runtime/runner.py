@@ -28,7 +28,7 @@ class StageRunner:
     def __init__(self, artifacts: str, precision: str | None = None, verify: bool = True):
         self.artifacts = artifacts
         self.manifest = load_manifest(artifacts, verify=verify)
-        self.specs = self.manifest["stages"]
+        self.specs = {**self.manifest["stages"], **self.manifest.get("graphs", {})}
         self.precision = precision or self.manifest["precision"]
 
     def run_stage(self, name: str, *args):
@@ -44,6 +44,9 @@ class StageRunner:
 
     def check_inputs(self, name: str, args) -> None:
         """Arity and shapes (all but the batch dimension) against the manifest's stage spec."""
+        if name not in self.specs:
+            raise InputError(f"{self.artifacts!r} has no {name!r}: export it again with this fssam version "
+                             "(the deployable graphs are new)")
         spec = self.specs[name]
         if len(args) != len(spec["inputs"]):
             raise InputError(f"stage {name} takes {len(spec['inputs'])} inputs, got {len(args)}")
@@ -52,6 +55,12 @@ class StageRunner:
             if tuple(array.shape[1:]) != expected:
                 raise InputError(f"stage {name} input {entry['name']}: shape {tuple(array.shape)}, "
                                  f"expected (batch, {', '.join(map(str, expected))})")
+        limit = spec.get("max_batch")  # exports made before --max-batch carry none
+        if limit is not None and args and int(args[0].shape[0]) > limit:
+            episodes = self.manifest.get("max_batch", limit)
+            raise InputError(f"stage {name}: batch {int(args[0].shape[0])} is over this export's limit of {limit} "
+                             f"(--max-batch {episodes} episodes, {self.manifest['shots']}-shot): send at most "
+                             f"{episodes} episodes per call, or export again with a larger --max-batch")
 
     def prior_backbone(self, images):
         return self.run_stage("prior_backbone", images)
@@ -72,6 +81,17 @@ class StageRunner:
         return self.run_stage(
             "head", feat_s0, feat_s1, feat_s2, support_memory, support_pointers, query_memory, query_pointer, support_masks
         )
+
+    def support_encoder(self, support_images, support_masks):
+        return self.run_stage("support_encoder", support_images, support_masks)
+
+    def query_segmenter(self, query, support_features, support_memory, support_pointers, support_masks):
+        return self.run_stage("query_segmenter", query, support_features, support_memory, support_pointers,
+                              support_masks)
+
+    def run_graphs(self, query_images, support_images, support_masks):
+        """An episode through the two deployable graphs (what the server runs)."""
+        return contract.run_graphs(self, query_images, support_images, support_masks)
 
     def encode_support(self, support_images, support_masks) -> dict:
         return contract.encode_support(self, support_images, support_masks)

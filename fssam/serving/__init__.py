@@ -1,15 +1,16 @@
 """Serving FSSAM with NVIDIA Triton Inference Server: model repository, server, client, deploy.
 
 * `fssam.serving.repository.write_repository`: a Triton model repository from an export folder
-  (one model per stage + a Python-backend BLS pipeline with a support-set cache).
+  (the two deployable graphs, a mask-validation step and the `fssam` ensemble; Triton's response
+  cache on support_encoder is the support-set cache).
 * `fssam.serving.server.TritonServer`: start / wait for / stop a real `tritonserver`.
 * `fssam.serving.client.predict_remote`: one episode through a running server.
-* `fssam.serving.commands.register`: the `repository`, `serve` and `deploy` sub-commands.
+* The `repository`, `serve` and `deploy` sub-commands are in fssam.commands.
 """
 
 from fssam.errors import FSSAMError
 
-PIPELINE_MODEL = "fssam_pipeline"
+ENSEMBLE_MODEL = "fssam"  # the model clients call
 
 
 class ServingError(FSSAMError):

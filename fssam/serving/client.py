@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from fssam.serving import PIPELINE_MODEL, ServingError
+from fssam.serving import ENSEMBLE_MODEL, ServingError
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
@@ -24,19 +24,25 @@ def _address(url: str, protocol: str) -> str:
     return address
 
 
-def _numpy(x, name: str, ndim: int) -> np.ndarray:
+def _uint8(x, name: str, ndim: int) -> np.ndarray:
+    """Pixels 0..255 or mask values as the UINT8 the server takes (floats are rounded)."""
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if array.ndim == ndim - 1:
         array = array[None]  # one episode without the batch dimension
     if array.ndim != ndim:
         raise ServingError(f"{name}: {array.ndim} dimensions (shape {list(array.shape)}), expected {ndim} with the batch")
-    return np.ascontiguousarray(array, dtype=np.float32) if array.dtype != np.float32 else np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 255):
+            raise ServingError(f"{name}: values must be 0..255 (the server takes uint8), found "
+                               f"{array.min()}..{array.max()}")
+        array = np.rint(array).astype(np.uint8)
+    return np.ascontiguousarray(array)
 
 
 class RemoteFSSAM:
-    """A connection to the pipeline model; `infer` returns (logits (B,1,S,S), support_cached (B,))."""
+    """A connection to the `fssam` ensemble; `infer` returns logits (B,1,S,S) float32."""
 
-    def __init__(self, url: str, protocol: str = "grpc", model: str = PIPELINE_MODEL, timeout: float | None = 120.0):
+    def __init__(self, url: str, protocol: str = "grpc", model: str = ENSEMBLE_MODEL, timeout: float | None = 120.0):
         self.protocol = protocol
         self.address = _address(url, protocol)
         self.model = model
@@ -76,20 +82,21 @@ class RemoteFSSAM:
         raise ServingError(f"server {self.address} ({self.protocol}): {message}") from None
 
     def infer(self, query, supports, masks, raw: bool = False):
-        """Inputs: query (B,3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) (batch dim optional).
-        `raw`: send the arrays as given (any dtype), for testing the server's checks."""
+        """Inputs: query (B,3,S,S), supports (B,K,3,S,S) RGB 0..255, masks (B,K,S,S) 0/1 with 255 =
+        ignore (batch dim optional), sent as UINT8. `raw`: send the arrays as given (any dtype), for
+        testing the server's checks."""
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         arrays = {"query": query, "support_images": supports, "support_masks": masks}
         if not raw:
-            arrays = {"query": _numpy(query, "query", 4), "support_images": _numpy(supports, "supports", 5),
-                      "support_masks": _numpy(masks, "masks", 4)}
+            arrays = {"query": _uint8(query, "query", 4), "support_images": _uint8(supports, "supports", 5),
+                      "support_masks": _uint8(masks, "masks", 4)}
         inputs = []
         for name, array in arrays.items():
             item = self.module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             item.set_data_from_numpy(array)
             inputs.append(item)
-        outputs = [self.module.InferRequestedOutput(name) for name in ("logits", "support_cached")]
+        outputs = [self.module.InferRequestedOutput("logits")]
         try:
             if self.protocol == "grpc":
                 result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
@@ -99,13 +106,32 @@ class RemoteFSSAM:
             self._raise(error)
         except Exception as error:  # connection refused, DNS, timeouts of the transport
             raise self._unreachable(error) from None
-        logits = torch.from_numpy(np.array(result.as_numpy("logits"), copy=True))
-        cached = result.as_numpy("support_cached")
-        cached = torch.from_numpy(np.array(cached, copy=True)).reshape(-1).bool() if cached is not None else None
-        return logits, cached
+        logits = result.as_numpy("logits")
+        if logits is None:
+            raise ServingError(f"server {self.address} ({self.protocol}): the response has no logits")
+        return torch.from_numpy(np.array(logits, copy=True))
+
+    def cache_stats(self, model: str = "support_encoder") -> dict:
+        """Triton's own response-cache counters of `model`: {"hits", "misses", "inferences"}."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if self.protocol == "grpc":
+                stats = self.client.get_inference_statistics(model, as_json=True)
+            else:
+                stats = self.client.get_inference_statistics(model)
+        except InferenceServerException as error:
+            self._raise(error)
+        except Exception as error:
+            raise self._unreachable(error) from None
+        entry = stats["model_stats"][0]
+        inference = entry.get("inference_stats", {})
+        return {"hits": int(inference.get("cache_hit", {}).get("count", 0)),
+                "misses": int(inference.get("cache_miss", {}).get("count", 0)),
+                "inferences": int(entry.get("inference_count", 0))}
 
     def metadata(self) -> dict:
-        """Input names, shapes and dtypes of the pipeline as the server reports them."""
+        """Input names, shapes and dtypes of the ensemble as the server reports them."""
         from tritonclient.utils import InferenceServerException
 
         try:
@@ -137,7 +163,7 @@ class RemoteFSSAM:
         return False
 
 
-def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", model: str = PIPELINE_MODEL,
+def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", model: str = ENSEMBLE_MODEL,
                    timeout: float | None = 120.0) -> torch.Tensor:
     """Logits (B,1,S,S) float32 of one episode (B = 1 for `fssam predict`) from a running server.
 
@@ -147,5 +173,4 @@ def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", mod
     the server's message for rejected inputs, or when the server cannot be reached.
     """
     with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout) as remote:
-        logits, _ = remote.infer(query, supports, masks)
-    return logits
+        return remote.infer(query, supports, masks)

@@ -1,20 +1,25 @@
-"""`fssam deploy`: export -> time every runtime here -> repository with the fastest that passed its
-gate -> serve on free loopback ports -> check one episode against eager -> served latency.
+"""`fssam deploy`: export -> time the deployable graphs on every runtime here -> repository with the
+fastest that passed its gate -> serve it (Triton ensemble, response cache) -> parity and overheads.
 
-1. Export fp32 ONNX (gated on ONNX Runtime) and the OpenVINO plans, each gated against eager
-   PyTorch: fp32; bf16 where the CPU has native bf16; int8 with --int8 (--calibration DIR).
-2. Time, on one episode, interleaved (fssam.bench.harness): eager fp32, eager bf16 autocast,
-   ONNX Runtime fp32 and every exported OpenVINO plan. The candidates are the exported runtimes
-   whose gate passed; the one with the lowest median episode latency is chosen.
-3. Write the repository with it (python-ort, or python-openvino at its precision) and serve it.
-4. Check the served logits against eager fp32 with the gate's end-to-end check (limits from eager
-   bf16 autocast for bf16 / int8) on the gate's episode, and against the same runtime in process.
-5. Served latency (client over gRPC; new support set / cached support) interleaved with the same
-   runtime in process and the two eager baselines, and the server's overhead.
+1. Export fp32 ONNX (stages and the two graphs, gated on ONNX Runtime) and the OpenVINO plans:
+   fp32, and bf16 where the CPU has native bf16 (the graphs gated whole).
+2. Time, in process and interleaved (fssam.bench.harness.GraphMode): eager fp32, eager bf16
+   autocast, ONNX Runtime fp32 and OpenVINO at each gated graph precision. The fastest runtime
+   whose graph gate passed is chosen.
+3. Write the repository with it (python-ort or python-openvino) and serve it with Triton's
+   response cache on support_encoder.
+4. The gate's episode through the ensemble vs eager fp32 (the end-to-end check; limits from eager
+   bf16 autocast for bf16) and vs the same runtime in process; sent twice, the second must be a
+   cache hit in Triton's statistics with identical logits.
+5. Latency at concurrency 1, interleaved: served (new support set / cached support) vs the same
+   runtime in process and the two eager baselines; the server's overhead.
+6. Throughput at concurrency 1, 2, 4, 8 (dynamic batching), cached and new support sets, and the
+   request payload (UINT8 vs the FP32 the per-stage pipeline took).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -25,26 +30,28 @@ import torch
 from fssam.errors import InputError
 from fssam.serving import ServingError
 
-STAGE_BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
+BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
 STEPS = 6
+DEFAULT_CACHE_MB = 256
+RESULT_FILE = "deploy.json"
 
 
 @dataclass
 class Measured:
-    """One timed mode: an eager baseline (runtime None), or an exported runtime and its gate."""
+    """One timed mode: an eager baseline (runtime None), or an exported runtime's graphs and their gate."""
 
     label: str
-    mode: object  # fssam.bench.harness.StageMode
+    mode: object  # fssam.bench.harness.GraphMode
     runtime: str | None = None
     precision: str = "fp32"
-    runner: object = None  # the in-process stage runner (torch in / out)
+    runner: object = None  # the in-process runner (torch in / out)
     passed: bool = False
 
     @property
-    def stage_backend(self) -> str:
-        return STAGE_BACKENDS[self.runtime]
+    def backend(self) -> str:
+        return BACKENDS[self.runtime]
 
 
 def _step(i: int, text: str, progress: bool) -> float:
@@ -53,32 +60,40 @@ def _step(i: int, text: str, progress: bool) -> float:
     return time.perf_counter()
 
 
-def openvino_precisions(int8: bool) -> tuple[str, ...]:
-    """The OpenVINO plans to export here: fp32, bf16 on a CPU with native bf16, int8 if asked."""
+def openvino_precisions() -> tuple[str, ...]:
+    """The OpenVINO plans to export here: fp32, and bf16 on a CPU with native bf16."""
     from fssam.runtime.cpu import native_bf16
 
-    return ("fp32",) + (("bf16",) if native_bf16() else ()) + (("int8",) if int8 else ())
+    return ("fp32",) + (("bf16",) if native_bf16() else ())
 
 
 def _autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _measured(model, artifacts: str, manifest: dict) -> list[Measured]:
-    """The eager baselines, ONNX Runtime fp32 and every exported OpenVINO plan, opened for timing."""
-    from fssam.bench.harness import StageMode
-    from fssam.runtime import as_torch, open_runner
-    from fssam.runtime.runners.openvino import PRECISIONS
+def graph_gates(manifest: dict) -> dict:
+    """{(runtime, precision): passed} of the deployable graphs' gates in an export manifest.
+    An OpenVINO bf16 plan whose graphs fell back to fp32 is the fp32 candidate, not a second one."""
+    gates = {("onnxruntime", "fp32"): manifest["graph_parity"]["onnxruntime"]["passed"]}
+    for precision, entry in manifest.get("openvino", {}).items():
+        graphs = entry.get("graphs") if isinstance(entry, dict) else None
+        if graphs and graphs["precision"] == precision:
+            gates[("openvino", precision)] = graphs["parity"]["passed"]
+    return gates
 
-    rows = [Measured("eager fp32", StageMode("eager fp32", model)),
-            Measured("eager bf16 autocast", StageMode("eager bf16 autocast", model, context=_autocast), precision="bf16")]
-    gates = {("onnxruntime", "fp32"): manifest["parity"]["onnxruntime"]["passed"]}
-    gates.update({("openvino", p): manifest["openvino"][p]["parity"]["passed"]
-                  for p in PRECISIONS if p in manifest.get("openvino", {})})
-    for (runtime, precision), passed in gates.items():
+
+def _measured(model, artifacts: str, manifest: dict) -> list[Measured]:
+    """The eager baselines and every gated runtime's graphs, opened for timing."""
+    from fssam.bench.harness import GraphMode
+    from fssam.runtime import as_torch, open_runner
+
+    rows = [Measured("eager fp32", GraphMode("eager fp32", model)),
+            Measured("eager bf16 autocast", GraphMode("eager bf16 autocast", model, context=_autocast),
+                     precision="bf16")]
+    for (runtime, precision), passed in graph_gates(manifest).items():
         label = f"{LABELS[runtime]} {precision}"
         runner = as_torch(open_runner(runtime, artifacts, precision=precision))
-        rows.append(Measured(label, StageMode(label, runner), runtime, precision, runner, passed))
+        rows.append(Measured(label, GraphMode(label, runner), runtime, precision, runner, passed))
     return rows
 
 
@@ -90,16 +105,13 @@ def choose(rows: list[Measured], results: dict) -> Measured:
     return min(candidates, key=lambda row: results[row.label]["episode"]["median_ms"])
 
 
-def _gate_text(row: Measured) -> str:
-    return "reference" if row.runtime is None else ("passed" if row.passed else "FAILED")
-
-
 def _print_table(rows: list[Measured], results: dict, runs: int) -> None:
-    print(f"      in process, median of {runs} interleaved runs on one episode:")
+    print(f"      in process (the two graphs), median of {runs} interleaved runs on one episode:")
     print(f"        {'runtime':22s} {'gate':10s} {'episode ms':>11s} {'cached ms':>10s}")
     for row in rows:
         result = results[row.label]
-        print(f"        {row.label:22s} {_gate_text(row):10s} {result['episode']['median_ms']:11.1f} "
+        gate = "reference" if row.runtime is None else ("passed" if row.passed else "FAILED")
+        print(f"        {row.label:22s} {gate:10s} {result['episode']['median_ms']:11.1f} "
               f"{result['cached_support']['median_ms']:10.1f}")
 
 
@@ -109,8 +121,8 @@ def _print_choice(chosen: Measured, rows: list[Measured], results: dict) -> None
     ms = {row.label: results[row.label]["episode"]["median_ms"] for row in rows}
     others = sorted((ms[row.label], row.label) for row in rows if row.runtime and row.passed and row is not chosen)
     runner_up = f"; next {others[0][1]} {others[0][0]:.1f} ms" if others else ""
-    print(f"      chosen: {chosen.runner.describe()} -> stage backend {chosen.stage_backend}: the fastest that passed "
-          f"its gate ({ms[chosen.label]:.1f} ms{runner_up})", flush=True)
+    print(f"      chosen: {chosen.label} -> backend {chosen.backend}: the fastest that passed its gate "
+          f"({ms[chosen.label]:.1f} ms{runner_up})", flush=True)
     if not cpu.native_bf16():
         print(f"      OpenVINO bf16 was not a candidate: this CPU has no native bf16 "
               f"({' or '.join(cpu.NATIVE_BF16_FLAGS)}): {cpu.describe()}", flush=True)
@@ -118,27 +130,35 @@ def _print_choice(chosen: Measured, rows: list[Measured], results: dict) -> None
 
 def check_served(model, chosen: Measured, served, episode) -> tuple[dict, list[str], float]:
     """The gate's end-to-end check of served logits vs eager fp32 (limits from eager bf16 autocast
-    for a bf16 / int8 runtime), and the max abs difference to the same runtime in process."""
+    for bf16), and the max abs difference to the same runtime in process."""
+    from fssam.runtime.contract import run_graphs
     from fssam.runtime.parity import Baseline, check_end_to_end
 
     kind = chosen.runner.baseline
     with torch.inference_mode():
         eager = model(*episode)
-        inprocess = chosen.runner(*episode).float()
+        inprocess = run_graphs(chosen.runner, *episode).float()
     low = Baseline(model, chosen.precision, kind).episode(*episode) if kind != "fp32" else None
     end, failures = check_end_to_end(served, eager, low, kind)
     return end, failures, float((served - inprocess).abs().max())
 
 
-def _check_cache(remote, episode) -> object:
-    """Logits of the episode, sent twice: new support set (not cached), then the same (cached)."""
-    logits, first = remote.infer(*episode)
-    _, second = remote.infer(*episode)
-    if bool(first.any()):
-        raise ServingError("a new support set was reported as cached: the support cache key is wrong")
-    if not bool(second.all()):
-        raise ServingError("a repeated support set was not served from the cache")
-    return logits
+def check_cache(remote, episode) -> tuple[torch.Tensor, dict]:
+    """The episode sent twice: the second must be a response-cache hit on support_encoder in
+    Triton's statistics, with identical logits. Returns (logits, {"hits", "misses"} added)."""
+    before = remote.cache_stats()
+    first = remote.infer(*episode)
+    middle = remote.cache_stats()
+    second = remote.infer(*episode)
+    after = remote.cache_stats()
+    if middle["hits"] != before["hits"] and middle["misses"] == before["misses"]:
+        raise ServingError("a new support set was answered from the response cache: the cache key is wrong")
+    if after["hits"] != middle["hits"] + 1:
+        raise ServingError(f"a repeated support set was not a response-cache hit on support_encoder "
+                           f"(Triton statistics: {middle} -> {after}); is the server started with --cache-config?")
+    if not torch.equal(first, second):
+        raise ServingError(f"cached support gave different logits (max abs {float((first - second).abs().max()):.3g})")
+    return first, {"hits": after["hits"] - before["hits"], "misses": after["misses"] - before["misses"]}
 
 
 def _overhead(served: float, inprocess: float) -> str:
@@ -147,18 +167,20 @@ def _overhead(served: float, inprocess: float) -> str:
 
 def _served_latency(url: str, chosen: Measured, rows: list[Measured], episode, runs: int) -> dict:
     """Served (client over gRPC) interleaved with the same runtime in process and the eager baselines."""
-    from fssam.bench.commands import _Served
     from fssam.bench.harness import EpisodeMode, run_interleaved
+    from fssam.bench.served import Served
 
-    served = _Served(url)
+    served = Served(url)
     try:
         modes = [EpisodeMode("served", served), chosen.mode] + [row.mode for row in rows if row.runtime is None]
+        for mode in modes[1:]:
+            mode.support = None  # cached support of this episode, encoded once per mode
         return run_interleaved(modes, episode, iterations=runs, warmup=1)
     finally:
-        served.remote.close()
+        served.close()
 
 
-def _print_latency(latency: dict, chosen: Measured, runs: int, config: str, shots: int) -> dict:
+def _latency_figures(latency: dict, chosen: Measured) -> dict:
     def pair(name):
         return latency[name]["episode"]["median_ms"], latency[name]["cached_support"]["median_ms"]
 
@@ -166,27 +188,44 @@ def _print_latency(latency: dict, chosen: Measured, runs: int, config: str, shot
     figures = {"served_ms": served[0], "served_cached_ms": served[1], "inprocess_ms": inprocess[0],
                "inprocess_cached_ms": inprocess[1], "overhead": _overhead(served[0], inprocess[0]),
                "overhead_cached": _overhead(served[1], inprocess[1])}
-    print(f"      served ({chosen.stage_backend} {chosen.precision}, client over gRPC, median of {runs}; {config}, "
-          f"{shots}-shot, CPU): new support set {served[0]:.1f} ms, cached support {served[1]:.1f} ms")
-    print(f"      in-process {chosen.label}: {inprocess[0]:.1f} ms, cached support {inprocess[1]:.1f} ms; server "
-          f"overhead at concurrency 1: {figures['overhead']} (cached {figures['overhead_cached']})")
-    eager = []
     for label in ("eager fp32", "eager bf16 autocast"):
         full, cached = pair(label)
         figures[label] = {"ms": full, "cached_ms": cached}
-        eager.append(f"{label} {full:.1f} ms (cached support {cached:.1f} ms)")
-    print(f"      same run: {'; '.join(eager)}")
     return figures
 
 
-def _export(config, artifacts, checkpoint, shots, seed, progress, int8, calibration) -> dict:
+def _print_latency(figures: dict, chosen: Measured, runs: int, config: str, shots: int) -> None:
+    print(f"      served ({chosen.backend} {chosen.precision}, client over gRPC, median of {runs}; {config}, "
+          f"{shots}-shot, CPU): new support set {figures['served_ms']:.1f} ms, cached support "
+          f"{figures['served_cached_ms']:.1f} ms")
+    print(f"      in-process {chosen.label}: {figures['inprocess_ms']:.1f} ms, cached support "
+          f"{figures['inprocess_cached_ms']:.1f} ms; server overhead at concurrency 1: {figures['overhead']} "
+          f"(cached {figures['overhead_cached']})")
+    eager = [f"{label} {figures[label]['ms']:.1f} ms (cached support {figures[label]['cached_ms']:.1f} ms)"
+             for label in ("eager fp32", "eager bf16 autocast")]
+    print(f"      same run: {'; '.join(eager)}")
+    for label in ("eager fp32", "eager bf16 autocast"):
+        print(f"      served vs {label}: {figures[label]['ms'] / figures['served_ms']:.2f}x "
+              f"(cached support {figures[label]['cached_ms'] / figures['served_cached_ms']:.2f}x)")
+
+
+def _print_throughput(rows: list[dict], payload: dict) -> None:
+    print(f"        {'clients':>7s} {'support':>8s} {'episodes/s':>11s} {'median ms':>10s} {'failures':>9s}")
+    for row in rows:
+        print(f"        {row['concurrency']:7d} {'cached' if row['cached_support'] else 'new':>8s} "
+              f"{row['episodes_per_s']:11.2f} {row['median_ms']:10.1f} {row['failures']:9d}")
+    print(f"      request payload per episode: {payload['uint8']:,} bytes as UINT8 (was {payload['fp32']:,} as FP32, "
+          f"{payload['ratio']:.0f}x less)")
+
+
+def _export(config, artifacts, checkpoint, shots, seed, progress, overrides) -> dict:
     from fssam.export import export
 
-    precisions = openvino_precisions(int8)
-    start = _step(1, f"export {config} ({shots}-shot, fp32 ONNX; OpenVINO {', '.join(precisions)}) -> {artifacts}",
-                  progress)
+    precisions = openvino_precisions()
+    start = _step(1, f"export {config} ({shots}-shot, fp32 ONNX stages + graphs; OpenVINO {', '.join(precisions)}) "
+                     f"-> {artifacts}", progress)
     manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
-                      progress=progress, openvino=precisions, calibration=calibration)
+                      progress=progress, openvino=precisions, **overrides)
     weights = manifest["weights"]
     print(f"      exported in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
     if "note" in weights:
@@ -195,8 +234,12 @@ def _export(config, artifacts, checkpoint, shots, seed, progress, int8, calibrat
 
 
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 5,
-           progress: bool = True, int8: bool = False, calibration: str | None = None) -> dict:
+           progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None, requests_per_client: int = 3,
+           **overrides) -> dict:
+    """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the config's)."""
     from fssam.bench.harness import run_interleaved
+    from fssam.bench.report import machine
+    from fssam.bench.served import CONCURRENCY, concurrency_sweep, payload_bytes
     from fssam.model import build
     from fssam.runtime.parity import sample_episode
     from fssam.serving.client import RemoteFSSAM
@@ -205,16 +248,18 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
 
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
-    if calibration is not None and not int8:
-        raise InputError("--calibration is for int8 quantization: add --int8")
+    if cache_mb < 1:
+        raise InputError(f"--cache-mb must be >= 1 for deploy (the support cache is part of what it measures), got {cache_mb}")
+    clients = tuple(clients or CONCURRENCY)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
-    manifest = _export(config, artifacts, checkpoint, shots, seed, progress, int8, calibration)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    manifest = _export(config, artifacts, checkpoint, shots, seed, progress, overrides)
     weights = manifest["weights"]
 
-    _step(2, "time every runtime in process (interleaved) and choose", progress)
-    model = build(config, checkpoint=checkpoint, seed=seed)
+    _step(2, "time the graphs on every runtime in process (interleaved) and choose", progress)
+    model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
     episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
     rows = _measured(model, artifacts, manifest)
     results = run_interleaved([row.mode for row in rows], episode, iterations=runs, warmup=1)
@@ -222,39 +267,54 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     chosen = choose(rows, results)
     _print_choice(chosen, rows, results)
 
-    _step(3, f"model repository ({chosen.stage_backend}, {chosen.precision}) -> {repository}", progress)
-    write_repository(artifacts, repository, stage_backend=chosen.stage_backend,
+    _step(3, f"model repository (ensemble fssam: validate -> support_encoder -> query_segmenter; {chosen.backend} "
+             f"{chosen.precision}) -> {repository}", progress)
+    write_repository(artifacts, repository, backend=chosen.backend,
                      precision=chosen.precision if chosen.runtime == "openvino" else None)
 
-    start = _step(4, "start tritonserver on 127.0.0.1 (free ports)", progress)
-    server = TritonServer(repository, http_port=0, grpc_port=0)
+    start = _step(4, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB)", progress)
+    server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=cache_mb)
     server.start()
     try:
         print(f"      ready in {time.perf_counter() - start:.1f} s: gRPC {server.grpc_url}, HTTP {server.http_url}",
               flush=True)
-        _step(5, "the gate's episode through the server vs eager PyTorch", progress)
+        _step(5, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
         with RemoteFSSAM(server.grpc_url) as remote:
-            served = _check_cache(remote, episode)
+            served, cache = check_cache(remote, episode)
         end, failures, vs_inprocess = check_served(model, chosen, served, episode)
         print(f"      logits max abs {end['max_abs']:.2e} (limit {end['limit']:.3g}), mask IoU {end['mask_iou']:.4f} "
               f"(min {end['min_iou']:.4f}) vs eager fp32: {'PASS' if not failures else 'FAIL'}; vs in-process "
               f"{chosen.label}: max abs {vs_inprocess:.2e}", flush=True)
+        print(f"      same support set again: a response-cache hit on support_encoder (Triton statistics: "
+              f"+{cache['hits']} hit, +{cache['misses']} miss), identical logits", flush=True)
 
-        _step(6, f"latency: served vs in process, interleaved, median of {runs} runs", progress)
+        _step(6, f"latency (median of {runs}, interleaved) and throughput at {', '.join(map(str, clients))} clients",
+              progress)
         latency = _served_latency(server.grpc_url, chosen, rows, episode, runs)
+        figures = _latency_figures(latency, chosen)
+        _print_latency(figures, chosen, runs, config, shots)
+        throughput = (concurrency_sweep(server.grpc_url, episode, clients, requests_per_client, cached=True)
+                      + concurrency_sweep(server.grpc_url, episode, clients, requests_per_client, cached=False))
+        payload = payload_bytes(*episode)
+        _print_throughput(throughput, payload)
     finally:
         server.stop()
-    figures = _print_latency(latency, chosen, runs, config, shots)
-    print(f"deployed {config}: {repository} ({chosen.stage_backend} {chosen.precision}; serve it with "
+    print(f"deployed {config}: {repository} ({chosen.backend} {chosen.precision}; serve it with "
           f"`fssam serve --repository {repository}`); weights: {weights['source']}")
     if weights["source"].startswith("random"):
         print("note: random-init weights (no --checkpoint): the server's masks are not a trained model's predictions",
               file=sys.stderr)
+    result = {
+        "config": config, "shots": shots, "weights": weights["source"], "chosen": chosen.label,
+        "backend": chosen.backend, "precision": chosen.precision,
+        "inprocess": {row.label: results[row.label] for row in rows}, "served": latency,
+        "end_to_end": end, "passed": not failures, "served_vs_inprocess_max_abs": vs_inprocess,
+        "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
+        "machine": machine(), "artifacts": artifacts, "repository": repository,
+    }
+    with open(os.path.join(out, RESULT_FILE), "w") as handle:
+        json.dump(result, handle, indent=2)
     if failures:
         raise ServingError(f"served logits differ from eager PyTorch: {'; '.join(failures)}")
-    return {
-        "config": config, "weights": weights["source"], "chosen": chosen.label, "stage_backend": chosen.stage_backend,
-        "precision": chosen.precision, "inprocess": {row.label: results[row.label] for row in rows},
-        "end_to_end": end, "passed": not failures, "served_vs_inprocess_max_abs": vs_inprocess, **figures,
-        "artifacts": artifacts, "repository": repository,
-    }
+    return result
+

@@ -1,21 +1,30 @@
-"""`fssam repository`: a Triton model repository from an export folder (manifest.json + ONNX files).
+"""`fssam repository`: a self-contained Triton model repository from an export folder.
 
-Layout (REPO):
-  <stage>/config.pbtxt, <stage>/1/model.*      one model per exported stage
-  fssam_pipeline/config.pbtxt                   the episode (Python backend, BLS, support cache)
-  fssam_pipeline/1/model.py, 1/manifest.json
-  fssam_pipeline/warmup/*                       raw warm-up inputs (model_warmup)
-  fssam_repository.json                         what was written, from which export, each stage's backend and precision
+Layout (REPO), every model versioned (folder 1/, `version_policy: latest 1`):
+  fssam/config.pbtxt            the ensemble clients call: validate -> support_encoder -> query_segmenter
+  fssam/1/                      (ensembles have no files)
+  validate/config.pbtxt         Python backend (numpy only): mask values -> INVALID_ARGUMENT; 255 -> 0
+  validate/1/model.py
+  support_encoder/config.pbtxt  deployable graph 1, Triton's response cache on: the support-set cache
+  support_encoder/1/model.*     model.onnx | model.xml + model.bin | model.plan (+ model.py, Python backends)
+  support_encoder/warmup/*      raw input files of model_warmup (a real episode)
+  query_segmenter/...           deployable graph 2, same layout
+  fssam_repository.json         what was written: backend, precision per graph, shapes, weights
 
-Stage backends:
-  python-ort       Python backend running ONNX Runtime on CPU (the tritonserver of the nvidia-pytriton wheel)
-  python-openvino  Python backend running OpenVINO on CPU, at --precision fp32 | bf16 | int8 (the export's
-                   gated per-stage plan); same server
-  onnxruntime      Triton's native ONNX Runtime backend (NGC tritonserver containers; GPU instances)
-  openvino         Triton's native OpenVINO backend (NGC tritonserver containers, CPU instances), the same
-                   per-stage plan; not loadable by the nvidia-pytriton wheel's server, which has no OpenVINO backend
-  tensorrt         Triton's TensorRT backend with the engines of `fssam export --tensorrt` (GPU servers)
-Names, shapes and dtypes all come from the manifest.
+Request contract (the `fssam` ensemble): query UINT8 (B,3,S,S), support_images UINT8 (B,K,3,S,S),
+support_masks UINT8 (B,K,S,S) with 0 = background, 1 = foreground, 255 = ignore; output logits
+FP32 (B,1,S,S). Backends of the two graphs:
+  python-ort       Python backend running ONNX Runtime on CPU (the nvidia-pytriton wheel's tritonserver)
+  python-openvino  Python backend running OpenVINO on CPU at --precision fp32 | bf16 (the graph gate's
+                   choice); same server
+  onnxruntime      Triton's ONNX Runtime backend (official containers; GPU, or CPU with device="cpu";
+                   optional TensorRT execution accelerator)
+  openvino         Triton's OpenVINO backend (official containers, CPU)
+  tensorrt         Triton's TensorRT backend, the graph engines of `fssam export --tensorrt` (GPU); engines
+                   holding the fssam::SCMA plugin's AOT kernel load as they are, JIT ones are refused
+--max-batch is at most the export's own limit (manifest["max_batch"]).
+The Python models import numpy, the runtime and triton_python_backend_utils only; no file names a
+path of the machine that wrote them.
 """
 
 from __future__ import annotations
@@ -27,93 +36,92 @@ import shutil
 import numpy as np
 
 from fssam.errors import ConfigError, InputError
-from fssam.runtime.manifest import load_manifest
-from fssam.runtime.contract import STAGE_ORDER
-from fssam.runtime.runners import openvino as ov_runner
 from fssam.files import check_replaceable, partial_folder, read_json, replace_folder
-from fssam.serving import PIPELINE_MODEL
+from fssam.runtime.contract import DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT
+from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest
+from fssam.runtime.runners import openvino as ov_runner
+from fssam.serving import ENSEMBLE_MODEL
 
 BACKENDS = ("python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
 OPENVINO_BACKENDS = ("python-openvino", "openvino")
-PYTHON_BACKENDS = ("python-ort", "python-openvino")  # templates/stage_model.py in the Python backend
+PYTHON_BACKENDS = ("python-ort", "python-openvino")  # templates/graph_model.py in the Python backend
+VALIDATE_MODEL = "validate"
 MARKER = "fssam_repository.json"
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
-ONNX_MAX_BATCH = 64  # the export's dynamic batch range (fssam.export.onnx_export.MAX_BATCH)
-TENSORRT_MAX_BATCH = 8  # the engines' optimisation profile (fssam.export.tensorrt.MAX_BATCH)
-PIPELINE_MAX_BATCH = 8
-STAGE_TEMPLATE = "stage_model.py"
+REPOSITORY_FORMAT = "fssam-triton-repository/2"
+OLDER_FORMATS = ("fssam-triton-repository/1",)
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8"}
+# --max-batch: at most the export's own limit (manifest["max_batch"], `fssam export --max-batch`),
+# which its ONNX files, TensorRT profiles and runners share; exports made before it was recorded
+# admit the older fixed limits: 64 (ONNX) and 8 (TensorRT profiles).
+LEGACY_MAX_BATCH = {"onnx": MAX_BATCH_LIMIT, "tensorrt": 8}
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
+WARMUP_SEED = 0
 
+
+# ---------------------------------------------------------------- config.pbtxt text
 
 def _dims(shape) -> str:
     return "[ " + ", ".join(str(int(d)) for d in shape) + " ]"
 
 
-def _tensor_block(kind: str, entries: list) -> str:
-    items = []
-    for entry in entries:
-        items.append(
-            "  {\n"
-            f'    name: "{entry["name"]}"\n'
-            f"    data_type: {entry['data_type']}\n"
-            f"    dims: {_dims(entry['dims'])}\n"
-            "  }"
-        )
+def _tensors(kind: str, entries: list) -> str:
+    items = [f'  {{\n    name: "{e["name"]}"\n    data_type: {e["data_type"]}\n    dims: {_dims(e["dims"])}\n  }}'
+             for e in entries]
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
 def _parameters(params: dict) -> str:
-    return "".join(
-        f'parameters {{\n  key: "{key}"\n  value: {{ string_value: {json.dumps(str(value))} }}\n}}\n'
-        for key, value in params.items()
-    )
+    return "".join(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: {json.dumps(str(value))} }}\n}}\n'
+                   for key, value in params.items())
 
 
-def _warmup(inputs: list, files: dict | None = None) -> str:
-    """model_warmup with one batch-1 sample: random data, or raw files under <model>/warmup/."""
-    lines = ["model_warmup [\n  {\n    name: \"warmup\"\n    batch_size: 1\n"]
+def _warmup(inputs: list, batched: bool) -> str:
+    """model_warmup: one batch-1 request from the raw files under <model>/warmup/ (named as the inputs)."""
+    lines = ['model_warmup [\n  {\n    name: "episode"\n    batch_size: 1\n']
     for entry in inputs:
-        source = f'input_data_file: "{files[entry["name"]]}"' if files else "random_data: true"
-        lines.append(
-            f'    inputs {{\n      key: "{entry["name"]}"\n      value: {{\n        data_type: {entry["data_type"]}\n'
-            f"        dims: {_dims([1 if d == -1 else d for d in entry['dims']])}\n        {source}\n      }}\n    }}\n"
-        )
+        dims = entry["dims"][1:] if not batched else entry["dims"]  # max_batch_size 0: the -1 batch dim is 1
+        dims = [1] + list(dims) if not batched else dims
+        lines.append(f'    inputs {{\n      key: "{entry["name"]}"\n      value: {{\n        data_type: {entry["data_type"]}\n'
+                     f'        dims: {_dims(dims)}\n        input_data_file: "{entry["name"]}"\n      }}\n    }}\n')
     lines.append("  }\n]\n")
     return "".join(lines)
 
 
-def _config(name: str, header: str, max_batch: int, inputs: list, outputs: list, queue_delay_us: int,
-            instances: int, kind: str, params: dict, warmup: str) -> str:
-    return (
-        f'name: "{name}"\n{header}max_batch_size: {max_batch}\n'
-        + _tensor_block("input", inputs)
-        + _tensor_block("output", outputs)
-        + (f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n" if max_batch else "")
-        + f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
-        + _parameters(params)
-        + warmup
-    )
+def _header(name: str, max_batch: int) -> str:
+    return f'name: "{name}"\nmax_batch_size: {max_batch}\nversion_policy: {{ latest {{ num_versions: 1 }} }}\n'
 
 
-def _stage_io(entries: list, batch_dim: bool = False) -> list:
-    """Config tensors; `batch_dim`: the batch as a -1 dimension (max_batch_size 0 configs)."""
+def _batching(max_batch: int, queue_delay_us: int) -> str:
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n" if max_batch else ""
+
+
+def _instances(count: int, kind: str) -> str:
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+
+
+def _io(entries: list, batched: bool) -> list:
+    """Config tensors from manifest specs ("batch" first): without batching the batch is a -1 dim."""
     out = []
     for entry in entries:
         if entry["shape"][0] != "batch":
             raise InputError(f"tensor {entry['name']}: dim 0 is {entry['shape'][0]!r}, expected 'batch'")
-        out.append({"name": entry["name"], "data_type": TRITON_DTYPES[entry["dtype"]], "dims": [-1] * batch_dim + entry["shape"][1:]})
+        out.append({"name": entry["name"], "data_type": TRITON_DTYPES[entry["dtype"]],
+                    "dims": ([] if batched else [-1]) + list(entry["shape"][1:])})
     return out
 
 
-REPOSITORY_FORMAT = "fssam-triton-repository/1"
-
+# ---------------------------------------------------------------- checks
 
 def _repository_owned(out: str) -> tuple[set, set]:
     """(files, folders) of the complete repository at `out`: its marker and the models it lists."""
-    try:
-        description = read_json(os.path.join(out, MARKER), REPOSITORY_FORMAT)
-    except ValueError as reason:
-        raise ValueError(f"{MARKER}: {reason}") from None
+    for format in (REPOSITORY_FORMAT, *OLDER_FORMATS):  # an older fssam's repository may be replaced too
+        try:
+            description = read_json(os.path.join(out, MARKER), format)
+            break
+        except ValueError as reason:
+            error = reason
+    else:
+        raise ValueError(f"{MARKER}: {error}") from None
     models = description.get("models")
     if not isinstance(models, list) or not all(isinstance(m, str) and m and os.sep not in m and m not in (".", "..")
                                                for m in models):
@@ -130,188 +138,312 @@ def _prepare_out(out: str) -> str:
     return out
 
 
+def _check_servable(artifacts: str, manifest: dict, backend: str) -> None:
+    if not manifest.get("graphs") or any(name not in manifest["graphs"] for name in GRAPH_ORDER):
+        raise InputError(f"{artifacts!r} has no deployable graphs (support_encoder, query_segmenter): export it "
+                         "again with this fssam version")
+    if manifest["dtype"] == "bfloat16" and backend != "tensorrt":
+        raise ConfigError("bf16 exports cannot be served by this backend: Python models pass tensors as numpy, which "
+                          "has no bfloat16; export fp32 (or fp16) for serving")
+    if backend in OPENVINO_BACKENDS and manifest["dtype"] != "float32":
+        raise ConfigError(f"OpenVINO backends serve fp32 exports (their precision is a compile hint); this export "
+                          f"is {manifest['precision']}: export with --precision fp32")
+    if backend == "tensorrt":
+        engines = manifest.get("tensorrt", {}).get("engines", {})
+        if any(name not in engines for name in GRAPH_ORDER):
+            raise InputError(f"{artifacts!r} has no TensorRT engines of the graphs: run `fssam export --tensorrt` on "
+                             "the GPU server (engines are specific to the GPU and TensorRT version), or use "
+                             "--backend onnxruntime")
+        kinds = graph_plugins(manifest)
+        jit = [name for name, kind in kinds.items() if kind == "jit"]  # in GRAPH_ORDER
+        unknown = [name for name, kind in kinds.items() if kind == "unknown"]
+        if jit:
+            raise ConfigError(f"{artifacts!r}: the engines of {', '.join(jit)} hold fssam::SCMA plugin nodes with the "
+                              "plugin's JIT implementation, a Python callback (tensorrt.plugin + torch + the Triton "
+                              "kernel) that only a Python process which registered the plugin can run; Triton's "
+                              "TensorRT backend runs engines from C++. Export with the AOT plugin (the kernel is "
+                              "compiled into the engine) or --scma-node decomposed for serving")
+        if unknown:
+            raise ConfigError(f"{artifacts!r}: its engines may hold fssam::SCMA plugin nodes (--scma-node custom) "
+                              f"and its manifest does not say whether {', '.join(unknown)} use the plugin's AOT "
+                              "kernel (embedded in the engine, servable) or its JIT Python callback (not servable "
+                              "by Triton's TensorRT backend): export again with this fssam version")
+
+
+def graph_plugins(manifest: dict) -> dict:
+    """{graph: None | "aot" | "jit" | "unknown"}: the fssam::SCMA plugin implementation each graph
+    engine holds, as the export recorded it (fssam.export.tensorrt.plugin_kind); "unknown" for an
+    older export with --scma-node custom that did not record it."""
+    engines = manifest.get("tensorrt", {}).get("engines", {})
+    kinds = {}
+    for name in GRAPH_ORDER:
+        entry = engines.get(name, {})
+        if "plugin" in entry:
+            kinds[name] = entry["plugin"]
+        else:
+            kinds[name] = "unknown" if manifest.get("scma_node") == "custom" else None
+    return kinds
+
+
+def max_batch_limit(manifest: dict, backend: str) -> int:
+    """Episodes per request the export admits on `backend`: its recorded limit, or an older export's."""
+    if "max_batch" in manifest:
+        return int(manifest["max_batch"])
+    return LEGACY_MAX_BATCH["tensorrt" if backend == "tensorrt" else "onnx"]
+
+
+AOT_NOTE = ("# fssam::SCMA runs as the TensorRT plugin's AOT kernel: its PTX is compiled into model.plan, so\n"
+            "# TensorRT launches it itself; no plugin library (--backend-config=tensorrt,plugins=...), no\n"
+            "# LD_PRELOAD and no Python are needed. The engine needs the TensorRT version and GPU it was built with.\n")
+
+
+def _precision(manifest: dict, backend: str, precision: str | None) -> str:
+    """The asked precision: an OpenVINO plan's (default fp32), else the export's own."""
+    if backend in OPENVINO_BACKENDS:
+        precision = precision or "fp32"
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r}: the served graphs run OpenVINO fp32 or bf16 (int8 is a "
+                              "per-stage plan, not a graph)")
+        return precision
+    if precision not in (None, manifest["precision"]):
+        raise ConfigError(f"backend {backend} runs the export's own precision ({manifest['precision']}), not "
+                          f"{precision}: --precision is for python-openvino and openvino")
+    return manifest["precision"]
+
+
+def _plan(manifest: dict, backend: str, precision: str) -> dict:
+    """{graph: {"precision", "file"}}: what each graph model runs."""
+    if backend in OPENVINO_BACKENDS:
+        plan = ov_runner.plan(manifest, precision)
+        plan = {name: plan[name] for name in GRAPH_ORDER}
+        if backend == "python-openvino" and any(entry["precision"] == "bf16" for entry in plan.values()):
+            ov_runner.require_native_bf16()  # this machine serves it
+        return plan
+    if backend == "tensorrt":
+        engines = manifest["tensorrt"]["engines"]
+        return {name: {"precision": precision, "file": engines[name]["file"]} for name in GRAPH_ORDER}
+    return {name: {"precision": precision, "file": manifest["graphs"][name]["file"]} for name in GRAPH_ORDER}
+
+
+# ---------------------------------------------------------------- models
+
+def _copy_model(artifacts: str, file: str, version: str, backend: str) -> str:
+    """The graph's file into the version folder as model.onnx / model.xml + model.bin / model.plan."""
+    if file.endswith(".xml"):
+        shutil.copy2(os.path.join(artifacts, file[: -len(".xml")] + ".bin"), os.path.join(version, "model.bin"))
+        name = "model.xml"
+    else:
+        name = "model.plan" if backend == "tensorrt" else "model.onnx"
+    shutil.copy2(os.path.join(artifacts, file), os.path.join(version, name))
+    return name
+
+
+def _backend_config(backend: str, precision: str, model_file: str, threads: int, device: str,
+                    accelerator: str | None) -> tuple[str, dict, str]:
+    """(config header lines, parameters, instance kind) of one graph model."""
+    if backend == "python-ort":
+        return 'backend: "python"\n', {"runtime": "onnxruntime", "model_file": model_file,
+                                        "intra_op_threads": threads}, "KIND_CPU"
+    if backend == "onnxruntime":
+        header = 'backend: "onnxruntime"\n'
+        if accelerator == "tensorrt":
+            mode = {"fp16": "FP16"}.get(precision, "FP32")
+            header += ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
+                       '        name: "tensorrt"\n'
+                       f'        parameters {{ key: "precision_mode" value: "{mode}" }}\n'
+                       '        parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
+                       "      }\n    ]\n  }\n}\n")
+        return header, {}, "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    if backend == "tensorrt":
+        return 'backend: "tensorrt"\nplatform: "tensorrt_plan"\n', {}, "KIND_GPU"
+    properties = ov_runner.compile_properties(precision, threads or None)
+    if backend == "python-openvino":
+        return 'backend: "python"\n', {"runtime": "openvino", "model_file": model_file,
+                                        "openvino_properties": json.dumps(properties)}, "KIND_CPU"
+    header = 'backend: "openvino"\n' + ('default_model_filename: "model.onnx"\n' if model_file == "model.onnx" else "")
+    return header, native_openvino_parameters(properties), "KIND_CPU"
+
+
 def native_openvino_parameters(properties: dict) -> dict:
-    """compile_model properties (fssam.runtime.runners.openvino.compile_properties) as the config
-    parameters of Triton's OpenVINO backend: it reads PERFORMANCE_HINT, INFERENCE_NUM_THREADS and
-    HINT_BF16 (only "YES"); it has no parameter that pins f32 (nor a compile cache)."""
+    """compile_model properties as the config parameters of Triton's OpenVINO backend: it reads
+    PERFORMANCE_HINT, INFERENCE_NUM_THREADS and HINT_BF16 (only "YES"); it has no parameter that
+    pins f32 (nor a compile cache)."""
     params = {key: properties[key] for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS") if key in properties}
     if properties.get("INFERENCE_PRECISION_HINT") == "bf16":
         params["HINT_BF16"] = "YES"
     return params
 
 
-def _precision(manifest: dict, stage_backend: str, precision: str | None) -> str:
-    """The asked precision: an OpenVINO plan's (default fp32), else the export's own."""
-    if stage_backend in OPENVINO_BACKENDS:
-        precision = precision or "fp32"
-        if precision not in ov_runner.PRECISIONS:
-            raise ConfigError(f"precision {precision!r}: expected one of {', '.join(ov_runner.PRECISIONS)}")
-        return precision
-    if precision not in (None, manifest["precision"]):
-        raise ConfigError(f"stage backend {stage_backend} runs the export's own precision ({manifest['precision']}), "
-                          f"not {precision}: --precision is for python-openvino and openvino")
-    return manifest["precision"]
+def _write_raw(folder: str, arrays: dict) -> None:
+    """Warm-up inputs as raw little-endian files named after the inputs."""
+    os.makedirs(folder)
+    for name, array in arrays.items():
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tofile(os.path.join(folder, name))
 
 
-def _plan(manifest: dict, stage_backend: str, precision: str) -> dict:
-    """{stage: {"precision", "file"}}: what each stage model runs."""
-    if stage_backend in OPENVINO_BACKENDS:
-        plan = ov_runner.plan(manifest, precision)
-        if stage_backend == "python-openvino" and any(entry["precision"] == "bf16" for entry in plan.values()):
-            ov_runner.require_native_bf16()  # this machine serves it
-        return plan
-    if stage_backend == "tensorrt":
-        engines = manifest["tensorrt"]["engines"]
-        return {name: {"precision": precision, "file": engines[name]["file"] if isinstance(engines[name], dict)
-                       else engines[name]} for name in STAGE_ORDER}
-    return {name: {"precision": precision, "file": manifest["stages"][name]["file"]} for name in STAGE_ORDER}
+def _warmup_episode(artifacts: str, manifest: dict) -> dict:
+    """A real episode for model_warmup: noise images, a square mask, and the support tensors the
+    support_encoder graph gives for them (ONNX Runtime on the exported graph)."""
+    from fssam.runtime import open_runner
+
+    size, shots = int(manifest["config"]["image_size"]), int(manifest["shots"])
+    rng = np.random.default_rng(WARMUP_SEED)
+    masks = np.zeros((1, shots, size, size), np.uint8)
+    masks[:, :, size // 4: size // 2, size // 4: size // 2] = 1
+    arrays = {"query": rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8),
+              "support_images": rng.integers(0, 256, (1, shots, 3, size, size), dtype=np.uint8),
+              "support_masks": masks}
+    if manifest["dtype"] != "bfloat16":
+        runner = open_runner("onnxruntime", artifacts, verify=False)
+        features, memory, pointers = runner.support_encoder(arrays["support_images"], masks)
+    else:  # TensorRT bf16 graphs: values of the right shape (numpy has no bfloat16)
+        specs = {e["name"]: e for e in manifest["graphs"]["support_encoder"]["outputs"]}
+        features, memory, pointers = (rng.standard_normal((1, *specs[n]["shape"][1:])).astype(np.float32)
+                                      for n in ("support_features", "support_memory", "support_pointers"))
+    arrays.update(support_features=features, support_memory=memory, support_pointers=pointers)
+    return arrays
 
 
-def _copy_model(artifacts: str, file: str, version: str, stage_backend: str) -> str:
-    """The stage's file into the version folder as model.onnx / model.xml + model.bin / model.plan."""
-    if file.endswith(".xml"):
-        shutil.copy2(os.path.join(artifacts, file[: -len(".xml")] + ".bin"), os.path.join(version, "model.bin"))
-        name = "model.xml"
-    else:
-        name = "model.plan" if stage_backend == "tensorrt" else "model.onnx"
-    shutil.copy2(os.path.join(artifacts, file), os.path.join(version, name))
-    return name
+def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episode) -> dict:
+    spec = manifest["graphs"][name]
+    version = os.path.join(tmp, name, "1")
+    os.makedirs(version)
+    model_file = _copy_model(artifacts, entry["file"], version, backend)
+    if backend in PYTHON_BACKENDS:
+        shutil.copy2(os.path.join(TEMPLATES, "graph_model.py"), os.path.join(version, "model.py"))
+    header, params, kind = _backend_config(backend, entry["precision"], model_file, options["threads"],
+                                           options["device"], options["accelerator"])
+    if backend == "tensorrt" and graph_plugins(manifest)[name] == "aot":
+        header = AOT_NOTE + header
+    batched = options["max_batch"] > 0
+    inputs, outputs = _io(spec["inputs"], batched), _io(spec["outputs"], batched)
+    _write_raw(os.path.join(tmp, name, "warmup"), {e["name"]: episode[e["name"]] for e in inputs})
+    cache = 'response_cache {\n  enable: true\n}\n' if name == "support_encoder" and options["cache"] else ""
+    text = (_header(name, options["max_batch"]) + header + _tensors("input", inputs) + _tensors("output", outputs)
+            + _batching(options["max_batch"], options["queue_delay_us"]) + cache
+            + _instances(options["instances"], kind) + _parameters(params) + _warmup(inputs, batched))
+    with open(os.path.join(tmp, name, "config.pbtxt"), "w") as handle:
+        handle.write(text)
+    return {"backend": backend, "precision": entry["precision"], "file": model_file, "inputs": inputs,
+            "outputs": outputs}
 
 
-def _stage_model(stage_backend: str, entry: dict, model_file: str, threads: int) -> tuple[str, dict, str, int]:
-    """(config header, parameters, instance kind, max_batch_size) of one stage model."""
-    if stage_backend == "python-ort":
-        params = {"runtime": "onnxruntime", "model_file": model_file, "intra_op_threads": threads}
-        return 'backend: "python"\n', params, "KIND_CPU", ONNX_MAX_BATCH
-    if stage_backend == "onnxruntime":
-        return 'backend: "onnxruntime"\n', {}, "KIND_GPU", ONNX_MAX_BATCH
-    if stage_backend == "tensorrt":
-        return 'backend: "tensorrt"\nplatform: "tensorrt_plan"\n', {}, "KIND_GPU", TENSORRT_MAX_BATCH
-    properties = ov_runner.compile_properties(entry["precision"], threads or None)
-    if stage_backend == "python-openvino":
-        params = {"runtime": "openvino", "model_file": model_file, "openvino_properties": json.dumps(properties)}
-        return 'backend: "python"\n', params, "KIND_CPU", ONNX_MAX_BATCH
-    # openvino: max_batch_size > 0 makes the backend fix the model's batch at max_batch_size
-    # (ov::set_batch; other batches are errors unless padded): 0 and a -1 batch dim keep it dynamic
-    header = 'backend: "openvino"\n' + ('default_model_filename: "model.onnx"\n' if model_file == "model.onnx" else "")
-    return header, native_openvino_parameters(properties), "KIND_CPU", 0
+def _write_validate(tmp: str, masks: dict, options: dict, episode: dict) -> None:
+    version = os.path.join(tmp, VALIDATE_MODEL, "1")
+    os.makedirs(version)
+    shutil.copy2(os.path.join(TEMPLATES, "validate_model.py"), os.path.join(version, "model.py"))
+    binary = dict(masks, name="binary_masks")
+    _write_raw(os.path.join(tmp, VALIDATE_MODEL, "warmup"), {"support_masks": episode["support_masks"]})
+    text = (_header(VALIDATE_MODEL, options["max_batch"]) + 'backend: "python"\n' + _tensors("input", [masks])
+            + _tensors("output", [binary]) + _batching(options["max_batch"], options["queue_delay_us"])
+            + _instances(1, "KIND_CPU") + _warmup([masks], options["max_batch"] > 0))
+    with open(os.path.join(tmp, VALIDATE_MODEL, "config.pbtxt"), "w") as handle:
+        handle.write(text)
 
 
-def _check_servable(artifacts: str, manifest: dict, stage_backend: str) -> None:
-    missing = [name for name in STAGE_ORDER if name not in manifest["stages"]]
-    if missing:
-        raise InputError(f"{artifacts!r}: manifest has no stage(s) {', '.join(missing)}")
-    if manifest["dtype"] == "bfloat16":
-        raise ConfigError("bf16 exports cannot be served: the pipeline passes stage tensors as numpy, which has no "
-                          "bfloat16; export fp32 or fp16 for serving")
-    if stage_backend in OPENVINO_BACKENDS and manifest["dtype"] != "float32":
-        raise ConfigError(f"OpenVINO stage backends serve fp32 exports (their precision is a compile hint); this export "
-                          f"is {manifest['precision']}: export with --precision fp32")
-    if stage_backend == "tensorrt" and "tensorrt" not in manifest:
-        raise InputError(
-            f"{artifacts!r} has no TensorRT engines: run `fssam export --tensorrt` on the GPU server "
-            "(engines are specific to the GPU and TensorRT version), or use --stage-backend onnxruntime"
-        )
-    if stage_backend == "tensorrt" and manifest.get("scma_node") == "custom":
-        raise ConfigError(
-            f"{artifacts!r}: its head engine holds fssam::SCMA plugin nodes, which the server's TensorRT backend "
-            "cannot load (the plugin is registered from Python); export with --scma-node decomposed for serving, "
-            "or use --stage-backend onnxruntime"
-        )
+def _map(kind: str, pairs: dict) -> str:
+    return "".join(f'      {kind} {{\n        key: "{key}"\n        value: "{value}"\n      }}\n'
+                   for key, value in pairs.items())
 
 
-def _write_stages(tmp: str, artifacts: str, manifest: dict, stage_backend: str, plan: dict, instances: int,
-                  threads: int) -> dict:
-    """One model per stage; returns {stage: {"backend", "precision", "file", "max_batch"}}."""
-    written = {}
-    for name in STAGE_ORDER:
-        spec, entry = manifest["stages"][name], plan[name]
-        version = os.path.join(tmp, name, "1")
-        os.makedirs(version)
-        model_file = _copy_model(artifacts, entry["file"], version, stage_backend)
-        if stage_backend in PYTHON_BACKENDS:
-            shutil.copy2(os.path.join(TEMPLATES, STAGE_TEMPLATE), os.path.join(version, "model.py"))
-        header, params, kind, max_batch = _stage_model(stage_backend, entry, model_file, threads)
-        inputs, outputs = _stage_io(spec["inputs"], not max_batch), _stage_io(spec["outputs"], not max_batch)
-        text = _config(name, header, max_batch, inputs, outputs, 100, instances, kind, params, _warmup(inputs))
-        with open(os.path.join(tmp, name, "config.pbtxt"), "w") as handle:
-            handle.write(text)
-        written[name] = {"backend": stage_backend, "precision": entry["precision"], "file": model_file,
-                         "max_batch": max_batch or ONNX_MAX_BATCH}  # a -1 batch dim: the export's range
-    return written
+def _step(model: str, inputs: dict, outputs: dict) -> str:
+    return (f'    {{\n      model_name: "{model}"\n      model_version: -1\n' + _map("input_map", inputs)
+            + _map("output_map", outputs) + "    }")
+
+
+def _write_ensemble(tmp: str, graphs: dict, max_batch: int) -> dict:
+    """The `fssam` ensemble: validate -> support_encoder -> query_segmenter, all in the server."""
+    support, query = graphs["support_encoder"], graphs["query_segmenter"]
+    inputs = [query["inputs"][0], *support["inputs"]]  # query, support_images, support_masks
+    outputs = query["outputs"]
+    support_outputs = [e["name"] for e in support["outputs"]]
+    steps = [
+        _step(VALIDATE_MODEL, {"support_masks": "support_masks"}, {"binary_masks": "binary_masks"}),
+        _step("support_encoder", {"support_images": "support_images", "support_masks": "binary_masks"},
+              {name: name for name in support_outputs}),
+        _step("query_segmenter", {"query": "query", **{name: name for name in support_outputs},
+                                  "support_masks": "binary_masks"}, {"logits": "logits"}),
+    ]
+    text = (_header(ENSEMBLE_MODEL, max_batch) + 'platform: "ensemble"\n' + _tensors("input", inputs)
+            + _tensors("output", outputs) + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
+    os.makedirs(os.path.join(tmp, ENSEMBLE_MODEL, "1"))
+    with open(os.path.join(tmp, ENSEMBLE_MODEL, "config.pbtxt"), "w") as handle:
+        handle.write(text)
+    return {"model": ENSEMBLE_MODEL, "inputs": inputs, "outputs": outputs, "max_batch_size": max_batch}
 
 
 def write_repository(
     artifacts: str,
     out: str,
-    stage_backend: str = "python-ort",
-    support_cache_size: int = 64,
-    stage_instances: int = 1,
-    pipeline_instances: int = 1,
+    backend: str = "python-ort",
+    precision: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    instances: int = 1,
     threads: int = 0,
     queue_delay_us: int = 500,
-    precision: str | None = None,
+    cache: bool = True,
+    device: str = "gpu",
+    accelerator: str | None = None,
 ) -> dict:
-    """Write the repository to `out` (replaced atomically); returns the description in MARKER.
+    """Write the repository to `out` (replaced atomically, only over an earlier fssam repository);
+    returns the description written to MARKER.
 
-    `precision`: the OpenVINO plan the python-openvino / openvino stage backends run (fp32, bf16,
-    int8; default fp32); the other backends run the export's own precision. `threads`: ONNX Runtime
-    intra-op threads or OpenVINO inference threads per stage (0: the runtime's default)."""
-    if stage_backend not in BACKENDS:
-        raise ConfigError(f"stage backend {stage_backend!r}: expected one of {', '.join(BACKENDS)}")
-    for label, value, low in (("support cache size", support_cache_size, 0), ("stage instances", stage_instances, 1),
-                              ("pipeline instances", pipeline_instances, 1), ("threads", threads, 0)):
-        if value < low:
-            raise ConfigError(f"{label} must be >= {low}, got {value}")
+    `precision`: the OpenVINO precision of python-openvino / openvino (fp32 or bf16; default fp32);
+    the other backends run the export's own. `max_batch`: episodes per request and per dynamic
+    batch (ignored by the native openvino backend, which keeps the batch dynamic with max_batch_size
+    0). `threads`: ONNX Runtime / OpenVINO threads per graph instance (0: the runtime's default).
+    `cache`: Triton's response cache on support_encoder (the server needs --cache-config; `fssam
+    serve` passes it). `device`, `accelerator` (None | "tensorrt"): the native onnxruntime backend's
+    instance kind and execution accelerator."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if device not in ("gpu", "cpu"):
+        raise ConfigError(f"device {device!r}: expected gpu or cpu")
+    if accelerator not in (None, "tensorrt") or (accelerator and (backend != "onnxruntime" or device != "gpu")):
+        raise ConfigError("the TensorRT execution accelerator is for --backend onnxruntime on a GPU")
+    for label, value, low, high in (("max batch", max_batch, 1, MAX_BATCH_LIMIT), ("instances", instances, 1, 64),
+                                    ("threads", threads, 0, 1024), ("queue delay", queue_delay_us, 0, 10**7)):
+        if not low <= value <= high:
+            raise ConfigError(f"{label} must be in {low}..{high}, got {value}")
     manifest = load_manifest(artifacts)
-    _check_servable(artifacts, manifest, stage_backend)
-    precision = _precision(manifest, stage_backend, precision)
-    plan = _plan(manifest, stage_backend, precision)
+    _check_servable(artifacts, manifest, backend)
+    limit = max_batch_limit(manifest, backend)
+    if backend != "openvino" and max_batch > limit:  # the native openvino models run unbatched (see below)
+        raise ConfigError(f"max batch {max_batch} is over the export's limit of {limit} episodes per call (its ONNX "
+                          f"files{', TensorRT profiles' if backend == 'tensorrt' else ''} and runners admit no more): "
+                          f"use --max-batch {limit} or less, or export again with `fssam export --max-batch "
+                          f"{max_batch}`")
+    precision = _precision(manifest, backend, precision)
+    plan = _plan(manifest, backend, precision)
     out = _prepare_out(out)
+    batch = 0 if backend == "openvino" else max_batch  # see native_openvino: a fixed batch otherwise
+    options = {"max_batch": batch, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us,
+               "cache": cache, "device": device, "accelerator": accelerator}
+    episode = _warmup_episode(artifacts, manifest)
     with partial_folder(out, markers=(MARKER,)) as tmp:
-        stages = _write_stages(tmp, artifacts, manifest, stage_backend, plan, stage_instances, threads)
-        stage_max = min(entry["max_batch"] for entry in stages.values())
-        size, shots = int(manifest["config"]["image_size"]), int(manifest["shots"])
-        pipeline_batch = max(1, min(PIPELINE_MAX_BATCH, stage_max // shots))
-        inputs = [
-            {"name": "query", "data_type": "TYPE_FP32", "dims": [3, size, size]},
-            {"name": "support_images", "data_type": "TYPE_FP32", "dims": [shots, 3, size, size]},
-            {"name": "support_masks", "data_type": "TYPE_FP32", "dims": [shots, size, size]},
-        ]
-        outputs = [
-            {"name": "logits", "data_type": "TYPE_FP32", "dims": [1, size, size]},
-            {"name": "support_cached", "data_type": "TYPE_BOOL", "dims": [1]},
-        ]
-        version = os.path.join(tmp, PIPELINE_MODEL, "1")
-        os.makedirs(version)
-        shutil.copy2(os.path.join(TEMPLATES, "pipeline_model.py"), os.path.join(version, "model.py"))
-        with open(os.path.join(version, "manifest.json"), "w") as handle:
-            json.dump(manifest, handle, indent=2)
-        files = _write_warmup(os.path.join(tmp, PIPELINE_MODEL, "warmup"), size, shots)
-        params = {
-            "support_cache_size": support_cache_size,
-            "stage_models": json.dumps({name: name for name in STAGE_ORDER}),
-            "stage_max_batch": json.dumps({name: entry["max_batch"] for name, entry in stages.items()}),
-        }
-        text = _config(PIPELINE_MODEL, 'backend: "python"\n', pipeline_batch, inputs, outputs, queue_delay_us,
-                       pipeline_instances, "KIND_CPU", params, _warmup(inputs, files))
-        with open(os.path.join(tmp, PIPELINE_MODEL, "config.pbtxt"), "w") as handle:
-            handle.write(text)
+        graphs = {name: _write_graph(tmp, artifacts, manifest, name, plan[name], backend, options, episode)
+                  for name in GRAPH_ORDER}
+        _write_validate(tmp, graphs["support_encoder"]["inputs"][1], options, episode)
+        ensemble = _write_ensemble(tmp, graphs, batch)
         description = {
             "format": REPOSITORY_FORMAT,
-            "artifacts": os.path.abspath(artifacts),
-            "stage_backend": stage_backend,
-            "stage_precision": precision,
-            **({"openvino_gated": precision in manifest.get("openvino", {})} if stage_backend in OPENVINO_BACKENDS else {}),
+            "export": {"manifest_sha256": file_sha256(os.path.join(artifacts, MANIFEST)),
+                       "fssam_version": manifest.get("fssam_version")},
+            "backend": backend,
+            "precision": precision,
             "config": manifest["config"]["name"],
-            "image_size": size,
-            "shots": shots,
-            "precision": manifest["precision"],
+            "image_size": int(manifest["config"]["image_size"]),
+            "shots": int(manifest["shots"]),
+            "export_precision": manifest["precision"],
             "weights": manifest["weights"]["source"],
-            "models": [*STAGE_ORDER, PIPELINE_MODEL],
-            "stages": {name: {key: entry[key] for key in ("backend", "precision", "file")} for name, entry in stages.items()},
-            "pipeline": {"model": PIPELINE_MODEL, "inputs": inputs, "outputs": outputs, "max_batch_size": pipeline_batch,
-                         "support_cache_size": support_cache_size},
+            "models": [ENSEMBLE_MODEL, VALIDATE_MODEL, *GRAPH_ORDER],
+            "graphs": {name: {key: entry[key] for key in ("backend", "precision", "file")} for name, entry in graphs.items()},
+            "ensemble": ensemble,
+            "support_cache": "triton response cache on support_encoder" if cache else None,
+            "export_max_batch": limit,
+            **({"scma_plugin": graph_plugins(manifest)} if backend == "tensorrt" else {}),
+            **({"openvino_gated": "graphs" in manifest.get("openvino", {}).get(precision, {})}
+               if backend in OPENVINO_BACKENDS else {}),
         }
         with open(os.path.join(tmp, MARKER), "w") as handle:
             json.dump(description, handle, indent=2)
@@ -320,25 +452,12 @@ def write_repository(
         return description
 
 
-def _write_warmup(folder: str, size: int, shots: int) -> dict:
-    """A valid episode (noise images, a square foreground) as raw little-endian float32 files."""
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    masks = np.zeros((shots, size, size), np.float32)
-    masks[:, size // 4 : size // 2, size // 4 : size // 2] = 1
-    arrays = {
-        "query": (rng.random((3, size, size)) * 255).astype("<f4"),
-        "support_images": (rng.random((shots, 3, size, size)) * 255).astype("<f4"),
-        "support_masks": masks.astype("<f4"),
-    }
-    for name, array in arrays.items():
-        array.tofile(os.path.join(folder, name))
-    return {name: name for name in arrays}
-
-
 def read_repository(repo: str) -> dict:
     path = os.path.join(repo, MARKER)
     if not os.path.isfile(path):
         raise InputError(f"{repo!r} is not an fssam model repository (no {MARKER}; run `fssam repository` first)")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        description = read_json(path, REPOSITORY_FORMAT)
+    except ValueError as reason:
+        raise InputError(f"{path!r}: {reason}; write the repository again with `fssam repository`") from None
+    return description

@@ -50,14 +50,22 @@ def compile_properties(stage_precision: str, threads: int | None = None, cache: 
 
 
 def plan(manifest: dict, precision: str) -> dict:
-    """{stage: {"precision", "file"}}: the gated plan of the export, or every stage at `precision`."""
+    """{stage or graph: {"precision", "file"}}: the gated plan of the export, or every stage at
+    `precision`. The deployable graphs run whole in the precision their own gate chose (bf16 or
+    fp32); int8 has no graph plan (the graphs are not quantized)."""
     gated = manifest.get("openvino", {}).get(precision)
     if gated:
-        return {name: {"precision": entry["precision"], "file": entry["file"]} for name, entry in gated["stages"].items()}
-    if precision == "int8":
+        units = {name: {"precision": entry["precision"], "file": entry["file"]} for name, entry in gated["stages"].items()}
+    elif precision == "int8":
         raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --openvino int8` "
                           "(NNCF quantization, gated against eager bf16 autocast)")
-    return {name: {"precision": precision, "file": spec["file"]} for name, spec in manifest["stages"].items()}
+    else:
+        units = {name: {"precision": precision, "file": spec["file"]} for name, spec in manifest["stages"].items()}
+    graph_precision = (gated or {}).get("graphs", {}).get("precision") if gated else precision
+    if graph_precision and precision != "int8":
+        units.update({name: {"precision": graph_precision, "file": spec["file"]}
+                      for name, spec in manifest.get("graphs", {}).items()})
+    return units
 
 
 class OpenVINORunner(StageRunner):
@@ -75,15 +83,24 @@ class OpenVINORunner(StageRunner):
         self.plan = stages or plan(self.manifest, self.precision)
         if any(entry["precision"] == "bf16" for entry in self.plan.values()):
             require_native_bf16()
-        self.threads = threads
+        self.threads, self.cache = threads, cache
         self.core = ov.Core()
-        self.compiled, self.requests, self.output_ports = {}, {}, {}
-        for name, entry in self.plan.items():
-            properties = compile_properties(entry["precision"], threads, cache_dir() if cache else None)
-            compiled = self.core.compile_model(os.path.join(artifacts, entry["file"]), "CPU", properties)
-            self.compiled[name] = compiled
-            self.requests[name] = compiled.create_infer_request()
+        self.compiled, self.requests, self.output_ports = {}, {}, {}  # compiled on first use
+
+    def compile(self, name: str):
+        """The compiled model of one stage or graph (compiled once, on first use)."""
+        if name not in self.compiled:
+            if name not in self.plan:
+                raise ConfigError(f"OpenVINO {self.precision} has no plan for {name}"
+                                  + (": the deployable graphs run fp32 or bf16, not int8" if self.precision == "int8"
+                                     else ""))
+            entry = self.plan[name]
+            properties = compile_properties(entry["precision"], self.threads, cache_dir() if self.cache else None)
+            compiled = self.core.compile_model(os.path.join(self.artifacts, entry["file"]), "CPU", properties)
             self.output_ports[name] = [self._port(compiled, name, spec["name"]) for spec in self.specs[name]["outputs"]]
+            self.requests[name] = compiled.create_infer_request()
+            self.compiled[name] = compiled
+        return self.compiled[name]
 
     @staticmethod
     def _port(compiled, stage: str, tensor: str) -> int:
@@ -94,8 +111,9 @@ class OpenVINORunner(StageRunner):
                           f"{[sorted(p.get_names()) for p in compiled.outputs]}): re-export")
 
     def describe(self) -> str:
-        kinds = sorted({entry["precision"] for entry in self.plan.values()})
-        detail = "" if len(kinds) == 1 else " (" + ", ".join(f"{n} {e['precision']}" for n, e in self.plan.items()) + ")"
+        used = {n: e for n, e in self.plan.items() if n in self.compiled} or self.plan
+        kinds = sorted({entry["precision"] for entry in used.values()})
+        detail = "" if len(kinds) == 1 else " (" + ", ".join(f"{n} {e['precision']}" for n, e in used.items()) + ")"
         return f"OpenVINO {self.precision}{detail}"
 
     @property
@@ -104,7 +122,8 @@ class OpenVINORunner(StageRunner):
 
     def run_stage(self, name: str, *arrays):
         self.check_inputs(name, arrays)
-        feeds = {entry["name"]: np.ascontiguousarray(array, dtype=np.float32)
+        self.compile(name)
+        feeds = {entry["name"]: np.ascontiguousarray(array, dtype=np.dtype(entry["dtype"]))
                  for array, entry in zip(arrays, self.specs[name]["inputs"])}
         request = self.requests[name]
         request.infer(feeds)

@@ -1,7 +1,9 @@
 """TensorRT: the engines of `fssam export --tensorrt` (GPU only); torch CUDA tensors in and out.
 
-Engines carry one optimisation profile over the export's batch range. On a machine without CUDA
-every entry point raises a clear error (TensorRTUnavailable).
+Each engine carries one optimisation profile over the batch its unit receives under the export's
+limit (`profile_shapes`: `fssam export --max-batch` episodes, times max(K, 2) images for the
+per-image stages). On a machine without CUDA every entry point raises a clear error
+(TensorRTUnavailable); `profile_shapes` needs neither CUDA nor TensorRT.
 """
 
 from __future__ import annotations
@@ -11,10 +13,37 @@ import os
 import torch
 
 from fssam.errors import FSSAMError
+from fssam.runtime.contract import BATCH, DEFAULT_MAX_BATCH, batch_limit
 from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # the export's own dtype
-MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, 8
+MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, DEFAULT_MAX_BATCH  # a profile's defaults, in episodes
+
+
+def batch_profile(name: str, max_batch: int, shots: int) -> tuple[int, int, int]:
+    """(min, opt, max) of dimension 0 of unit `name`: max from the export's limit
+    (contract.batch_limit), opt what one episode sends (the serving case: K support images, or
+    the query's 2 memory encodings, for the per-image stages; 1 elsewhere)."""
+    high = batch_limit(name, max_batch, shots)
+    return MIN_BATCH, min(high, batch_limit(name, OPT_BATCH, shots)), high
+
+
+def profile_shapes(units: dict, max_batch: int, shots: int) -> dict:
+    """{unit: {input name: (min shape, opt shape, max shape)}}: the optimisation profile each
+    engine is built with, from the manifest's stage/graph entries (or StageSpec.to_dict()s):
+    dimension 0 ("batch") from `batch_profile`, the other dimensions as exported."""
+    profiles = {}
+    for name, entry in units.items():
+        low, opt, high = batch_profile(name, max_batch, shots)
+        shapes = {}
+        for tensor in entry["inputs"]:
+            if tensor["shape"][0] != BATCH:
+                raise FSSAMError(f"{name} input {tensor['name']}: dimension 0 is {tensor['shape'][0]!r}, expected "
+                                 f"{BATCH!r}")
+            rest = [int(d) for d in tensor["shape"][1:]]
+            shapes[tensor["name"]] = ([low, *rest], [opt, *rest], [high, *rest])
+        profiles[name] = shapes
+    return profiles
 
 
 class TensorRTUnavailable(FSSAMError):
@@ -36,7 +65,7 @@ def require_tensorrt():
 
 def _torch_dtype(trt, dtype):
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64,
-             trt.bool: torch.bool}
+             trt.bool: torch.bool, trt.uint8: torch.uint8, trt.int8: torch.int8}  # uint8: the graphs' pixels
     if hasattr(trt, "bfloat16"):
         table[trt.bfloat16] = torch.bfloat16
     return table[dtype]
@@ -44,7 +73,7 @@ def _torch_dtype(trt, dtype):
 
 def _register_plugin_if_needed(manifest: dict) -> None:
     if manifest.get("scma_node") == "custom":
-        from fssam.kernels.tensorrt_plugin import register
+        from fssam.ops.scma.tensorrt_plugin import register
 
         register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
 
@@ -69,8 +98,10 @@ def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> di
             raise FSSAMError(f"TensorRT engine input {name!r} was not given (got {sorted(inputs)})")
         tensor = inputs[name].to(device="cuda", dtype=_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
         if not context.set_input_shape(name, tuple(tensor.shape)):
+            low, _, high = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
             raise FSSAMError(f"TensorRT engine input {name!r}: shape {tuple(tensor.shape)} is outside the engine's "
-                             f"optimisation profile (batch {MIN_BATCH}..{MAX_BATCH}, other dims as exported)")
+                             f"optimisation profile ({low} .. {high}; batch {low[0]}..{high[0]}, other dims as "
+                             "exported)")
         context.set_tensor_address(name, tensor.data_ptr())
         keep.append(tensor)
     for i in range(engine.num_io_tensors):
@@ -88,7 +119,7 @@ def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> di
 
 
 class TensorRTRunner(StageRunner):
-    """The six stages as TensorRT engines; torch CUDA tensors in and out."""
+    """The six stages and the two deployable graphs as TensorRT engines; torch CUDA tensors in and out."""
 
     name = "tensorrt"
     tensors = "torch"
@@ -112,7 +143,10 @@ class TensorRTRunner(StageRunner):
         self.stream = torch.cuda.Stream()  # TensorRT syncs extra on the legacy default stream
 
     def run_stage(self, name: str, *args: torch.Tensor):
-        spec = self.manifest["stages"][name]
+        self.check_inputs(name, args)
+        if name not in self.engines:
+            raise FSSAMError(f"{self.artifacts!r} has no TensorRT engine for {name}: export with --tensorrt again")
+        spec = self.specs[name]
         inputs = {entry["name"]: tensor for tensor, entry in zip(args, spec["inputs"])}
         try:
             results = execute(self.trt, self.engines[name], self.contexts[name], inputs, self.stream)

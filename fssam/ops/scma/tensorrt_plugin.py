@@ -1,11 +1,12 @@
 """TensorRT 10 quickly-deployable plugin (`tensorrt.plugin`) for the ONNX node fssam::SCMA.
 
-The node (emitted by `fssam.kernels.scma` during `torch.onnx.export` inside
-`fssam.kernels.onnx_custom_node(True)`, see `fssam.kernels.op`) is exactly the fused Triton
-kernel of `fssam.kernels.triton_scma`:
+The node (emitted by `fssam.ops.scma.scma` while `torch.onnx.export` runs inside the exporter's
+`fssam.ops.scma.onnx_custom_node()` block, see `fssam.ops.scma.onnx_node`) is exactly the fused
+Triton kernel of `fssam.ops.scma.triton_kernel`:
     inputs  q (B, H, N, c), keys (B, H, L, c), values (B, H, L, c), cal (B, H, N) float32
     output  (B, H, N, c) in q's dtype;  L = 2N + P'
-so the plugin is one Triton launch, with two implementations:
+so the plugin is one Triton launch (the one-pass kernel: TensorRT's AOT launch is a single
+kernel with a fixed config, no autotuning and no split over the keys), with two implementations:
   * AOT (`@trtp.aot_impl`, the default: node attribute aot=1): the kernel is compiled to PTX
     when the engine is built; TensorRT launches it itself, no Python at inference time; the
     engine can be serialized and run from C++ (trtexec) given the plugin library of TRT.
@@ -31,10 +32,12 @@ AOT kernels also need dynamic shared memory <= 48 KiB (above that CUDA needs an 
 AOT launch path does not make): `compile_aot_kernel` shrinks stages / tiles until the kernel
 fits, and reports the choice.
 
-This module imports without tensorrt and without a GPU; `register()` and the engine helpers
-raise RuntimeError(REQUIREMENT) when either is missing. `compile_aot_kernel` only needs Triton
-(it compiles for an explicit target, e.g. GPUTarget("cuda", 90, 32), on a CPU-only machine too,
-provided TRITON_INTERPRET is not set in that process).
+This module imports without tensorrt and without a GPU, and imports nothing of fssam outside
+this package (engines are built and run by `fssam.export.tensorrt` and
+`fssam.runtime.runners.tensorrt`, which call `register()` first). `register()` raises
+RuntimeError(REQUIREMENT) when tensorrt or the GPU is missing. `compile_aot_kernel` only needs
+Triton (it compiles for an explicit target, e.g. GPUTarget("cuda", 90, 32), on a CPU-only
+machine too, provided TRITON_INTERPRET is not set in that process).
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin checks the annotations of the
@@ -60,7 +63,7 @@ _HEAD_DIM_MULTIPLE_ARGS = (
     "stride_vb", "stride_vh", "stride_vn",
     "stride_ob", "stride_oh", "stride_on",
 )
-_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 _registered = {"done": False}
 
@@ -110,21 +113,23 @@ def strip_hidden_params(ptx: str, kernel_name: str, num_user_params: int) -> tup
 
 
 def _candidate_configs(head_dim: int, dtype: torch.dtype):
-    from fssam.kernels.triton_scma import kernel_config
+    """The one-pass kernel's autotune candidates in table order, then fewer stages / smaller tiles
+    (the AOT launch needs <= 48 KiB of shared memory)."""
+    from fssam.ops.scma.triton_kernel import autotune_configs, block_d_for
 
-    base = kernel_config(head_dim, 1 << 20, dtype, interpret=False)
     seen = set()
-    for block_m, block_n, stages in (
-        (base["BLOCK_M"], base["BLOCK_N"], base["num_stages"]),
-        (base["BLOCK_M"], base["BLOCK_N"], 1),
-        (base["BLOCK_M"], max(16, base["BLOCK_N"] // 2), 1),
-        (max(16, base["BLOCK_M"] // 2), max(16, base["BLOCK_N"] // 2), 1),
-        (16, 16, 1),
-    ):
-        key = (block_m, block_n, stages)
-        if key not in seen:
-            seen.add(key)
-            yield dict(base, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages)
+    for base in autotune_configs("fwd", head_dim, dtype):
+        for block_m, block_n, stages in (
+            (base["BLOCK_M"], base["BLOCK_N"], base["num_stages"]),
+            (base["BLOCK_M"], base["BLOCK_N"], 1),
+            (base["BLOCK_M"], max(16, base["BLOCK_N"] // 2), 1),
+            (max(16, base["BLOCK_M"] // 2), max(16, base["BLOCK_N"] // 2), 1),
+            (16, 16, 1),
+        ):
+            key = (block_m, block_n, base["num_warps"], stages)
+            if key not in seen:
+                seen.add(key)
+                yield dict(base, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=stages, BLOCK_D=block_d_for(head_dim))
 
 
 def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKernel:
@@ -133,11 +138,11 @@ def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKer
     Cached per (dtype, head dim, target): TensorRT asks once per format/tactic while building."""
     import triton
 
-    from fssam.kernels.triton_scma import interpreting
+    from fssam.ops.scma.triton_kernel import interpreting
 
     if interpreting():
         raise RuntimeError("AOT compilation needs the real Triton compiler: unset TRITON_INTERPRET")
-    if dtype not in _TRITON_TYPE:
+    if dtype not in _SUPPORTED:
         raise TypeError(f"unsupported dtype {dtype}")
     if target is None:
         target = triton.runtime.driver.active.get_current_target()
@@ -148,39 +153,32 @@ def compile_aot_kernel(dtype: torch.dtype, head_dim: int, target=None) -> AotKer
 
 def kernel_signature(dtype: torch.dtype, consts: dict) -> dict:
     """Triton compile signature of `_scma_fwd_kernel`: tensors of `dtype` (CAL fp32), int32 scalars."""
-    from fssam.kernels.triton_scma import _scma_fwd_kernel
+    from fssam.ops.scma.triton_kernel import _scma_fwd_kernel
+    from fssam.ops.scma.triton_kernel import kernel_signature as signature
 
-    ty = _TRITON_TYPE[dtype]
-    return {name: "constexpr" if name in consts else "*fp32" if name == "CAL" else "*" + ty if name in _POINTER_ARGS
-            else "i32" for name in _scma_fwd_kernel.arg_names}
+    return signature(_scma_fwd_kernel, dtype, consts)
 
 
 @functools.lru_cache(maxsize=None)
 def _compile_aot_kernel(dtype: torch.dtype, head_dim: int, target: tuple) -> AotKernel:
-    import triton
     from triton.backends.compiler import GPUTarget
 
-    from fssam.kernels.triton_scma import _scma_fwd_kernel, constexprs
+    from fssam.ops.scma.triton_kernel import _scma_fwd_kernel, compile_for_target, constexprs
 
     target = GPUTarget(*target)
     fn = _scma_fwd_kernel
     tried = []
+    aligned = list(_POINTER_ARGS) + (list(_HEAD_DIM_MULTIPLE_ARGS) if head_dim % 16 == 0 else [])
     for config in _candidate_configs(head_dim, dtype):
-        consts = constexprs(head_dim, dtype, config)
-        signature = kernel_signature(dtype, consts)
-        aligned = list(_POINTER_ARGS) + (list(_HEAD_DIM_MULTIPLE_ARGS) if head_dim % 16 == 0 else [])
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(
-            src, target=target, options=dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-        )
+        compiled = compile_for_target(fn, dtype, head_dim, config, target, aligned=aligned)
         meta = compiled.metadata
         if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
             raise RuntimeError("the SCMA kernel needs Triton scratch memory: TensorRT AOT cannot provide it; use aot=0")
         tried.append((config["BLOCK_M"], config["BLOCK_N"], config["num_stages"], meta.shared))
         if meta.shared > MAX_STATIC_LAUNCH_SHARED:
             continue
-        num_user = sum(1 for kind in signature.values() if kind != "constexpr")
+        consts = constexprs(head_dim, dtype, config, fn)
+        num_user = sum(1 for name in fn.arg_names if name not in consts)
         ptx, stripped = strip_hidden_params(compiled.asm["ptx"], meta.name, num_user)
         return AotKernel(meta.name, ptx, meta.shared, meta.num_warps, config["BLOCK_M"], config["BLOCK_N"],
                          config["num_stages"], num_user, stripped)
@@ -237,32 +235,14 @@ def register() -> None:
 
     @trtp.impl(PLUGIN_ID)
     def _jit(q: trtp.Tensor, keys: trtp.Tensor, values: trtp.Tensor, cal: trtp.Tensor, outputs, stream: int):
-        from fssam.kernels.triton_scma import scma_fused
+        from fssam.ops.scma.triton_kernel import kernel_config, scma_fused
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             # __cuda_array_interface__ has no bfloat16: bf16 engines should use the AOT path
             tq, tk, tv, tc = (torch.as_tensor(t, device="cuda") for t in (q, keys, values, cal))
             out = torch.as_tensor(outputs[0], device="cuda")
-            scma_fused(tq, tk, tv, tc, out=out)
+            # a fixed config and no split: no autotuning (it would benchmark) inside TensorRT's enqueue
+            config = kernel_config(tq.shape[-1], tq.shape[2], tq.dtype, interpret=False)
+            scma_fused(tq, tk, tv, tc, out=out, block_m=config["BLOCK_M"], block_n=config["BLOCK_N"], num_splits=1)
 
     _registered["done"] = True
-
-
-def build_engine(onnx_model: bytes, fp16: bool = False, bf16: bool = False) -> bytes:
-    """Serialized TensorRT engine from an ONNX model (bytes) that may contain fssam::SCMA nodes."""
-    register()
-    from fssam.export.tensorrt import serialize_network
-
-    return serialize_network(onnx_model, "bf16" if bf16 else "fp16" if fp16 else "fp32")
-
-
-def run_engine(engine_bytes: bytes, inputs: dict) -> dict:
-    """Run a serialized engine on torch tensors {name: tensor}; returns {name: CUDA tensor}."""
-    require()
-    import tensorrt as trt
-
-    from fssam.runtime.runners.tensorrt import deserialize, execute
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = deserialize(runtime, engine_bytes, "the engine")
-    return execute(trt, engine, engine.create_execution_context(), inputs, torch.cuda.Stream())

@@ -1,10 +1,11 @@
-"""`fssam bench`: every mode on the same inputs in one run, reported as ratios to the two eager
-baselines (fp32, and bf16 autocast), which always run. A mode this machine cannot run (OpenVINO
-bf16 without native bf16, TensorRT without a GPU) is recorded as skipped, with the reason."""
+"""The bench behind `fssam bench`: every mode on the same inputs in one run, reported as ratios to
+the two eager baselines (fp32, and bf16 autocast), which always run. A mode this machine cannot run
+(OpenVINO bf16 without native bf16, TensorRT without a GPU) is recorded as skipped, with the reason.
+
+`run_bench(args)` takes the parsed `fssam bench` options (fssam.commands.bench)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -12,15 +13,15 @@ import torch
 from tqdm import tqdm
 
 from fssam.bench.harness import StageMode, run_interleaved
-from fssam.bench.report import BASELINES, machine, markdown, speedups, write
+from fssam.bench.report import BASELINES, machine, speedups, write
 from fssam.errors import ConfigError, FSSAMError, InputError
 
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
          "tensorrt", "triton")
 OPENVINO = {"openvino_fp32": "fp32", "openvino_bf16": "bf16", "openvino_int8": "int8"}  # mode: precision
-CONCURRENCY = (1, 2, 4, 8)
+CACHE_MB = 256  # the triton mode's server: Triton's response cache on support_encoder
 DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16")
-QUICK = {"config": "tiny", "iterations": 3, "warmup": 1, "shots": "1", "modes": "eager_fp32,eager_bf16,onnxruntime"}
+OVERRIDES = ("num_refine", "refine_version", "scma_mode")  # config overrides of fssam.model.build / export
 
 
 class CompiledStages:
@@ -36,6 +37,24 @@ class CompiledStages:
             return self._compiled[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _model_options(args) -> dict:
+    """The model options of the bench (but the config) as keywords of `fssam.model.build` / `export`."""
+    return {"checkpoint": args.checkpoint, "seed": args.seed, **{key: getattr(args, key, None) for key in OVERRIDES}}
+
+
+def _overrides(args) -> dict:
+    """The config overrides asked for (--num-refine, ...): an export reused must carry the same."""
+    return {key: getattr(args, key, None) for key in OVERRIDES if getattr(args, key, None) is not None}
+
+
+def _carries(manifest: dict, args) -> bool:
+    return all(manifest["config"].get(key) == value for key, value in _overrides(args).items())
+
+
+def _settings(config: dict, keys) -> str:
+    return "".join(f", {key} {config.get(key)}" for key in keys)
 
 
 def _lacks(manifest: dict, modes) -> str | None:
@@ -71,28 +90,43 @@ def _artifacts_for(args, shots: int, progress: bool) -> str:
 
     if args.artifacts:
         manifest = load_manifest(args.artifacts)
-        if manifest["shots"] == shots and manifest["config"]["name"] == args.config:
+        if manifest["shots"] == shots and manifest["config"]["name"] == args.config and _carries(manifest, args):
             return args.artifacts
         if len(args.shot_list) == 1:
+            asked = _overrides(args)
             raise InputError(
-                f"--artifacts {args.artifacts!r} holds {manifest['config']['name']} {manifest['shots']}-shot graphs, "
-                f"but the bench asks for {args.config} {shots}-shot"
+                f"--artifacts {args.artifacts!r} holds {manifest['config']['name']} {manifest['shots']}-shot graphs"
+                f"{_settings(manifest['config'], asked)}, but the bench asks for {args.config} {shots}-shot"
+                f"{_settings(asked, asked)}"
             )
     folder = os.path.join(args.out, f"artifacts-{shots}shot")
     manifest_path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(manifest_path) or _lacks(load_manifest(folder, verify=False), args.mode_list):
+    cached = load_manifest(folder, verify=False) if os.path.isfile(manifest_path) else None
+    if cached is None or _lacks(cached, args.mode_list) or not _carries(cached, args):
         print(f"exporting {args.config} {shots}-shot to {folder} ...", file=sys.stderr)
-        export(args.config, out=folder, checkpoint=args.checkpoint, shots=shots, seed=args.seed, progress=progress,
+        export(args.config, out=folder, shots=shots, progress=progress, **_model_options(args),
                **_export_options(args))
     return folder
 
 
 def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: int, progress: bool) -> StageMode:
-    """The export on ONNX Runtime or OpenVINO (CPU, --threads), torch tensors in and out."""
+    """The export on OpenVINO (CPU, --threads) or ONNX Runtime, torch tensors in and out. ONNX
+    Runtime runs where --device does: on a GPU its CUDA provider (and TensorRT provider, where this
+    onnxruntime has it) with IO binding, tensors staying on the device; on the CPU its CPU provider.
+    The providers that ran are reported with the mode (`report`)."""
     from fssam.runtime import as_torch, open_runner
 
-    runner = open_runner(runtime, _artifacts_for(args, shots, progress), precision=precision, threads=args.threads)
-    return StageMode(name, as_torch(runner), runtime=runner.describe())
+    options = {"device": args.device_resolved.type} if runtime == "onnxruntime" else {}
+    runner = open_runner(runtime, _artifacts_for(args, shots, progress), precision=precision, threads=args.threads,
+                         **options)
+    device = "cuda" if getattr(runner, "io_binding", False) else "cpu"
+    if getattr(runner, "note", None):
+        print(f"bench: {name}: {runner.note}", file=sys.stderr)
+    mode = StageMode(name, as_torch(runner, device), device=device, runtime=runner.describe())
+    if runtime == "onnxruntime":
+        mode.report = lambda: {"runtime": runner.describe(), "providers": runner.providers_used(),
+                               "io_binding": runner.io_binding}
+    return mode
 
 
 def _mode(args, model, name: str, shots: int, progress: bool):
@@ -159,84 +193,27 @@ def plan_modes(args) -> None:
     args.mode_list = [*BASELINES.values(), *(m for m in asked if m not in BASELINES.values() and m not in args.skipped)]
 
 
-class _Served:
-    """A served pipeline as a bench mode: `cache=False` sends a support set the server has not
-    seen (a tiny perturbation of the images), `cache=True` repeats the cached one."""
-
-    def __init__(self, url: str):
-        from fssam.serving.client import RemoteFSSAM
-
-        self.url = url
-        self.remote = RemoteFSSAM(url)
-        self.calls = 0
-
-    def __call__(self, query, supports, masks, cache: bool):
-        if not cache:
-            self.calls += 1
-            supports = supports + self.calls * 1e-3
-        self.remote.infer(query, supports, masks)
-
-
 def _triton_mode(args, shots: int, progress: bool):
     from fssam.bench.harness import EpisodeMode
 
+    from fssam.bench.served import Served
+
     if args.url:
-        served = _Served(args.url)
+        served = Served(args.url)
     else:
         from fssam.serving.repository import write_repository
         from fssam.serving.server import TritonServer
 
         repository = os.path.join(args.out, f"repository-{shots}shot")
-        write_repository(_artifacts_for(args, shots, progress), repository, stage_backend="python-ort")
-        server = TritonServer(repository, http_port=0, grpc_port=0, log_path=os.path.join(args.out, f"tritonserver-{shots}shot.log"))
+        write_repository(_artifacts_for(args, shots, progress), repository, backend="python-ort")
+        server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=CACHE_MB,
+                              log_path=os.path.join(args.out, f"tritonserver-{shots}shot.log"))
         server.start(timeout=600)
         args.servers.append(server)
-        served = _Served(server.grpc_url)
+        served = Served(server.grpc_url)
     mode = EpisodeMode("triton", served)
     mode.url = served.url
     return mode
-
-
-def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client: int = 5) -> list[dict]:
-    """Client-measured throughput with C clients sending cached-support requests at once."""
-    import statistics
-    import threading
-    import time
-
-    from fssam.serving.client import RemoteFSSAM
-
-    rows = []
-    for level in levels:
-        latencies, failures, lock = [], [0], threading.Lock()
-
-        def client():
-            with RemoteFSSAM(url) as remote:
-                for _ in range(requests_per_client):
-                    start = time.perf_counter()
-                    try:
-                        remote.infer(*inputs)
-                    except Exception:
-                        with lock:
-                            failures[0] += 1
-                        continue
-                    with lock:
-                        latencies.append(time.perf_counter() - start)
-
-        threads = [threading.Thread(target=client) for _ in range(level)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
-        rows.append({
-            "concurrency": level,
-            "requests": level * requests_per_client,
-            "failures": failures[0],
-            "median_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
-            "throughput": len(latencies) / wall,
-        })
-    return rows
 
 
 def run_bench(args) -> dict:
@@ -251,7 +228,7 @@ def run_bench(args) -> dict:
     args.device_resolved = resolve_device(args.device)
     progress = not args.no_progress
     os.makedirs(args.out, exist_ok=True)
-    model = build(args.config, checkpoint=args.checkpoint, seed=args.seed).to(args.device_resolved)
+    model = build(args.config, **_model_options(args)).to(args.device_resolved)
     result = {
         "config": args.config,
         "device": str(args.device_resolved),
@@ -270,11 +247,17 @@ def run_bench(args) -> dict:
             bar = tqdm(total=(args.warmup + args.iterations) * len(modes), desc=f"bench {shots}-shot", disable=not progress)
             runs = {"modes": run_interleaved(modes, inputs, args.iterations, args.warmup, progress=bar)}
             bar.close()
+            for mode in modes:  # what ran, known once the sessions are open (e.g. ONNX Runtime's providers)
+                if getattr(mode, "report", None) is not None:
+                    runs["modes"][mode.name].update(mode.report())
             runs["speedups"] = speedups(runs["modes"])
             runs["skipped"] = dict(args.skipped)
             served = [m for m in modes if m.name == "triton"]
             if served:
-                runs["concurrency"] = concurrency_sweep(served[0].url, inputs)
+                from fssam.bench.served import concurrency_sweep
+
+                runs["concurrency"] = (concurrency_sweep(served[0].url, inputs, cached=True)
+                                       + concurrency_sweep(served[0].url, inputs, cached=False))
             result["runs"][str(shots)] = runs
     finally:
         for server in args.servers:
@@ -282,50 +265,3 @@ def run_bench(args) -> dict:
     files = write(result, args.out)
     result["files"] = files
     return result
-
-
-def cmd_bench(args) -> int:
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == PARSER_DEFAULTS[key]:
-                setattr(args, key, value)
-    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    args.shot_list = [int(k) for k in str(args.shots).split(",")]
-    result = run_bench(args)
-    print(markdown(result))
-    print(f"wrote {result['files']['json']}, {result['files']['markdown']} and {len(result['files']['plots'])} plots")
-    return 0
-
-
-PARSER_DEFAULTS = {"config": "small", "iterations": 10, "warmup": 2, "shots": "1,5", "modes": ",".join(DEFAULT_MODES)}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
-    return value
-
-
-def register(sub) -> None:
-    bench = sub.add_parser("bench", help="latency/throughput of eager, compiled and exported modes on the same inputs")
-    bench.add_argument("--config", default=PARSER_DEFAULTS["config"])
-    bench.add_argument("--checkpoint", action="append")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where eager, eager_bf16 and compile run (auto: cuda when available)")
-    bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots must match)")
-    bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
-    bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"],
-                       help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run)")
-    bench.add_argument("--calibration", metavar="DIR",
-                       help="openvino_int8: calibration images for the int8 export the bench makes (default: the export's)")
-    bench.add_argument("--threads", type=_positive_int, metavar="N",
-                       help="threads of the ONNX Runtime and OpenVINO modes (default: the runtime's own)")
-    bench.add_argument("--shots", default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
-    bench.add_argument("--iterations", type=int, default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
-    bench.add_argument("--warmup", type=int, default=PARSER_DEFAULTS["warmup"])
-    bench.add_argument("--quick", action="store_true", help="tiny config, 3 runs: checks the pipeline, not the timings")
-    bench.add_argument("--out", required=True, help="results folder (JSON, markdown, PNG plots)")
-    bench.add_argument("--no-progress", action="store_true")
-    bench.set_defaults(func=cmd_bench)

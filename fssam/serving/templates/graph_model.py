@@ -1,6 +1,7 @@
-"""Triton Python-backend model: one exported FSSAM stage on ONNX Runtime or OpenVINO (CPU).
+"""Triton Python-backend model: one deployable FSSAM graph (support_encoder or query_segmenter) on
+ONNX Runtime or OpenVINO (CPU).
 
-Written by `fssam repository --stage-backend python-ort|python-openvino`. Config parameters:
+Written by `fssam repository --backend python-ort|python-openvino`. Config parameters:
   runtime              "onnxruntime" or "openvino"
   model_file           the model in the version folder: model.onnx, or model.xml (+ model.bin)
   intra_op_threads     ONNX Runtime threads (0: ONNX Runtime's default)

@@ -1,0 +1,101 @@
+"""A running FSSAM server measured from the client side: latency per episode, throughput under
+concurrent clients, request payload. Shared by `fssam bench --modes triton` and `fssam deploy`."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import numpy as np
+
+from fssam.runtime.contract import binary_masks
+
+CONCURRENCY = (1, 2, 4, 8)
+
+
+class Served:
+    """The `fssam` ensemble as a bench mode (fssam.bench.harness.EpisodeMode): `cache=False` sends a
+    support set the server has not seen (one pixel changed per call, so Triton's response cache
+    misses), `cache=True` repeats the first one (a cache hit on support_encoder)."""
+
+    def __init__(self, url: str, protocol: str = "grpc"):
+        from fssam.serving.client import RemoteFSSAM
+
+        self.url = url
+        self.remote = RemoteFSSAM(url, protocol=protocol)
+        self.calls = 0
+
+    def __call__(self, query, supports, masks, cache: bool):
+        if not cache:
+            self.calls += 1
+            supports = fresh_support(supports, self.calls)
+        return self.remote.infer(query, supports, masks)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def fresh_support(supports, counter: int):
+    """The support images with pixels (0, 0) and (0, 1) of the first image's red channel set from
+    `counter` (distinct for counters up to 65535): a different cache key, the same work."""
+    changed = supports.clone() if hasattr(supports, "clone") else np.array(supports, copy=True)
+    changed[..., 0, 0, 0, 0] = float(counter % 256)
+    changed[..., 0, 0, 0, 1] = float(counter // 256 % 256)
+    return changed
+
+
+def payload_bytes(query, supports, masks) -> dict:
+    """Request tensor bytes of one episode: as FP32 (what the per-stage pipeline took) and as the
+    ensemble's UINT8."""
+    elements = sum(int(np.prod(tuple(t.shape))) for t in (query, supports, masks))
+    return {"fp32": 4 * elements, "uint8": elements, "ratio": 4.0}
+
+
+def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client: int = 5, cached: bool = True,
+                      protocol: str = "grpc") -> list[dict]:
+    """Client-measured throughput with C clients sending at once (each its own connection).
+    `cached`: every request repeats one support set (cache hits after the first); else every
+    request has a support set of its own (full episodes)."""
+    from fssam.serving.client import RemoteFSSAM
+
+    query, supports, masks = inputs
+    masks = binary_masks(masks)
+    rows, counter = [], [1000]
+    for level in levels:
+        latencies, errors, lock = [], [], threading.Lock()
+
+        def client():
+            with RemoteFSSAM(url, protocol=protocol) as remote:
+                for _ in range(requests_per_client):
+                    with lock:
+                        counter[0] += 1
+                        mine = counter[0]
+                    episode_supports = supports if cached else fresh_support(supports, mine)
+                    start = time.perf_counter()
+                    try:
+                        remote.infer(query, episode_supports, masks)
+                    except Exception as error:  # counted and reported, never hidden
+                        with lock:
+                            errors.append(str(error))
+                        continue
+                    with lock:
+                        latencies.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client) for _ in range(level)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+        rows.append({
+            "concurrency": level,
+            "cached_support": cached,
+            "requests": level * requests_per_client,
+            "failures": len(errors),
+            **({"first_error": errors[0]} if errors else {}),
+            "median_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+            "episodes_per_s": len(latencies) / wall,
+        })
+    return rows

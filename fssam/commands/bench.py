@@ -1,0 +1,58 @@
+"""`fssam bench`: latency / throughput of eager, compiled and exported modes on the same inputs,
+as ratios to the eager baselines; the bench itself is fssam.bench.run."""
+
+from __future__ import annotations
+
+import argparse
+
+from fssam.bench.run import DEFAULT_MODES, MODES
+from fssam.commands.common import add_model_options
+
+PARSER_DEFAULTS = {"config": "small", "iterations": 10, "warmup": 2, "shots": "1,5", "modes": ",".join(DEFAULT_MODES)}
+QUICK = {"config": "tiny", "iterations": 3, "warmup": 1, "shots": "1", "modes": "eager_fp32,eager_bf16,onnxruntime"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
+    return value
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="latency/throughput of eager, compiled and exported modes on the same inputs")
+    add_model_options(bench)
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="where eager, eager_bf16 and compile run (auto: cuda when available)")
+    bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots, and --num-refine, "
+                       "--refine-version, --scma-mode when given, must match)")
+    bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
+    bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"],
+                       help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run)")
+    bench.add_argument("--calibration", metavar="DIR",
+                       help="openvino_int8: calibration images for the int8 export the bench makes (default: the export's)")
+    bench.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="threads of the ONNX Runtime and OpenVINO modes (default: the runtime's own)")
+    bench.add_argument("--shots", default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
+    bench.add_argument("--iterations", type=int, default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
+    bench.add_argument("--warmup", type=int, default=PARSER_DEFAULTS["warmup"])
+    bench.add_argument("--quick", action="store_true", help="tiny config, 3 runs: checks the pipeline, not the timings")
+    bench.add_argument("--out", required=True, help="results folder (JSON, markdown, PNG plots)")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=handle, config=PARSER_DEFAULTS["config"])
+
+
+def handle(args) -> int:
+    from fssam.bench.report import markdown
+    from fssam.bench.run import run_bench
+
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == PARSER_DEFAULTS[key]:
+                setattr(args, key, value)
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.shot_list = [int(k) for k in str(args.shots).split(",")]
+    result = run_bench(args)
+    print(markdown(result))
+    print(f"wrote {result['files']['json']}, {result['files']['markdown']} and {len(result['files']['plots'])} plots")
+    return 0

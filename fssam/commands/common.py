@@ -1,0 +1,60 @@
+"""What every sub-command shares: the one set of model options, and `run`, which turns an fssam
+error into one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from fssam.errors import FSSAMError
+
+MODEL_FLAGS = ("--config", "--checkpoint", "--seed", "--num-refine", "--refine-version", "--scma-mode")
+OVERRIDE_FLAGS = MODEL_FLAGS[3:]  # config overrides: commands that cannot pass them on leave them out
+
+
+def add_model_options(parser, overrides: bool = True) -> None:
+    """The model options of every command that builds or exports a model (a parser or an argument group).
+    overrides=False: only --config, --checkpoint and --seed (for a command that cannot pass the config
+    overrides --num-refine, --refine-version, --scma-mode on)."""
+    parser.add_argument("--config", default="small", help="tiny | small (paper default) | base_plus | large")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        help="official FSSAM training file, or SAM 2 and DINOv2 files (repeat the flag); "
+        "without it the model is a seeded random init and says so",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no checkpoint covers a part")
+    if overrides:
+        parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (config default: 3)")
+        parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
+        parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "
+                            "(every shot calibrates); identical at 1 shot")
+
+
+def model_options(args) -> dict:
+    """The model options (but --config) as keywords of `fssam.model.build` / `fssam.export.export`."""
+    options = dict(checkpoint=args.checkpoint, seed=args.seed)
+    for name in ("num_refine", "refine_version", "scma_mode"):
+        if hasattr(args, name):
+            options[name] = getattr(args, name)
+    return options
+
+
+def install_sigterm() -> None:
+    """SIGTERM stops a long command as Ctrl-C does (its clean-up runs)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(args) -> int:
+    """Run a parsed command: an fssam error is one line on stderr and exit status 1."""
+    try:
+        return args.func(args)
+    except FSSAMError as error:
+        print(f"fssam {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fssam {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,75 @@
+"""`fssam compare`: the parity gate on an export folder against eager PyTorch, the model rebuilt
+from the manifest (its --checkpoint files must be the ones the export recorded)."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers) -> None:
+    compare = subparsers.add_parser("compare", help="run the parity gate on an export folder against eager PyTorch")
+    compare.add_argument("--artifacts", required=True, help="folder written by fssam export")
+    compare.add_argument("--backend", default="onnxruntime", help="a runtime: onnxruntime | openvino | tensorrt")
+    compare.add_argument("--precision", help="the runtime's precision (default: the export's); openvino: fp32 | bf16 | int8")
+    compare.add_argument("--threads", type=int, help="CPU threads of the runtime (default: the runtime's own)")
+    compare.add_argument("--batch", type=int, default=1, help="episodes per call")
+    compare.add_argument("--episode-seed", type=int, default=2024)
+    compare.add_argument("--json", help="also write the report as JSON here")
+    compare.add_argument("--checkpoint", action="append",
+                         help="a checkpoint the export was made from (repeat the flag); its sha256 must match the "
+                              "manifest's. Needed for exports of checkpoints, not for random-init exports")
+    compare.set_defaults(func=handle)
+
+
+def handle(args) -> int:
+    from fssam.export import ParityError, format_report, load_manifest, parity_report
+    from fssam.model import build
+    from fssam.runtime import as_torch, open_runner
+    from fssam.runtime.parity import sample_episode
+
+    manifest = load_manifest(args.artifacts)
+    cfg = manifest["config"]
+    checkpoints = _checkpoints(args, manifest)
+    seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
+    model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
+                  refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
+    runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads))
+    episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
+    report = parity_report(model, runner, runner.precision, episode)
+    print(format_report(report, manifest["stages"]))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    if not report["passed"]:
+        raise ParityError("parity gate failed", report)
+    return 0
+
+
+def _checkpoints(args, manifest: dict) -> list[str]:
+    """The --checkpoint files, which must be exactly the ones the export recorded (by sha256)."""
+    from fssam.errors import ConfigError
+    from fssam.model.checkpoint import file_sha256
+
+    recorded = manifest["weights"].get("checkpoints", [])
+    given = args.checkpoint or []
+    if recorded and not given:
+        names = ", ".join(f"{e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in recorded)
+        raise ConfigError(f"the export in {args.artifacts} was made from checkpoint(s) {names}: give them with "
+                          "--checkpoint (repeat the flag) to rebuild the eager model")
+    hashes = {}
+    for path in given:
+        if not os.path.isfile(path):
+            raise ConfigError(f"checkpoint not found: {path}")
+        hashes[path] = file_sha256(path)
+    wanted = {e["sha256"] for e in recorded}
+    foreign = [path for path, digest in hashes.items() if digest not in wanted]
+    if foreign:
+        raise ConfigError(f"--checkpoint {', '.join(foreign)}: not among the checkpoints the export in "
+                          f"{args.artifacts} was made from ({manifest['weights']['source']}; sha256 differs)")
+    missing = [e for e in recorded if e["sha256"] not in set(hashes.values())]
+    if missing:
+        raise ConfigError("the export was also made from " + ", ".join(
+            f"{e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in missing) + ": give it with --checkpoint too")
+    return given

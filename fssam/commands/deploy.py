@@ -1,0 +1,44 @@
+"""`fssam deploy`: export -> time the graphs on every runtime -> repository with the fastest that passed
+its gate -> serve the ensemble -> parity with eager, cache, overheads, throughput (fssam.serving.deploy)."""
+
+from __future__ import annotations
+
+from fssam.commands.common import add_model_options, install_sigterm, model_options
+
+
+def _levels(text: str) -> tuple:
+    import argparse
+
+    try:
+        levels = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of client counts >= 1, e.g. 1,2,4,8")
+    return levels
+
+
+def register(subparsers) -> None:
+    from fssam.serving.deploy import DEFAULT_CACHE_MB
+
+    deploy = subparsers.add_parser("deploy", help="export -> time the graphs on every runtime -> repository with the "
+                                                   "fastest that passed its gate -> serve -> parity and overheads")
+    add_model_options(deploy)
+    deploy.add_argument("--shots", type=int, default=1)
+    deploy.add_argument("--out", required=True, help="folder for artifacts/, repository/ and deploy.json")
+    deploy.add_argument("--runs", type=int, default=5, help="timed requests per latency figure")
+    deploy.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB, help="the server's response cache")
+    deploy.add_argument("--clients", type=_levels, default=None, help="throughput at these client counts "
+                                                                      "(default 1,2,4,8)")
+    deploy.add_argument("--no-progress", action="store_true")
+    deploy.set_defaults(func=handle)
+
+
+def handle(args) -> int:
+    from fssam.serving.deploy import deploy
+
+    install_sigterm()
+    options = model_options(args)
+    deploy(args.config, out=args.out, shots=args.shots, runs=args.runs, progress=not args.no_progress,
+           cache_mb=args.cache_mb, clients=args.clients, **options)
+    return 0

@@ -1,0 +1,65 @@
+"""`fssam repository`: a self-contained Triton model repository (the `fssam` ensemble) from an export folder."""
+
+from __future__ import annotations
+
+import sys
+
+NATIVE_NOTES = {
+    "onnxruntime": "native ONNX Runtime configs are for an official tritonserver container",
+    "tensorrt": "native TensorRT configs are for an official tritonserver container on the GPU that built the engines",
+    "openvino": "native OpenVINO configs are for an official tritonserver container (its OpenVINO backend, CPU; it "
+                "cannot pin f32, see the docs); the nvidia-pytriton wheel's server has no OpenVINO backend: use "
+                "python-openvino there",
+}
+
+
+def register(subparsers) -> None:
+    from fssam.serving.repository import BACKENDS, DEFAULT_MAX_BATCH
+
+    repository = subparsers.add_parser("repository", help="write a Triton model repository (ensemble fssam) from an "
+                                                          "export folder")
+    repository.add_argument("--artifacts", required=True, help="folder written by fssam export")
+    repository.add_argument("--out", required=True, help="repository folder to write (replaced atomically, only over "
+                                                         "an earlier fssam repository)")
+    repository.add_argument("--backend", default="python-ort", choices=BACKENDS,
+                            help="what runs the two graphs: python-ort / python-openvino (ONNX Runtime / OpenVINO in "
+                                 "the Python backend, CPU, this machine's tritonserver); onnxruntime, tensorrt, "
+                                 "openvino: Triton's native backends (official containers)")
+    repository.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                            help="python-openvino / openvino: OpenVINO precision of the graphs (default fp32; bf16 needs "
+                                 "a CPU with native bf16 for python-openvino); other backends serve the export's own")
+    repository.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                            help=f"episodes per request and per dynamic batch (default {DEFAULT_MAX_BATCH})")
+    repository.add_argument("--instances", type=int, default=1, help="instances per graph model")
+    repository.add_argument("--threads", type=int, default=0, help="ONNX Runtime / OpenVINO threads per graph instance "
+                                                                    "(0: the runtime's default, all cores)")
+    repository.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic batching delay")
+    repository.add_argument("--no-cache", action="store_true",
+                            help="no response cache on support_encoder (every support set is encoded)")
+    repository.add_argument("--device", default="gpu", choices=("gpu", "cpu"),
+                            help="--backend onnxruntime: instance kind (default gpu)")
+    repository.add_argument("--accelerator", default=None, choices=("tensorrt",),
+                            help="--backend onnxruntime on a GPU: ONNX Runtime's TensorRT execution accelerator")
+    repository.set_defaults(func=handle)
+
+
+def handle(args) -> int:
+    from fssam.serving.repository import write_repository
+
+    info = write_repository(
+        args.artifacts, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
+        instances=args.instances, threads=args.threads, queue_delay_us=args.max_queue_delay_us,
+        cache=not args.no_cache, device=args.device, accelerator=args.accelerator,
+    )
+    graphs = ", ".join(f"{name} {entry['precision']}" for name, entry in info["graphs"].items())
+    size = info["image_size"]
+    print(f"wrote Triton model repository {args.out}: ensemble {info['ensemble']['model']} = validate -> "
+          f"support_encoder -> query_segmenter ({args.backend}: {graphs}; support cache: "
+          f"{'Triton response cache' if info['support_cache'] else 'off'}); {info['config']}, {info['shots']}-shot, "
+          f"{size}x{size}, {info['export_precision']} export; weights: {info['weights']}")
+    if info.get("openvino_gated") is False:
+        print(f"note: this export has no gated OpenVINO {info['precision']} graphs: they run {info['precision']} "
+              f"unchecked; export with --openvino {info['precision']} to gate them", file=sys.stderr)
+    if args.backend in NATIVE_NOTES:
+        print(f"note: {NATIVE_NOTES[args.backend]} (see docs/serving.md)", file=sys.stderr)
+    return 0

@@ -1,0 +1,52 @@
+"""The eval result file (`"format": "fssam-eval/1"`): header, reading, writing, the printed table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from fssam.errors import DataError
+
+FORMAT = "fssam-eval/1"
+
+
+def header() -> dict:
+    """What every result starts with: format, fssam version, creation time (UTC)."""
+    import fssam
+
+    return {
+        "format": FORMAT,
+        "fssam_version": fssam.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_result(path: str) -> dict:
+    from fssam.files import read_json
+
+    try:
+        return read_json(path, FORMAT)
+    except ValueError as reason:
+        raise DataError(f"--compare-with {path}: {reason} (an fssam eval --out result is expected)") from None
+
+
+def write_json(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(result, handle, indent=1)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'class':>5}  {'name':<14} {'episodes':>8}  {'IoU %':>7}"]
+    for c, entry in result["classes"].items():
+        rows.append(f"{c:>5}  {entry['name']:<14} {entry['episodes']:>8}  {100 * entry['iou']:>7.2f}")
+    rows.append(
+        f"mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  ({result['episodes']} episodes, "
+        f"{result['dataset']} fold {result['fold']}, {result['shots']}-shot, backend {result['backend']}, "
+        f"config {result['config'].get('name')}, {result['seconds']['model_per_episode'] * 1000:.1f} ms/episode)"
+    )
+    rows.append(result["weights"])
+    return "\n".join(rows)

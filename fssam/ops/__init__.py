@@ -1,0 +1,4 @@
+"""Fused operators with their references and deployment bindings (one package per operator).
+
+`fssam.ops.scma`: Support-Calibrated Memory Attention.
+"""

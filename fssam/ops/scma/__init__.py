@@ -1,0 +1,38 @@
+"""Support-Calibrated Memory Attention (SCMA, ARCHITECTURE.md section 2) in one package.
+
+Modules (each piece of math is written once, in `reference`):
+  reference        the PyTorch reference, and the calibration inputs every implementation uses
+  triton_kernel    the fused OpenAI-Triton kernel (one pass, or split over the keys), autotuned
+  op               `torch.ops.fssam.scma`: CUDA -> Triton kernel, CPU -> reference, fake, autograd
+  onnx_node        the ONNX custom node fssam::SCMA and the per-export switch `onnx_custom_node`
+  tensorrt_plugin  the TensorRT plugin running the Triton kernel for fssam::SCMA nodes
+
+`scma(q, k, v, support_masks, mode)` (what the model calls) dispatches:
+  * eager / torch.compile / torch.export: the custom op `torch.ops.fssam.scma`;
+  * while `torch.onnx.export` runs: the reference, i.e. a decomposition into standard ONNX ops
+    (the default), or, inside an exporter's `with onnx_custom_node():` block, one custom node
+    fssam::SCMA (for the TensorRT plugin).
+Importing this package needs neither triton nor tensorrt; `triton_kernel` and
+`tensorrt_plugin` import them when used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fssam.ops.scma import op  # noqa: F401  (importing it registers torch.ops.fssam.scma)
+from fssam.ops.scma.onnx_node import active_custom_node, onnx_custom_node, scma_onnx_node
+from fssam.ops.scma.op import triton_on_cpu
+from fssam.ops.scma.reference import scma_reference
+
+__all__ = ["scma", "scma_reference", "onnx_custom_node", "triton_on_cpu"]
+
+
+def scma(q, k, v, support_masks, mode: str = "paper"):
+    """Support-Calibrated Memory Attention: (B, H, N, c) from rotated q, k, v and (B, K, N) masks."""
+    if torch.onnx.is_in_onnx_export():
+        node = active_custom_node()
+        if node is not None:
+            return scma_onnx_node(q, k, v, support_masks, mode, aot=node.aot)
+        return scma_reference(q, k, v, support_masks, mode)
+    return torch.ops.fssam.scma(q, k, v, support_masks, mode)
