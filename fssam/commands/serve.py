@@ -65,13 +65,17 @@ def handle(args) -> int:
     except KeyboardInterrupt:
         server.stop()
         return 0
-    print(f"ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  model {info['ensemble']['model']}  "
-          f"(log {server.log_path}); admin APIs {'open to the admin key' if args.admin_key else 'closed'}; "
-          f"Ctrl-C to stop", flush=True)
-    if info["support_cache"] and not (args.cache_mb or redis):
-        print("note: --cache-mb 0: support sets are encoded on every request", file=sys.stderr)
-    if info["weights"].startswith("random"):
-        print(f"note: {info['weights']} weights: predictions are not a trained model's", file=sys.stderr)
-    code = supervise(server, restarts=args.restarts, on_event=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        print(f"ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  model {info['ensemble']['model']}  "
+              f"(log {server.log_path}); admin APIs {'open to the admin key' if args.admin_key else 'closed'}; "
+              f"Ctrl-C to stop", flush=True)
+        if info["support_cache"] and not (args.cache_mb or redis):
+            print("note: --cache-mb 0: support sets are encoded on every request", file=sys.stderr)
+        if info["weights"].startswith("random"):
+            print(f"note: {info['weights']} weights: predictions are not a trained model's", file=sys.stderr)
+        code = supervise(server, restarts=args.restarts,
+                         on_event=lambda text: print(text, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM before supervise took over
+        code = server.stop()
     print(f"tritonserver stopped (exit code {code})", file=sys.stderr)
     return 0
