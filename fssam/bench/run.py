@@ -19,7 +19,6 @@ from fssam.errors import ConfigError, FSSAMError, InputError
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
          "tensorrt", "triton")
 OPENVINO = {"openvino_fp32": "fp32", "openvino_bf16": "bf16", "openvino_int8": "int8"}  # mode: precision
-CACHE_MB = 256  # the triton mode's server: Triton's response cache on support_encoder
 DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16")
 OVERRIDES = ("num_refine", "refine_version", "scma_mode")  # config overrides of fssam.model.build / export
 
@@ -197,6 +196,7 @@ def _triton_mode(args, shots: int, progress: bool):
     from fssam.bench.harness import EpisodeMode
 
     from fssam.bench.served import Served
+    from fssam.serving import DEFAULT_CACHE_MB
 
     if args.url:
         served = Served(args.url)
@@ -206,7 +206,7 @@ def _triton_mode(args, shots: int, progress: bool):
 
         repository = os.path.join(args.out, f"repository-{shots}shot")
         write_repository(_artifacts_for(args, shots, progress), repository, backend="python-ort")
-        server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=CACHE_MB,
+        server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=DEFAULT_CACHE_MB,
                               log_path=os.path.join(args.out, f"tritonserver-{shots}shot.log"))
         server.start(timeout=600)
         args.servers.append(server)

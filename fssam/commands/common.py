@@ -12,10 +12,8 @@ MODEL_FLAGS = ("--config", "--checkpoint", "--seed", "--num-refine", "--refine-v
 OVERRIDE_FLAGS = MODEL_FLAGS[3:]  # config overrides: commands that cannot pass them on leave them out
 
 
-def add_model_options(parser, overrides: bool = True) -> None:
-    """The model options of every command that builds or exports a model (a parser or an argument group).
-    overrides=False: only --config, --checkpoint and --seed (for a command that cannot pass the config
-    overrides --num-refine, --refine-version, --scma-mode on)."""
+def add_model_options(parser) -> None:
+    """The model options of every command that builds or exports a model (a parser or an argument group)."""
     parser.add_argument("--config", default="small", help="tiny | small (paper default) | base_plus | large")
     parser.add_argument(
         "--checkpoint",
@@ -24,11 +22,10 @@ def add_model_options(parser, overrides: bool = True) -> None:
         "without it the model is a seeded random init and says so",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no checkpoint covers a part")
-    if overrides:
-        parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (config default: 3)")
-        parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
-        parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "
-                            "(every shot calibrates); identical at 1 shot")
+    parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (config default: 3)")
+    parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
+    parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "
+                        "(every shot calibrates); identical at 1 shot")
 
 
 def model_options(args) -> dict:

@@ -19,7 +19,7 @@ def _levels(text: str) -> tuple:
 
 
 def register(subparsers) -> None:
-    from fssam.serving.deploy import DEFAULT_CACHE_MB
+    from fssam.serving import DEFAULT_CACHE_MB
 
     deploy = subparsers.add_parser("deploy", help="export -> time the graphs on every runtime -> repository with the "
                                                    "fastest that passed its gate -> serve -> parity and overheads")

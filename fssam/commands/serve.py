@@ -7,7 +7,7 @@ import sys
 
 from fssam.commands.common import install_sigterm
 
-DEFAULT_CACHE_MB = 256
+from fssam.serving import DEFAULT_CACHE_MB
 
 
 def register(subparsers) -> None:

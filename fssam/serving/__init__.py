@@ -11,6 +11,7 @@
 from fssam.errors import FSSAMError
 
 ENSEMBLE_MODEL = "fssam"  # the model clients call
+DEFAULT_CACHE_MB = 256  # Triton's local response cache (the support-set cache) of fssam serve / deploy / bench
 
 
 class ServingError(FSSAMError):

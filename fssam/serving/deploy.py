@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from fssam.errors import InputError
-from fssam.serving import ServingError
+from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
 STEPS = 6
-DEFAULT_CACHE_MB = 256
 RESULT_FILE = "deploy.json"
 
 
