@@ -5,14 +5,21 @@
 
 Shapes: q (B, H, N, c), k/v (B, H, K*N + N + P, c) with P = 4 * (K + 1) pointer tokens.
 Rows:
-  triton     `fssam.ops.scma.triton_kernel.triton_scma` (calibration inputs in PyTorch + fused kernel)
+  triton     `fssam.ops.scma.triton_kernel.triton_scma`, what torch.ops.fssam.scma runs on CUDA: the
+             calibration kernel (per-shot similarities, shot-mean keys) then the attention kernel, reading
+             k and v in place
+  torchprep  the calibration inputs in PyTorch (`calibration_inputs`, as the ONNX graph in front of the
+             fssam::SCMA node computes them) + the node's kernel `scma_fused`: what the op ran before
   fused      `fssam.ops.scma.triton_kernel.scma_fused` alone (calibration inputs precomputed), split over
              the keys where `split_plan` says so (column "chunks")
   onepass    `scma_fused(..., num_splits=1)`: the one-pass kernel on the same shape (what the split gains)
   reference  `fssam.ops.scma.reference.scma_reference` (materialises the N x (2N + P) scores)
   sdpa       F.scaled_dot_product_attention on the shot-mean keys/values (2N + P), i.e. the
              same attention without the calibration: a floor for what SCMA can cost.
-Times are the median of CUDA-event timed runs (triton.testing.do_bench); memory is the peak
+Times are the median of CUDA-event timed runs (triton.testing.do_bench: each call launched from
+Python, so host launch overhead shows wherever the GPU work is shorter than it) and, column "graph",
+of the same call replayed as a CUDA graph (triton.testing.do_bench_cudagraph: GPU time alone, as a
+TensorRT engine or a CUDA-graph-captured model launches it). Memory is the peak
 allocated during one call minus what was allocated before it. Writes a markdown table to
 stdout, JSON (with the device name) and a PNG plot under --out. Needs a CUDA GPU: on a machine
 without one it exits with a message and writes nothing (no CPU numbers are passed off as GPU ones).
@@ -80,8 +87,13 @@ def measure(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
     q, k, v, masks = make_inputs(batch, shots, args.tokens, args.head_dim, args.heads, DTYPES[dtype_name])
     keys, values, w, _ = calibration_inputs(k, v, masks, args.mode)
     keys, values, cal = keys.contiguous(), values.contiguous(), calibration_term(w)
+
+    def torch_prep(q, k, v, masks, mode):
+        keys, values, w, _ = calibration_inputs(k, v, masks, mode)
+        return scma_fused(q, keys, values, calibration_term(w))
     impls = {
         "triton": lambda: triton_scma(q, k, v, masks, args.mode),
+        "torchprep": lambda: torch_prep(q, k, v, masks, args.mode),
         "fused": lambda: scma_fused(q, keys, values, cal),
         "onepass": lambda: scma_fused(q, keys, values, cal, num_splits=1),
         "reference": lambda: scma_reference(q, k, v, masks, args.mode),
@@ -93,15 +105,30 @@ def measure(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
     for name, fn in impls.items():
         error = None if name == "sdpa" else float((fn().float() - exact).abs().max())
         ms = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+        graph_ms, graph_error = graph_time(fn, args.rep)
         rows.append(dict(
             impl=name, dtype=dtype_name, batch=batch, shots=shots, tokens=args.tokens,
             head_dim=args.head_dim, heads=args.heads, pointers=4 * (shots + 1),
-            time_ms=ms, peak_mem_mib=peak_memory(fn) / 2**20, max_abs_err_vs_fp32=error,
+            time_ms=ms, graph_ms=graph_ms, graph_error=graph_error,
+            peak_mem_mib=peak_memory(fn) / 2**20, max_abs_err_vs_fp32=error,
             chunks=plan.num_chunks if name in ("triton", "fused") else 1 if name == "onepass" else None,
         ))
-        print(f"  {name:9s} {dtype_name} B={batch:2d} K={shots}: {ms:8.3f} ms "
+        graph = f"{graph_ms:8.3f} ms as a CUDA graph" if graph_ms is not None else f"no CUDA graph ({graph_error})"
+        print(f"  {name:9s} {dtype_name} B={batch:2d} K={shots}: {ms:8.3f} ms, {graph}, "
               f"{rows[-1]['peak_mem_mib']:9.1f} MiB", file=sys.stderr)
     return rows
+
+
+def graph_time(fn, rep: int):
+    """Median ms of `fn` replayed as a CUDA graph (after the eager runs: autotuning is done), or
+    (None, why) where it cannot be captured."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"), None
+    except Exception as exc:  # noqa: BLE001  (reported beside the eager time, never as a time)
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
 def run(args):
@@ -121,25 +148,35 @@ def autotune_choices() -> dict:
     return {name: {str(key): str(config) for key, config in tuner.cache.items()} for name, tuner in _AUTOTUNED.items()}
 
 
+def _ms(row, key="time_ms") -> str:
+    return "n/a" if row.get(key) is None else f"{row[key]:.3f}"
+
+
+def _ratio(a, b, key="time_ms") -> str:
+    return "n/a" if a.get(key) is None or b.get(key) is None else f"{a[key] / b[key]:.2f}x"
+
+
 def markdown(rows) -> str:
     lines = [
-        "| dtype | batch | K | chunks | triton ms | fused ms | onepass ms | reference ms | sdpa ms | triton vs reference "
-        "| triton / sdpa | triton MiB | reference MiB | sdpa MiB | triton err | reference err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | batch | K | chunks | triton ms | torchprep ms | fused ms | onepass ms | reference ms | sdpa ms "
+        "| triton vs reference | triton / sdpa | triton graph ms | fused graph ms | sdpa graph ms "
+        "| triton / sdpa (graphs) | triton MiB | reference MiB | triton err | reference err |",
+        "|" + "---|" * 20,
     ]
     keyed = {(r["dtype"], r["batch"], r["shots"], r["impl"]): r for r in rows}
     for dtype, batch, shots in sorted({(r["dtype"], r["batch"], r["shots"]) for r in rows}):
-        t, fu, one, ref, sd = (keyed[(dtype, batch, shots, impl)]
-                               for impl in ("triton", "fused", "onepass", "reference", "sdpa"))
+        t, tp, fu, one, ref, sd = (keyed[(dtype, batch, shots, impl)]
+                                   for impl in ("triton", "torchprep", "fused", "onepass", "reference", "sdpa"))
         lines.append(
-            f"| {dtype} | {batch} | {shots} | {fu['chunks']} | {t['time_ms']:.3f} | {fu['time_ms']:.3f} "
-            f"| {one['time_ms']:.3f} | {ref['time_ms']:.3f} "
-            f"| {sd['time_ms']:.3f} | {ref['time_ms'] / t['time_ms']:.2f}x faster | {t['time_ms'] / sd['time_ms']:.2f}x "
-            f"| {t['peak_mem_mib']:.1f} | {ref['peak_mem_mib']:.1f} | {sd['peak_mem_mib']:.1f} "
+            f"| {dtype} | {batch} | {shots} | {fu['chunks']} | {_ms(t)} | {_ms(tp)} | {_ms(fu)} | {_ms(one)} "
+            f"| {_ms(ref)} | {_ms(sd)} | {ref['time_ms'] / t['time_ms']:.2f}x faster | {_ratio(t, sd)} "
+            f"| {_ms(t, 'graph_ms')} | {_ms(fu, 'graph_ms')} | {_ms(sd, 'graph_ms')} | {_ratio(t, sd, 'graph_ms')} "
+            f"| {t['peak_mem_mib']:.1f} | {ref['peak_mem_mib']:.1f} "
             f"| {t['max_abs_err_vs_fp32']:.2e} | {ref['max_abs_err_vs_fp32']:.2e} |"
         )
     lines.append("\nErrors: max abs vs the fp32 reference on the same (rounded) inputs; the kernel's must be "
-                 "<= 2x the reference's in the same dtype.")
+                 "<= 2x the reference's in the same dtype. \"graph\": the same call replayed as a CUDA graph "
+                 "(GPU time without Python launch overhead).")
     return "\n".join(lines)
 
 
@@ -154,7 +191,8 @@ def plot(rows, path: Path, title: str) -> None:
     groups = sorted({(r["dtype"], r["shots"]) for r in rows})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 7), squeeze=False)
     for col, (dtype, shots) in enumerate(groups):
-        for impl, marker in (("triton", "o"), ("fused", "x"), ("onepass", "+"), ("reference", "s"), ("sdpa", "^")):
+        for impl, marker in (("triton", "o"), ("torchprep", "D"), ("fused", "x"), ("onepass", "+"),
+                             ("reference", "s"), ("sdpa", "^")):
             sel = sorted((r for r in rows if (r["dtype"], r["shots"], r["impl"]) == (dtype, shots, impl)),
                          key=lambda r: r["batch"])
             batches = [r["batch"] for r in sel]
@@ -198,7 +236,7 @@ def main(argv=None) -> int:
         device=device, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
         triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(), date=stamp,
         tokens=args.tokens, head_dim=args.head_dim, heads=args.heads, mode=args.mode,
-        timing="triton.testing.do_bench median, CUDA events", memory="peak allocated during one call minus baseline",
+        timing="triton.testing.do_bench median, CUDA events; graph_ms: do_bench_cudagraph median", memory="peak allocated during one call minus baseline",
         sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
         autotuned=autotune_choices(),
     )

@@ -6,6 +6,9 @@
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
 # Usage: bash scripts/gpu_check.sh [results folder]   (default benchmarks/results/gpu-<date>)
+# A GPU image with torch and triton but without fssam's other dependencies and no network: run
+# `bash scripts/gpu_deps.sh` here first, carry .gpu-deps/ along, and run this script there with
+# PYTHONPATH=$PWD/.gpu-deps:$PWD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU on this machine: nothing to check here')"

@@ -132,6 +132,55 @@ def test_all_zero_support_mask(shots):
     torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
 
 
+@needs_triton_device
+@pytest.mark.parametrize("shots", [1, 3])
+@pytest.mark.parametrize("tokens,head_dim", [(36, 24), (16, 64)])
+def test_calibration_kernel_matches_the_reference_inputs(tokens, head_dim, shots):
+    """`_scma_calibration_kernel` against the reference's `calibration_inputs`: the per-shot
+    similarities are min-max normalised (min 0, max ~1 per shot) and average to w; with several
+    shots the support-mean keys/values are the reference's first N keys/values."""
+    q, k, v, masks = make_inputs(2, 3, tokens, head_dim, shots, 5, seed=tokens + shots)
+    keys, values, w, _ = calibration_inputs(k, v, masks, "paper")
+    similarities, sk, sv = triton_kernel._calibration_pass(k, v, masks, shots, tokens)
+    per_shot = similarities.reshape(2, 3, shots, tokens)
+    torch.testing.assert_close(per_shot.amin(-1), torch.zeros(2, 3, shots), atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_shot.amax(-1), torch.ones(2, 3, shots), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_shot.mean(2), w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sk[:, :, :tokens], keys[:, :, :tokens], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sv[:, :, :tokens], values[:, :, :tokens], atol=1e-6, rtol=1e-6)
+    if shots == 1:  # read in place: no copy of the support keys
+        assert sk.data_ptr() == k.data_ptr() and sv.data_ptr() == v.data_ptr()
+
+
+@needs_triton_device
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("shots,mode", [(1, "paper"), (3, "paper"), (2, "official")])
+def test_node_kernel_matches_reference(shots, mode, num_splits):
+    """`scma_fused`, the fssam::SCMA node's kernel (what the TensorRT plugin launches), on the
+    reference's own calibration inputs (the standard ONNX ops in front of the node)."""
+    from fssam.ops.scma.reference import calibration_term
+
+    q, k, v, masks = make_inputs(2, 2, 36, 32, shots, 5, seed=50 + shots)
+    keys, values, w, _ = calibration_inputs(k, v, masks, mode)
+    got = triton_kernel.scma_fused(q, keys, values, calibration_term(w), num_splits=num_splits)
+    torch.testing.assert_close(got, scma_reference(q, k, v, masks, mode), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton_device
+def test_masks_of_any_dtype_and_clear_shape_errors():
+    q, k, v, masks = make_inputs(1, 2, 16, 16, 2, 4, seed=8)
+    expected = scma_reference(q, k, v, masks, "paper")
+    for as_dtype in (torch.bool, torch.float16, torch.uint8):
+        got = triton_scma(q, k, v, masks.to(as_dtype), "paper", num_splits=1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="support masks"):
+        triton_scma(q, k, v, masks[:, :, :8], "paper")
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_scma(q, k[:, :, :40], v[:, :, :40], masks, "paper")
+    with pytest.raises(ValueError, match="mode"):
+        triton_scma(q, k, v, masks, "bogus")
+
+
 # ----------------------------------------------------------------------------- kernel, split over the keys
 
 
@@ -276,10 +325,12 @@ def test_gpu_kernel_runs_compiled():
     assert not triton_kernel.interpreting(), "TRITON_INTERPRET is set on a CUDA machine: kernels run interpreted"
     for name, fn in triton_kernel.KERNEL_FUNCTIONS.items():
         assert isinstance(fn, JITFunction) and type(fn).__name__ != "InterpretedFunction", (name, type(fn))
-    q, k, v, masks = make_inputs(1, 1, 64, 64, 1, 4, dtype=torch.float16, seed=41)
+    q, k, v, masks = make_inputs(1, 1, 64, 64, 2, 4, dtype=torch.float16, seed=41)
     for num_splits in (1, 3):
         out = triton_scma(q, k, v, masks, "paper", num_splits=num_splits)
         assert out.is_cuda
+    keys, values, w, _ = calibration_inputs(k, v, masks, "paper")
+    assert triton_kernel.scma_fused(q, keys, values, 10 * (w - 1), num_splits=1).is_cuda  # the node's kernel
     torch.cuda.synchronize()
     for name, fn in triton_kernel.KERNEL_FUNCTIONS.items():
         compiled = [kernel for cache in fn.device_caches.values() for kernel in cache[0].values()]
@@ -312,22 +363,31 @@ def _sm90_dtypes(klass, head_dim):
 
 
 def _sm90_cases():
-    """Every autotune config of every kernel, at the head dim of its table, and the combine kernel."""
+    """Every autotune config of every autotuned kernel (at the head dim of its table), and the
+    fixed configs of the combine and calibration kernels."""
     cases = []
-    for (kernel, klass, head_dim), table in triton_kernel.AUTOTUNE_CONFIGS.items():
-        for dtype in _sm90_dtypes(klass, head_dim):
-            for block_m, block_n, warps, stages in table:
-                cases.append(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, num_warps=warps, num_stages=stages))
+    for kernel in triton_kernel.KERNELS:
+        for (name, klass, head_dim), table in triton_kernel.AUTOTUNE_CONFIGS.items():
+            if name != triton_kernel.TABLE_OF[kernel]:
+                continue
+            for dtype in _sm90_dtypes(klass, head_dim):
+                for block_m, block_n, warps, stages in table:
+                    cases.append(dict(kernel=kernel, dtype=dtype, head_dim=head_dim, BLOCK_M=block_m,
+                                      BLOCK_N=block_n, num_warps=warps, num_stages=stages))
     for head_dim in (64, 128, 256):
         for dtype in ("fp16", "fp32") + (("bf16",) if head_dim == SERVING_HEAD_DIM else ()):
             cases.append(dict(kernel="combine", dtype=dtype, head_dim=head_dim, BLOCK_N=None,
                               **triton_kernel.combine_config(head_dim)))
+            cases.append(dict(kernel="calibration", dtype=dtype, head_dim=head_dim,
+                              **triton_kernel.calibration_config(head_dim, interpret=False)))
     return cases
 
 
 def _case_id(case):
-    tiles = f"m{case['BLOCK_M']}" + (f"n{case['BLOCK_N']}" if case["BLOCK_N"] else "")
+    if "BLOCK_T" in case:
+        tiles = f"t{case['BLOCK_T']}"
+    else:
+        tiles = f"m{case['BLOCK_M']}" + (f"n{case['BLOCK_N']}" if case["BLOCK_N"] else "")
     return f"{case['kernel']}-{case['dtype']}-c{case['head_dim']}-{tiles}w{case['num_warps']}s{case['num_stages']}"
 
 
@@ -346,9 +406,9 @@ _SM90_SCRIPT = textwrap.dedent(
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case["dtype"]]
         fn = tk.KERNEL_FUNCTIONS[case["kernel"]]
         # 16-divisible pointers and strides, as the JIT launch specialises them at the serving shape (c = 256, N = 1024)
-        aligned = [n for n in fn.arg_names if n in ("Q", "K", "V", "O", "CAL", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
+        aligned = [n for n in fn.arg_names if n in tk._DATA_POINTERS + tk._FP32_POINTERS
                    or n.startswith("stride_") or n in ("N", "CHUNK")]
-        config = {k: case[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        config = {k: case[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages") if k in case}
         # A CompiledKernel's n_regs / n_spills are filled in only when its binary is loaded on a GPU. Here:
         # the registers of Triton's cubin (cuobjdump -res-usage), and the spill stores / loads and stack frame
         # from the ptxas -v log of Triton's own ptxas run (TRITON_DUMP_PTXAS_LOG); on a Triton cache hit

@@ -1,8 +1,9 @@
 """Support-Calibrated Memory Attention (SCMA, ARCHITECTURE.md section 2) in one package.
 
-Modules (each piece of math is written once, in `reference`):
-  reference        the PyTorch reference, and the calibration inputs every implementation uses
-  triton_kernel    the fused OpenAI-Triton kernel (one pass, or split over the keys), autotuned
+Modules (the math is defined once, in `reference`; the kernels are fused versions tested against it):
+  reference        the PyTorch reference, and the calibration inputs of the ONNX node / TensorRT plugin
+  triton_kernel    the fused OpenAI-Triton kernels: calibration + attention for the op, the attention alone
+                   for the ONNX node (one pass, or split over the keys), autotuned
   op               `torch.ops.fssam.scma`: CUDA -> Triton kernel, CPU -> reference, fake, autograd
   onnx_node        the ONNX custom node fssam::SCMA and the per-export switch `onnx_custom_node`
   tensorrt_plugin  the TensorRT plugin running the Triton kernel for fssam::SCMA nodes

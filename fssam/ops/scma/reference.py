@@ -4,9 +4,11 @@ One cross-attention with the score calibration of FSSAM (ARCHITECTURE.md section
 Keys/values are laid out as [K support blocks of N tokens, 1 pseudo-query block of N tokens,
 P object-pointer tokens]; queries are the N query-image tokens.
 
-Every other SCMA implementation in this package takes its math from here: the Triton kernel
-and the ONNX custom node get their inputs from `calibration_inputs` and `calibration_term`;
-the custom op's CPU kernel and its backward are `scma_reference`. The prior generator (PPG)
+Every other SCMA implementation in this package is this math, fused, and tested against it:
+the ONNX custom node (and so the TensorRT plugin) gets its inputs from `calibration_inputs` and
+`calibration_term` here; the op's CUDA path (`triton_kernel.triton_scma`) computes the same
+calibration inputs in a Triton kernel (tests compare them with `calibration_inputs`); the custom
+op's CPU kernel and its backward are `scma_reference`. The prior generator (PPG)
 and the memory refinement (IMR) share `masked_average` and `min_max_normalise`.
 """
 

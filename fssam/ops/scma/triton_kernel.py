@@ -3,11 +3,21 @@
 Same contract as `fssam.ops.scma.reference.scma_reference(q, k, v, support_masks, mode)`:
 q (B, H, N, c); k, v (B, H, K*N + N + P, c) already rotary-encoded; support_masks (B, K, N).
 
-Split of the work (ARCHITECTURE.md section 2):
-  * PyTorch, O(K N c): `calibration_inputs` (shot-mean keys/values, w in fp32) and the per-key
-    calibration term cal[j] = 10 * (w[j] - 1) (fp32, (B, H, N)), both from the reference module.
-  * Triton, never materialising the N x (2N + P) scores, one of two paths:
-    - one pass per (query tile, batch*head), `_scma_fwd_kernel`:
+Two entry points, one set of device functions:
+  * `triton_scma(q, k, v, support_masks, mode)`, what torch.ops.fssam.scma runs on CUDA, all in
+    Triton with no PyTorch arithmetic in between (two launches, one pass):
+    - `_scma_calibration_kernel`, grid (K + mean tiles, B*H), O(K N c): per shot s the prototype
+      p_s (masked average of the shot's keys), the cosine of every pseudo-query key with p_s and its
+      min-max normalisation over the N keys, a_s[j] (fp32, (B*H, K, N)); with K > 1 also the
+      shot-mean support keys/values (B, H, N, c). With one shot the support keys are read in place.
+    - `_scma_kernel`: the attention below, reading the support-mean keys from that buffer (or k),
+      and the pseudo-query and pointer keys from k itself, w[j] = mean_s a_s[j] per key tile.
+  * `scma_fused(q, keys, values, cal)`, the ONNX node fssam::SCMA and the TensorRT plugin: the
+    calibration inputs come from standard ops in front of it (`calibration_inputs`,
+    `calibration_term` of the reference: keys/values concatenated [N support-mean, N
+    pseudo-query, P pointers], cal[j] = 10 (w[j] - 1)); `_scma_fwd_kernel` is the attention alone.
+The attention, never materialising the N x (2N + P) scores, one of two paths:
+    - one pass per (query tile, batch*head), `_one_pass`:
         loop 1 over the pseudo-query keys [N, 2N): fp32 row min/max of S = q k^T / sqrt(c);
         loop 2, FlashAttention-2 online softmax over the 2N + P keys in three ranges
         [0, N) support-mean, [N, 2N) pseudo-query (calibrated), [2N, 2N + P) pointers, where the
@@ -28,10 +38,7 @@ Block sizes, warps and stages are autotuned (`triton.autotune`) from a small tab
 and dtype class (`AUTOTUNE_CONFIGS`), each entry checked for sm_90 (registers, spills, shared
 memory) by tests/test_kernels.py; under the interpreter one small fixed config is used.
 
-`scma_fused(q, keys, values, cal)` is the kernel alone (used by the TensorRT plugin, whose
-ONNX node carries exactly these four inputs); `triton_scma(q, k, v, support_masks, mode)` is
-the full drop-in replacement of the reference. Under TRITON_INTERPRET=1 (set before importing
-triton) both run on CPU tensors.
+Under TRITON_INTERPRET=1 (set before importing triton) both entry points run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fssam.ops.scma.reference import CALIBRATION_SCALE, COSINE_EPS, calibration_inputs, calibration_term
+from fssam.ops.scma.reference import CALIBRATION_SCALE, COSINE_EPS, PROTOTYPE_EPS
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
@@ -83,13 +90,16 @@ def _attend_range(
     acc, m_i, l_i, q,
     k_base, v_base, stride_kn, stride_vn,
     lo, hi,
-    cal_base, cal_origin, row_min, row_scale,
+    cal_base, cal_origin, stride_cs, row_min, row_scale,
     offs_n, offs_d, d_mask,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CALIBRATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    CALIBRATE: tl.constexpr, CAL_SHOTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online-softmax accumulation over keys [lo, hi) (FlashAttention-2 inner loop); key j of the
-    calibrated range reads cal[j - cal_origin]."""
+    """Online-softmax accumulation over keys [lo, hi) (FlashAttention-2 inner loop). In the
+    calibrated range key j reads its calibration term at index j - cal_origin: the term itself
+    (CAL_SHOTS 0: cal[j] = 10 (w[j] - 1)), or the per-shot normalised similarities a_s[j] of
+    CAL_SHOTS shots (rows stride_cs apart), cal[j] = 10 (mean_s a_s[j] - 1). CAL_SHOTS is a
+    compile-time constant: an unrolled sum keeps the key loop a single loop (software pipelining)."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         valid = cols < hi
@@ -97,7 +107,13 @@ def _attend_range(
                      mask=valid[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) / SQRT_C  # fp32 (BLOCK_M, BLOCK_N)
         if CALIBRATE:
-            cal = tl.load(cal_base + (cols - cal_origin), mask=valid, other=0.0)
+            if CAL_SHOTS > 0:
+                w = tl.zeros([BLOCK_N], tl.float32)
+                for shot in tl.static_range(CAL_SHOTS):
+                    w += tl.load(cal_base + shot * stride_cs + (cols - cal_origin), mask=valid, other=0.0)
+                cal = CAL_SCALE * (w / CAL_SHOTS - 1.0)
+            else:
+                cal = tl.load(cal_base + (cols - cal_origin), mask=valid, other=0.0)
             a = (s - row_min[:, None]) * row_scale[:, None]
             s = s + tl.minimum(CAL_SCALE * a + cal[None, :], 0.0)
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -113,28 +129,56 @@ def _attend_range(
 
 
 @triton.jit
-def _scma_fwd_kernel(
-    # inputs (this order - inputs, int32 scalars, output - is the TensorRT AOT launch order)
-    Q, K, V, CAL,
+def _attend_keys(
+    acc, m_i, l_i, q,
+    sk_base, sv_base, stride_skn, stride_svn,
+    k_base, v_base, stride_kn, stride_vn,
+    lo, hi, N,
+    cal_base, stride_cs, row_min, row_scale,
+    offs_n, offs_d, d_mask,
+    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAL_SHOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The keys [lo, hi) of the three ranges: [0, N) support-mean keys from sk/sv, [N, 2N)
+    pseudo-query (calibrated) and [2N, L) pointers from k/v (rows indexed from 0 = key 0)."""
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
+                                  lo, tl.minimum(hi, N),
+                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, BLOCK_N)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+                                  tl.maximum(lo, N), tl.minimum(hi, 2 * N),
+                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, CAL_SHOTS, BLOCK_N)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+                                  tl.maximum(lo, 2 * N), hi,
+                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, BLOCK_N)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _one_pass(
+    Q, SK, SV, K, V, CAL, O,
     stride_qb, stride_qh, stride_qn,
+    stride_skb, stride_skh, stride_skn,
+    stride_svb, stride_svh, stride_svn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_cs,
     stride_ob, stride_oh, stride_on,
     H, N, L,
-    # output
-    O,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAL_SHOTS: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head), all keys. Last dims are contiguous
-    (stride 1); keys/values hold [N support-mean, N pseudo-query, L - 2N pointer] tokens; CAL
-    (B, H, N) fp32 with unit stride along N."""
+    """One program of the one-pass kernels: BLOCK_M queries of one (batch, head), all L keys."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
+    sk_base = SK + b * stride_skb + h * stride_skh
+    sv_base = SV + b * stride_svb + h * stride_svh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
@@ -157,18 +201,156 @@ def _scma_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 0, N,
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, BLOCK_N)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, N, 2 * N,
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, BLOCK_N)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, 2 * N, L,
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, BLOCK_N)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
+                                 k_base, v_base, stride_kn, stride_vn, 0, L, N,
+                                 cal_base, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
+                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, BLOCK_N)
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _scma_fwd_kernel(
+    # inputs (this order - inputs, int32 scalars, output - is the TensorRT AOT launch order)
+    Q, K, V, CAL,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_cb, stride_ch,
+    stride_ob, stride_oh, stride_on,
+    H, N, L,
+    # output
+    O,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The fssam::SCMA node's kernel (`scma_fused`, the TensorRT plugin). One program: BLOCK_M
+    queries of one (batch, head), all keys. Last dims are contiguous (stride 1); keys/values hold
+    [N support-mean, N pseudo-query, L - 2N pointer] tokens; CAL (B, H, N) fp32 = 10 (w - 1), unit
+    stride along N."""
+    _one_pass(Q, K, V, K, V, CAL, O,
+              stride_qb, stride_qh, stride_qn,
+              stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn,
+              stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn,
+              stride_cb, stride_ch, 0,
+              stride_ob, stride_oh, stride_on,
+              H, N, L,
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, 0)
+
+
+@triton.jit
+def _scma_kernel(
+    Q, SK, SV, K, V, W,
+    stride_qb, stride_qh, stride_qn,
+    stride_skb, stride_skh, stride_skn,
+    stride_svb, stride_svh, stride_svn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, L,
+    O,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SHOTS: tl.constexpr,
+):
+    """The op's one-pass kernel (`triton_scma`): reads the inputs where they are. Support-mean
+    keys/values from SK/SV (the rotated k/v themselves at one shot), pseudo-query and pointer keys
+    from K/V (views starting (K - 1) N keys into k/v, so that key N is the first pseudo-query
+    key), and the per-shot normalised similarities W (B*H, SHOTS, N) fp32 of
+    `_scma_calibration_kernel`, averaged per key here."""
+    _one_pass(Q, SK, SV, K, V, W, O,
+              stride_qb, stride_qh, stride_qn,
+              stride_skb, stride_skh, stride_skn,
+              stride_svb, stride_svh, stride_svn,
+              stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn,
+              H * SHOTS * N, SHOTS * N, N,
+              stride_ob, stride_oh, stride_on,
+              H, N, L,
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, SHOTS)
+
+
+@triton.jit
+def _scma_calibration_kernel(
+    K, V, MASKS, W, SK, SV,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mk,
+    stride_sb, stride_sh, stride_sn,
+    H, N, NUM_SHOTS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    PROTO_EPS: tl.constexpr, EPS: tl.constexpr,
+):
+    """The calibration inputs of the op (the reference's `calibration_inputs`) in one launch,
+    grid (NUM_SHOTS + mean tiles, B*H):
+      * program s < NUM_SHOTS, shot s: prototype p_s = sum_j m_s[j] k_s[j] / (sum_j m_s[j] + 5e-4) over the
+        shot's N keys, cosine of each pseudo-query key (k rows [NUM_SHOTS N, NUM_SHOTS N + N)) with p_s, and
+        its min-max normalisation over the N keys into W (B*H, NUM_SHOTS, N) fp32 (all in fp32);
+      * program NUM_SHOTS + t (launched only when NUM_SHOTS > 1): keys/values t*BLOCK_T.. of the shot mean
+        into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
+    MASKS (B, >= NUM_SHOTS, N) fp32, unit stride along N."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    if pid < NUM_SHOTS:
+        shot = pid
+        mask_base = MASKS + b * stride_mb + shot * stride_mk
+        proto = tl.zeros([BLOCK_D], tl.float32)
+        count = tl.zeros([BLOCK_T], tl.float32)
+        for start in range(0, N, BLOCK_T):
+            rows = start + offs_t
+            valid = rows < N
+            m = tl.load(mask_base + rows, mask=valid, other=0.0)
+            f = tl.load(k_base + (shot * N + rows)[:, None] * stride_kn + offs_d[None, :],
+                        mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            proto += tl.sum(f * m[:, None], 0)
+            count += m
+        proto = proto / (tl.sum(count, 0) + PROTO_EPS)
+        proto_norm = tl.sqrt(tl.sum(proto * proto, 0))
+        w_base = W + (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * N
+        low = tl.full([BLOCK_T], float("inf"), tl.float32)
+        high = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        for start in range(0, N, BLOCK_T):
+            rows = start + offs_t
+            valid = rows < N
+            f = tl.load(k_base + (NUM_SHOTS * N + rows)[:, None] * stride_kn + offs_d[None, :],
+                        mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            dots = tl.sum(f * proto[None, :], 1)
+            cosine = dots / (proto_norm * tl.sqrt(tl.sum(f * f, 1)) + EPS)
+            low = tl.minimum(low, tl.where(valid, cosine, float("inf")))
+            high = tl.maximum(high, tl.where(valid, cosine, float("-inf")))
+            tl.store(w_base + rows, cosine, mask=valid)
+        lowest = tl.min(low, 0)
+        span = tl.max(high, 0) - lowest + EPS
+        tl.debug_barrier()  # this program's cosine stores are visible to all its threads
+        for start in range(0, N, BLOCK_T):
+            rows = start + offs_t
+            valid = rows < N
+            cosine = tl.load(w_base + rows, mask=valid, other=0.0)
+            tl.store(w_base + rows, (cosine - lowest) / span, mask=valid)
+    else:
+        rows = (pid - NUM_SHOTS) * BLOCK_T + offs_t
+        valid = rows < N
+        tile = valid[:, None] & d_mask[None, :]
+        v_base = V + b * stride_vb + h * stride_vh
+        sum_k = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        sum_v = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for shot in range(0, NUM_SHOTS):
+            sum_k += tl.load(k_base + (shot * N + rows)[:, None] * stride_kn + offs_d[None, :],
+                             mask=tile, other=0.0).to(tl.float32)
+            sum_v += tl.load(v_base + (shot * N + rows)[:, None] * stride_vn + offs_d[None, :],
+                             mask=tile, other=0.0).to(tl.float32)
+        out = b * stride_sb + h * stride_sh + rows[:, None] * stride_sn + offs_d[None, :]
+        tl.store(SK + out, (sum_k / NUM_SHOTS).to(SK.dtype.element_ty), mask=tile)
+        tl.store(SV + out, (sum_v / NUM_SHOTS).to(SV.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -209,25 +391,32 @@ def _scma_stats_kernel(
 
 @triton.jit
 def _scma_split_kernel(
-    Q, K, V, CAL, ROW_MIN, ROW_MAX, O_PART, LSE_PART,
+    Q, SK, SV, K, V, CAL, ROW_MIN, ROW_MAX, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qn,
+    stride_skb, stride_skh, stride_skn,
+    stride_svb, stride_svh, stride_svn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_cs,
     H, N, L, CHUNK, NUM_STAT_SLICES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAL_SHOTS: tl.constexpr,
 ):
     """Split path, pass 2. Program (query tile, batch*head, chunk s): online softmax over keys
     [s CHUNK, (s + 1) CHUNK) with the exact row min / max reduced from the stats kernel's slices;
     writes out / l to O_PART (B*H, num_chunks, N, HEAD_DIM) and m log2(e) + log2(l) to LSE_PART
-    (B*H, num_chunks, N), both fp32."""
+    (B*H, num_chunks, N), both fp32. Keys and the calibration input as in the one-pass kernels
+    (`_one_pass`): support-mean keys from SK/SV, the rest from K/V; CAL the term (CAL_SHOTS 0) or
+    the per-shot similarities, CAL_SHOTS rows stride_cs apart."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
+    sk_base = SK + b * stride_skb + h * stride_skh
+    sv_base = SV + b * stride_svb + h * stride_svh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     cal_base = CAL + b * stride_cb + h * stride_ch
@@ -254,18 +443,10 @@ def _scma_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
-                                  lo, tl.minimum(hi, N),
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, BLOCK_N)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
-                                  tl.maximum(lo, N), tl.minimum(hi, 2 * N),
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, BLOCK_N)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
-                                  tl.maximum(lo, 2 * N), hi,
-                                  cal_base, N, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, BLOCK_N)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
+                                 k_base, v_base, stride_kn, stride_vn, lo, hi, N,
+                                 cal_base, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
+                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, BLOCK_N)
     part = pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s
     o_part = O_PART + part * N * HEAD_DIM
     tl.store(o_part + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
@@ -309,16 +490,22 @@ def _scma_combine_kernel(
 
 # ----------------------------------------------------------------------------- launch configs
 
-KERNELS = ("fwd", "stats", "split")  # the autotuned kernels (combine has one fixed config)
+KERNELS = ("fwd", "scma", "stats", "split")  # the autotuned kernels (calibration and combine: one fixed config)
+# the table each autotuned kernel takes its candidates from: the op's one-pass kernel shares the node's
+TABLE_OF = {"fwd": "fwd", "scma": "fwd", "stats": "stats", "split": "split"}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and BLOCK_D class. Every entry
-# is compiled for sm_90 by tests/test_kernels.py (registers <= 255 per thread and within the 64K
-# register file, no spills, shared memory <= 227 KiB): see the report there before adding one.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and BLOCK_D class ("fwd" also serves
+# the op's `_scma_kernel`: TABLE_OF). Every entry is compiled for sm_90 by tests/test_kernels.py
+# (registers <= 255 per thread and within the 64K register file, no spills, shared memory <= 227 KiB):
+# see the report there before adding one. Every entry was also checked spill-free with the ptxas of
+# Triton 3.6.0 (the lent H200 image's; its spills failed six fp32 entries of an earlier table):
+#   pip install --no-deps --target /tmp/triton36 triton==3.6.0
+#   PYTHONPATH=/tmp/triton36 python -m pytest tests/test_kernels.py -k sm90
 # BLOCK_M <= 64 everywhere (the split decision counts query tiles of NOMINAL_BLOCK_M) and
 # BLOCK_N divides SPLIT_ALIGN (so the split chunks are whole key tiles).
 AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ...]] = {
-    # fp16 / bf16: tensor-core dots. c = 256 is the serving head dim (SAM 2's memory attention:
-    # one head of 256); 64 / 128 keep one or two candidates.
+    # fp16 / bf16: tensor-core dots (wgmma on sm_90). c = 256 is the serving head dim (SAM 2's memory
+    # attention: one head of 256); 64 / 128 keep one or two candidates.
     ("fwd", "16bit", 64): ((64, 64, 4, 2), (32, 64, 4, 2)),
     ("fwd", "16bit", 128): ((64, 64, 8, 2), (64, 32, 4, 3)),
     ("fwd", "16bit", 256): ((64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)),
@@ -328,17 +515,17 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
     ("split", "16bit", 64): ((64, 64, 4, 2),),
     ("split", "16bit", 128): ((64, 64, 4, 2), (64, 32, 4, 2)),
     ("split", "16bit", 256): ((64, 32, 8, 2), (32, 64, 4, 2)),
-    # fp32: FMA dots (input_precision="ieee"), twice the registers per element; ptxas spills a few
-    # bytes on several 32 x 32 tiles (e.g. fwd c = 128 / 256 with 8 warps): only spill-free ones here
-    ("fwd", "fp32", 64): ((64, 32, 4, 2), (32, 32, 4, 2)),
-    ("fwd", "fp32", 128): ((32, 16, 4, 2), (16, 32, 4, 2)),
-    ("fwd", "fp32", 256): ((32, 16, 8, 2), (16, 16, 4, 2)),
+    # fp32: FMA dots (input_precision="ieee"), twice the registers per element: 4-warp tiles of 32 x 32
+    # and up spill at c >= 128 (with Triton 3.6's ptxas also at c = 64), so 8 warps and small tiles there
+    ("fwd", "fp32", 64): ((64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fwd", "fp32", 128): ((32, 16, 8, 2), (16, 16, 8, 2)),
+    ("fwd", "fp32", 256): ((16, 32, 8, 2), (16, 16, 8, 2)),
     ("stats", "fp32", 64): ((32, 32, 4, 2),),
     ("stats", "fp32", 128): ((32, 32, 4, 2),),
     ("stats", "fp32", 256): ((32, 32, 8, 2),),
     ("split", "fp32", 64): ((32, 32, 4, 2),),
-    ("split", "fp32", 128): ((32, 32, 4, 2), (16, 32, 4, 2)),
-    ("split", "fp32", 256): ((16, 32, 4, 2), (16, 16, 4, 2)),
+    ("split", "fp32", 128): ((32, 16, 8, 2), (16, 32, 8, 2)),
+    ("split", "fp32", 256): ((16, 32, 8, 2), (16, 16, 8, 2)),
 }
 # Register spills (in 4-byte words, Triton's n_spills) accepted for a config, keyed by the test id of
 # tests/test_kernels.py::test_config_fits_sm90, each with its reason. None today: every config compiles
@@ -364,13 +551,23 @@ def _head_dim_class(block_d: int) -> int:
 
 
 def autotune_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[dict]:
-    """The autotune candidates of `kernel` ("fwd", "stats", "split") for this head dim and dtype."""
-    table = AUTOTUNE_CONFIGS[(kernel, dtype_class(dtype), _head_dim_class(block_d_for(head_dim)))]
+    """The autotune candidates of `kernel` (one of KERNELS) for this head dim and dtype."""
+    table = AUTOTUNE_CONFIGS[(TABLE_OF[kernel], dtype_class(dtype), _head_dim_class(block_d_for(head_dim)))]
     return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
 def combine_config(head_dim: int) -> dict:
     return dict(BLOCK_M=32 if block_d_for(head_dim) <= 128 else 16, num_warps=4, num_stages=1)
+
+
+def calibration_config(head_dim: int, interpret: bool | None = None) -> dict:
+    """`_scma_calibration_kernel`'s one config: BLOCK_T x BLOCK_D tiles of 8192 elements (16 KiB in
+    fp16, 32 fp32 registers per thread with 8 warps) on the GPU, small ones in the interpreter."""
+    interpret = interpreting() if interpret is None else interpret
+    block_d = block_d_for(head_dim)
+    if interpret:
+        return dict(BLOCK_T=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_T=max(16, min(128, 8192 // block_d)), num_warps=8, num_stages=1)
 
 
 def interpreter_config(num_tokens: int) -> dict:
@@ -387,9 +584,11 @@ def kernel_config(head_dim: int, num_tokens: int, dtype: torch.dtype, interpret:
     return dict(config, BLOCK_D=block_d_for(head_dim))
 
 
-def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, kernel=None) -> dict:
-    """The constexpr arguments of a kernel (default `_scma_fwd_kernel`): BLOCK_M / BLOCK_N from
-    `config` (left out when None: the autotuner supplies them)."""
+def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, kernel=None,
+               shots: int = 0) -> dict:
+    """The constexpr arguments of a kernel (default `_scma_fwd_kernel`): BLOCK_M / BLOCK_N / BLOCK_T
+    from `config` (left out when None: the autotuner supplies them); shots: SHOTS / CAL_SHOTS, the
+    shots of the op's per-shot similarities (0: the split kernel reads the node's term)."""
     kernel = _scma_fwd_kernel if kernel is None else kernel
     values = dict(
         HEAD_DIM=head_dim,
@@ -397,29 +596,33 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
         SQRT_C=math.sqrt(head_dim),
         CAL_SCALE=CALIBRATION_SCALE,
         EPS=COSINE_EPS,
+        PROTO_EPS=PROTOTYPE_EPS,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        SHOTS=int(shots),
+        CAL_SHOTS=int(shots),
     )
     if config is not None:
-        values.update(BLOCK_M=config["BLOCK_M"], BLOCK_N=config.get("BLOCK_N"))
+        values.update(BLOCK_M=config.get("BLOCK_M"), BLOCK_N=config.get("BLOCK_N"), BLOCK_T=config.get("BLOCK_T"))
     return {name: value for name, value in values.items() if name in kernel.arg_names and value is not None}
 
 
-_FP32_POINTERS = ("CAL", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
-_DATA_POINTERS = ("Q", "K", "V", "O")
+_FP32_POINTERS = ("CAL", "W", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
+_DATA_POINTERS = ("Q", "K", "V", "O", "SK", "SV")
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def kernel_signature(kernel, dtype: torch.dtype, consts: dict) -> dict:
-    """Triton compile signature: data tensors of `dtype`, workspaces and CAL fp32, int32 scalars."""
+    """Triton compile signature: data tensors of `dtype`, masks, workspaces and CAL / W fp32, int32 scalars."""
     return {name: "constexpr" if name in consts else "*fp32" if name in _FP32_POINTERS
             else "*" + _TRITON_TYPE[dtype] if name in _DATA_POINTERS else "i32" for name in kernel.arg_names}
 
 
-def compile_for_target(kernel, dtype: torch.dtype, head_dim: int, config: dict, target, *, aligned=None):
+def compile_for_target(kernel, dtype: torch.dtype, head_dim: int, config: dict, target, *, aligned=None,
+                       shots: int = 5):
     """`triton.compile` one kernel for an explicit target (e.g. GPUTarget("cuda", 90, 32)): needs no GPU,
     only the real compiler (TRITON_INTERPRET unset). Pointers (and `aligned` scalars) are declared
     16-divisible, as the JIT launch specialises them for torch allocations."""
-    consts = constexprs(head_dim, dtype, config, kernel)
+    consts = constexprs(head_dim, dtype, config, kernel, shots)
     signature = kernel_signature(kernel, dtype, consts)
     if aligned is None:
         aligned = [name for name in kernel.arg_names if name in _DATA_POINTERS + _FP32_POINTERS]
@@ -439,7 +642,8 @@ def _prune(kernel: str):
 
 
 def _autotuned(kernel: str, fn, key: list[str]):
-    union = sorted({entry for (name, _, _), table in AUTOTUNE_CONFIGS.items() if name == kernel for entry in table})
+    union = sorted({entry for (name, _, _), table in AUTOTUNE_CONFIGS.items() if name == TABLE_OF[kernel]
+                    for entry in table})
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in union]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
@@ -447,11 +651,13 @@ def _autotuned(kernel: str, fn, key: list[str]):
 # autotune keys: the shapes that change the best tile (the dtypes are added by triton itself)
 _AUTOTUNED = {
     "fwd": _autotuned("fwd", _scma_fwd_kernel, ["N", "L", "HEAD_DIM"]),
+    "scma": _autotuned("scma", _scma_kernel, ["N", "L", "HEAD_DIM"]),
     "stats": _autotuned("stats", _scma_stats_kernel, ["N", "CHUNK", "HEAD_DIM"]),
     "split": _autotuned("split", _scma_split_kernel, ["N", "L", "CHUNK", "HEAD_DIM"]),
 }
-KERNEL_FUNCTIONS = {"fwd": _scma_fwd_kernel, "stats": _scma_stats_kernel, "split": _scma_split_kernel,
-                    "combine": _scma_combine_kernel}
+KERNEL_FUNCTIONS = {"fwd": _scma_fwd_kernel, "scma": _scma_kernel, "stats": _scma_stats_kernel,
+                    "split": _scma_split_kernel, "combine": _scma_combine_kernel,
+                    "calibration": _scma_calibration_kernel}
 
 
 # ----------------------------------------------------------------------------- split decision
@@ -521,15 +727,60 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, config: dict | None):
+def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, config: dict | None,
+            shots: int = 0):
     """Launch `kernel` with an explicit config, or autotuned when `config` is None."""
     fn = KERNEL_FUNCTIONS[kernel]
     if config is None:
-        _AUTOTUNED[kernel][grid](*args, **constexprs(head_dim, dtype, None, fn))
+        _AUTOTUNED[kernel][grid](*args, **constexprs(head_dim, dtype, None, fn, shots))
     else:
         grid_args = grid(config) if callable(grid) else grid
-        fn[grid_args](*args, **constexprs(head_dim, dtype, config, fn),
+        fn[grid_args](*args, **constexprs(head_dim, dtype, config, fn, shots),
                       num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _strides(x: torch.Tensor, dims: int = 3) -> tuple:
+    return tuple(x.stride(i) for i in range(dims))
+
+
+def _tile_config(head_dim: int, dtype: torch.dtype, num_tokens: int, block_m, block_n) -> dict | None:
+    """The attention kernels' launch config: None (autotuned), the interpreter's, or fixed tiles."""
+    config = None
+    if interpreting():
+        config = interpreter_config(num_tokens)
+    elif block_m is not None or block_n is not None:
+        config = autotune_configs("fwd", head_dim, dtype)[0]
+    if config is not None:
+        config = dict(config, BLOCK_M=block_m or config["BLOCK_M"], BLOCK_N=block_n or config["BLOCK_N"])
+    return config
+
+
+def _check_device(q: torch.Tensor, *tensors: torch.Tensor) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"scma: unsupported dtype {q.dtype}; expected one of {SUPPORTED_DTYPES}")
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("scma: all tensors must be on one device")
+    if not q.is_cuda and not interpreting():
+        raise RuntimeError("scma Triton kernel: CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
+
+
+def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal, cal_strides: tuple, length: int, out, config,
+                shots: int) -> None:
+    """The split path: stats, split and combine kernels (one pass is `_one_pass`'s kernels)."""
+    b, h, n, c = q.shape
+    row_min = torch.empty((b * h, plan.num_stat_slices, n), dtype=torch.float32, device=q.device)
+    row_max = torch.empty_like(row_min)
+    o_part = torch.empty((b * h, plan.num_chunks, n, c), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b * h, plan.num_chunks, n), dtype=torch.float32, device=q.device)
+    _launch("stats", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
+            (q, k, row_min, row_max, *_strides(q), *_strides(k), h, n, plan.stat_chunk), c, q.dtype, config)
+    _launch("split", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
+            (q, sk, sv, k, v, cal, row_min, row_max, o_part, lse_part, *_strides(q), *_strides(sk), *_strides(sv),
+             *_strides(k), *_strides(v), *cal_strides, h, n, length, plan.chunk, plan.num_stat_slices),
+            c, q.dtype, config, shots)
+    combine = combine_config(c)
+    _launch("combine", (triton.cdiv(n, combine["BLOCK_M"]), b * h),
+            (o_part, lse_part, *_strides(out), h, n, plan.num_chunks, out), c, q.dtype, combine)
 
 
 def scma_fused(
@@ -543,11 +794,12 @@ def scma_fused(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused kernel alone. q (B, H, N, c); keys/values (B, H, 2N + P, c) as laid out by
-    `calibration_inputs`; cal (B, H, N) = 10 * (w - 1) in fp32. Returns (B, H, N, c) in q's dtype
-    (written into `out` when given: same shape and dtype as q, last dim contiguous).
-    block_m / block_n: fixed tiles instead of autotuning; num_splits: force the split path with
-    that many key chunks (default: `split_plan`'s heuristic on CUDA, one pass on CPU)."""
+    """The fssam::SCMA node's kernel (what the TensorRT plugin launches). q (B, H, N, c);
+    keys/values (B, H, 2N + P, c) as laid out by `calibration_inputs`; cal (B, H, N) = 10 (w - 1)
+    in fp32. Returns (B, H, N, c) in q's dtype (written into `out` when given: same shape and dtype
+    as q, last dim contiguous). block_m / block_n: fixed tiles instead of autotuning; num_splits:
+    force the split path with that many key chunks (default: `split_plan`'s heuristic on CUDA,
+    one pass on CPU)."""
     if q.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError(f"scma: q, keys, values must be 4-D (B, H, T, c), got {tuple(q.shape)}, "
                          f"{tuple(keys.shape)}, {tuple(values.shape)}")
@@ -558,12 +810,7 @@ def scma_fused(
                          "(expected (B, H, 2N + P, c))")
     if tuple(cal.shape) != (b, h, n):
         raise ValueError(f"scma: calibration term {tuple(cal.shape)}, expected {(b, h, n)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"scma: unsupported dtype {q.dtype}; expected one of {SUPPORTED_DTYPES}")
-    if not (q.device == keys.device == values.device == cal.device):
-        raise ValueError("scma: all tensors must be on one device")
-    if not q.is_cuda and not interpreting():
-        raise RuntimeError("scma Triton kernel: CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
+    _check_device(q, keys, values, cal)
     keys = _last_dim_contiguous(keys.to(q.dtype))
     values = _last_dim_contiguous(values.to(q.dtype))
     q = _last_dim_contiguous(q)
@@ -576,39 +823,37 @@ def scma_fused(
         raise ValueError("scma: out must match q's shape, dtype and device, with a contiguous last dim")
     if out.numel() == 0:
         return out
-    config = None  # autotuned
-    if interpreting():
-        config = interpreter_config(n)
-    elif block_m is not None or block_n is not None:
-        config = autotune_configs("fwd", c, q.dtype)[0]
-    if config is not None:
-        config = dict(config, BLOCK_M=block_m or config["BLOCK_M"], BLOCK_N=block_n or config["BLOCK_N"])
+    config = _tile_config(c, q.dtype, n, block_m, block_n)
     plan = split_plan(b * h, n, total, sm_count(q.device), num_splits)
-    q_strides = (q.stride(0), q.stride(1), q.stride(2))
-    k_strides = (keys.stride(0), keys.stride(1), keys.stride(2))
-    v_strides = (values.stride(0), values.stride(1), values.stride(2))
-    c_strides = (cal.stride(0), cal.stride(1))
-    o_strides = (out.stride(0), out.stride(1), out.stride(2))
     # Triton launches on the current CUDA device, not on the tensors' one: make them the same
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if plan.num_chunks == 1:
             _launch("fwd", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
-                    (q, keys, values, cal, *q_strides, *k_strides, *v_strides, *c_strides, *o_strides,
-                     h, n, total, out), c, q.dtype, config)
-            return out
-        row_min = torch.empty((b * h, plan.num_stat_slices, n), dtype=torch.float32, device=q.device)
-        row_max = torch.empty_like(row_min)
-        o_part = torch.empty((b * h, plan.num_chunks, n, c), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((b * h, plan.num_chunks, n), dtype=torch.float32, device=q.device)
-        _launch("stats", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
-                (q, keys, row_min, row_max, *q_strides, *k_strides, h, n, plan.stat_chunk), c, q.dtype, config)
-        _launch("split", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
-                (q, keys, values, cal, row_min, row_max, o_part, lse_part, *q_strides, *k_strides, *v_strides,
-                 *c_strides, h, n, total, plan.chunk, plan.num_stat_slices), c, q.dtype, config)
-        combine = combine_config(c)
-        _launch("combine", (triton.cdiv(n, combine["BLOCK_M"]), b * h),
-                (o_part, lse_part, *o_strides, h, n, plan.num_chunks, out), c, q.dtype, combine)
+                    (q, keys, values, cal, *_strides(q), *_strides(keys), *_strides(values), *_strides(cal, 2),
+                     *_strides(out), h, n, total, out), c, q.dtype, config)
+        else:
+            _split_pass(plan, q, keys, values, keys, values, cal, (*_strides(cal, 2), 0), total, out, config,
+                        shots=0)
     return out
+
+
+def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int):
+    """`_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N, c, last dims contiguous)
+    and fp32 masks (B, >= shots, N): (similarities (B*H, shots, N) fp32, support-mean keys, values).
+    With one shot the support-mean keys/values are k and v themselves (their first N rows)."""
+    b, h, _, c = k.shape
+    similarities = torch.empty((b * h, shots, num_tokens), dtype=torch.float32, device=k.device)
+    if shots > 1:
+        sk = torch.empty((b, h, num_tokens, c), dtype=k.dtype, device=k.device)
+        sv = torch.empty_like(sk)
+    else:
+        sk, sv = k, v
+    config = calibration_config(c)
+    mean_tiles = triton.cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
+    _launch("calibration", (shots + mean_tiles, b * h),
+            (k, v, masks, similarities, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2), *_strides(sk),
+             h, num_tokens, shots), c, k.dtype, config)
+    return similarities, sk, sv
 
 
 def triton_scma(
@@ -622,9 +867,44 @@ def triton_scma(
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Drop-in replacement of `scma_reference` running the fused Triton kernel."""
-    keys, values, w, num_tokens = calibration_inputs(k, v, support_masks, mode)
-    if q.shape[2] != num_tokens:
-        raise ValueError(f"scma: q has {q.shape[2]} tokens, support masks have {num_tokens}")
-    return scma_fused(q, keys, values, calibration_term(w), block_m=block_m, block_n=block_n,
-                      num_splits=num_splits)
+    """Drop-in replacement of `scma_reference`, all in Triton: `_scma_calibration_kernel` (the
+    calibration inputs: per-shot normalised similarities and, with several shots, the shot-mean
+    support keys/values), then the attention (`_scma_kernel`, or the split path), reading k and v
+    in place: no concatenated key tensor and no PyTorch arithmetic in between."""
+    if mode not in ("paper", "official"):
+        raise ValueError(f"scma mode {mode!r}: expected 'paper' or 'official'")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or support_masks.dim() != 3:
+        raise ValueError(f"scma: q, k, v must be 4-D and support_masks 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}, {tuple(support_masks.shape)}")
+    b, h, n, c = q.shape
+    if support_masks.shape[0] != b or support_masks.shape[2] != n:
+        raise ValueError(f"scma: q has {n} tokens and batch {b}, support masks are {tuple(support_masks.shape)}")
+    shots = 1 if mode == "official" else support_masks.shape[1]  # official: the first support mask only
+    total = k.shape[2]
+    if k.shape[:2] != (b, h) or k.shape[-1] != c or v.shape != k.shape or total < (shots + 1) * n:
+        raise ValueError(f"scma: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} with {shots} shot(s) "
+                         "(expected (B, H, K*N + N + P, c))")
+    _check_device(q, k, v, support_masks)
+    q = _last_dim_contiguous(q)
+    k = _last_dim_contiguous(k.to(q.dtype))
+    v = _last_dim_contiguous(v.to(q.dtype))
+    masks = support_masks if support_masks.dtype == torch.float32 else support_masks.float()
+    masks = _last_dim_contiguous(masks)
+    out = torch.empty((b, h, n, c), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    shift = (shots - 1) * n  # k[:, :, shift:] starts N keys before the pseudo-query block
+    kc, vc = (k[:, :, shift:], v[:, :, shift:]) if shift else (k, v)
+    length = total - shift
+    config = _tile_config(c, q.dtype, n, block_m, block_n)
+    plan = split_plan(b * h, n, length, sm_count(q.device), num_splits)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        similarities, sk, sv = _calibration_pass(k, v, masks, shots, n)
+        if plan.num_chunks == 1:
+            _launch("scma", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
+                    (q, sk, sv, kc, vc, similarities, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
+                     *_strides(vc), *_strides(out), h, n, length, out), c, q.dtype, config, shots)
+        else:
+            cal_strides = (h * shots * n, shots * n, n)
+            _split_pass(plan, q, sk, sv, kc, vc, similarities, cal_strides, length, out, config, shots=shots)
+    return out
