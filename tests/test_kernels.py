@@ -354,6 +354,9 @@ H100_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory pe
 SERVING_HEAD_DIM = 256  # SAM 2's memory attention: one head of 256
 
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _sm90_dtypes(klass, head_dim):
     """The 16-bit tables serve fp16 and bf16: both are compiled at the serving head dim, fp16
     elsewhere (their resources differ by a few registers, never in shared memory)."""
@@ -379,7 +382,7 @@ def _sm90_cases():
             cases.append(dict(kernel="combine", dtype=dtype, head_dim=head_dim, BLOCK_N=None,
                               **triton_kernel.combine_config(head_dim)))
             cases.append(dict(kernel="calibration", dtype=dtype, head_dim=head_dim,
-                              **triton_kernel.calibration_config(head_dim, interpret=False)))
+                              **triton_kernel.calibration_config(head_dim, DTYPES[dtype], interpret=False)))
     return cases
 
 

@@ -560,14 +560,17 @@ def combine_config(head_dim: int) -> dict:
     return dict(BLOCK_M=32 if block_d_for(head_dim) <= 128 else 16, num_warps=4, num_stages=1)
 
 
-def calibration_config(head_dim: int, interpret: bool | None = None) -> dict:
-    """`_scma_calibration_kernel`'s one config: BLOCK_T x BLOCK_D tiles of 8192 elements (16 KiB in
-    fp16, 32 fp32 registers per thread with 8 warps) on the GPU, small ones in the interpreter."""
+def calibration_config(head_dim: int, dtype: torch.dtype = torch.float16, interpret: bool | None = None) -> dict:
+    """`_scma_calibration_kernel`'s one config. Its shot programs are serial sweeps over the N keys, bound
+    by how many bytes one SM has in flight: the largest tiles that fit, BLOCK_T x BLOCK_D = 16384
+    elements with 16 warps for fp16 / bf16 (32 KiB a step), 8192 with 8 warps for fp32 (16384 spills
+    at c = 256); 32 fp32 registers per thread and tile. Small tiles in the interpreter."""
     interpret = interpreting() if interpret is None else interpret
     block_d = block_d_for(head_dim)
     if interpret:
         return dict(BLOCK_T=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_T=max(16, min(128, 8192 // block_d)), num_warps=8, num_stages=1)
+    elements, warps = (8192, 8) if dtype == torch.float32 else (16384, 16)
+    return dict(BLOCK_T=max(16, min(256, elements // block_d)), num_warps=warps, num_stages=1)
 
 
 def interpreter_config(num_tokens: int) -> dict:
@@ -792,14 +795,15 @@ def scma_fused(
     block_m: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    auto_split: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fssam::SCMA node's kernel (what the TensorRT plugin launches). q (B, H, N, c);
     keys/values (B, H, 2N + P, c) as laid out by `calibration_inputs`; cal (B, H, N) = 10 (w - 1)
     in fp32. Returns (B, H, N, c) in q's dtype (written into `out` when given: same shape and dtype
     as q, last dim contiguous). block_m / block_n: fixed tiles instead of autotuning; num_splits:
-    force the split path with that many key chunks (default: `split_plan`'s heuristic on CUDA,
-    one pass on CPU)."""
+    force the split path with that many key chunks; auto_split: let `split_plan`'s heuristic split
+    on CUDA (default AUTO_SPLIT: off); one pass on CPU."""
     if q.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError(f"scma: q, keys, values must be 4-D (B, H, T, c), got {tuple(q.shape)}, "
                          f"{tuple(keys.shape)}, {tuple(values.shape)}")
@@ -824,7 +828,7 @@ def scma_fused(
     if out.numel() == 0:
         return out
     config = _tile_config(c, q.dtype, n, block_m, block_n)
-    plan = split_plan(b * h, n, total, sm_count(q.device), num_splits)
+    plan = split_plan(b * h, n, total, sm_count(q.device), num_splits, auto_split)
     # Triton launches on the current CUDA device, not on the tensors' one: make them the same
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if plan.num_chunks == 1:
@@ -848,7 +852,7 @@ def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, sho
         sv = torch.empty_like(sk)
     else:
         sk, sv = k, v
-    config = calibration_config(c)
+    config = calibration_config(c, k.dtype)
     mean_tiles = triton.cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
     _launch("calibration", (shots + mean_tiles, b * h),
             (k, v, masks, similarities, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2), *_strides(sk),
@@ -866,11 +870,13 @@ def triton_scma(
     block_m: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    auto_split: bool | None = None,
 ) -> torch.Tensor:
     """Drop-in replacement of `scma_reference`, all in Triton: `_scma_calibration_kernel` (the
     calibration inputs: per-shot normalised similarities and, with several shots, the shot-mean
     support keys/values), then the attention (`_scma_kernel`, or the split path), reading k and v
-    in place: no concatenated key tensor and no PyTorch arithmetic in between."""
+    in place: no concatenated key tensor and no PyTorch arithmetic in between. block_m, block_n,
+    num_splits, auto_split: as `scma_fused`."""
     if mode not in ("paper", "official"):
         raise ValueError(f"scma mode {mode!r}: expected 'paper' or 'official'")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or support_masks.dim() != 3:
@@ -897,7 +903,7 @@ def triton_scma(
     kc, vc = (k[:, :, shift:], v[:, :, shift:]) if shift else (k, v)
     length = total - shift
     config = _tile_config(c, q.dtype, n, block_m, block_n)
-    plan = split_plan(b * h, n, length, sm_count(q.device), num_splits)
+    plan = split_plan(b * h, n, length, sm_count(q.device), num_splits, auto_split)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         similarities, sk, sv = _calibration_pass(k, v, masks, shots, n)
         if plan.num_chunks == 1:
