@@ -138,3 +138,28 @@ def test_run_turns_errors_and_interrupts_into_exit_codes(capsys):
     assert run(argparse.Namespace(command="x", func=interrupted)) == 130
     assert capsys.readouterr().err.strip() == "fssam x: interrupted"
     assert run(argparse.Namespace(command="x", func=lambda args: 0)) == 0
+
+
+def test_a_signal_wrapped_by_a_library_still_stops_the_command(capsys):
+    """SIGTERM inside `partial_folder` raises SystemExit(143) in whatever runs; an extension module's
+    import turns it into ImportError("initialization failed") caused by it. `run` still exits with
+    the signal's status (and Ctrl-C wrapped the same way is 130), instead of a traceback and 1."""
+    import argparse
+
+    from fssam.files import _Signalled
+
+    def wrapped(stop):
+        def func(args):
+            try:
+                raise stop
+            except BaseException as inner:
+                raise ImportError("initialization failed") from inner
+        return func
+
+    with pytest.raises(SystemExit) as exited:
+        run(argparse.Namespace(command="export", func=wrapped(_Signalled(143))))
+    assert exited.value.code == 143
+    assert run(argparse.Namespace(command="export", func=wrapped(KeyboardInterrupt()))) == 130
+    assert "interrupted" in capsys.readouterr().err
+    with pytest.raises(ImportError):  # a plain error stays what it is
+        run(argparse.Namespace(command="export", func=wrapped(ValueError("x"))))

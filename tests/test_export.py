@@ -206,7 +206,7 @@ class _FakeTensorRT:
         def __init__(self, level):
             pass
 
-    def __init__(self, parse_ok=True):
+    def __init__(self, parse_ok=True, profile_index=0):
         self.calls = []
         fake = self
 
@@ -226,7 +226,8 @@ class _FakeTensorRT:
             def __init__(self, network, logger):
                 pass
 
-            def parse(self, data):
+            def parse(self, data, path=None):
+                fake.calls.append(("parse", path))
                 return parse_ok
 
             def get_error(self, i):
@@ -248,6 +249,7 @@ class _FakeTensorRT:
 
             def add_optimization_profile(self, profile):
                 fake.calls.append(("add_profile",))
+                return profile_index
 
         class Builder:
             def __init__(self, logger):
@@ -288,6 +290,22 @@ def test_tensorrt_network_is_strongly_typed_with_a_batch_profile(monkeypatch, pr
         trt_export.serialize_network(b"onnx", precision)
     with pytest.raises(FSSAMError, match="precision 'int8'"):
         trt_export.serialize_network(b"onnx", "int8")
+    rejected = _FakeTensorRT(profile_index=-1)  # TensorRT's answer to an invalid profile
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: rejected)
+    with pytest.raises(FSSAMError, match="rejected the optimisation profile"):
+        trt_export.serialize_network(b"onnx", precision)
+
+
+def test_tensorrt_parser_gets_the_onnx_path(monkeypatch, tmp_path):
+    """build_engine hands the parser the file's path, so ONNX files with external weights (> 2 GB) parse."""
+    from fssam.export import tensorrt as trt_export
+
+    fake = _FakeTensorRT()
+    monkeypatch.setattr(trt_export, "require_tensorrt", lambda: fake)
+    onnx_path = tmp_path / "stage.onnx"
+    onnx_path.write_bytes(b"onnx")
+    trt_export.build_engine(str(onnx_path), str(tmp_path / "stage.engine"), "fp16")
+    assert ("parse", str(onnx_path)) in fake.calls
 
 
 def test_head_exports_with_custom_scma_nodes(tmp_path):
@@ -487,8 +505,9 @@ def test_bf16_export_passes_the_checker_and_its_gate_says_what_it_ran(tmp_path):
     assert manifest["dtype"] == "bfloat16" and manifest["opset"] == 22 and manifest["max_batch"] == 4
     bf16 = manifest["bf16"]
     assert bf16["opset"] == 22 and "fp32 arithmetic per operator" in bf16["gate"]["onnxruntime"]
-    assert {op for ops in bf16["fp32_ops"].values() for op in ops} == {"Einsum"}
+    assert {op for ops in bf16["fp32_ops"].values() for op in ops} == {"Einsum", "Cast from uint8"}
     assert set(bf16["fp32_ops"]) >= {"prior", "refine", "query_segmenter"}
+    assert bf16["fp32_ops"]["support_encoder"]["Cast from uint8"] == 2  # images and masks: through fp32 (TensorRT)
     for report in (manifest["parity"]["onnxruntime"], manifest["graph_parity"]["onnxruntime"]):
         assert report["passed"] and report["baseline"] == "same_dtype", report["failures"]
         assert "fp32 arithmetic per operator" in report["runtime"]
@@ -502,5 +521,8 @@ def test_bf16_export_passes_the_checker_and_its_gate_says_what_it_ran(tmp_path):
         inputs = [i.type.tensor_type.elem_type for i in model.graph.input]
         assert inputs == ([uint8, uint8] if name == "support_encoder" else [uint8] + [bf16_type] * 3 + [uint8]
                           if name == "query_segmenter" else [bf16_type] * len(inputs)), name
+        for tensor in (i.name for i in model.graph.input if i.type.tensor_type.elem_type == uint8):
+            casts = [n for n in model.graph.node if tensor in n.input and n.op_type == "Cast"]
+            assert [n.attribute[0].i for n in casts] == [onnx.TensorProto.FLOAT], tensor
     profiles = profile_shapes({**manifest["stages"], **manifest["graphs"]}, manifest["max_batch"], manifest["shots"])
     assert profiles["image_encoder"]["images"][2][0] == 20 and profiles["head"]["feat_s0"][2][0] == 4

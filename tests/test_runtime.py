@@ -271,6 +271,49 @@ def test_onnxruntime_runner_says_which_provider_ran(tiny_artifacts, monkeypatch)
     assert "no CUDAExecutionProvider" in asked_gpu.describe()
 
 
+def test_onnxruntime_gpu_provider_options(tiny_artifacts, monkeypatch, tmp_path):
+    """device cuda:N (an onnxruntime offering TensorRT and CUDA; no session is opened): device_id N for
+    both GPU providers; the TensorRT provider gets the export's batch profile as its explicit shape
+    range (no engine rebuilds mid-run) and an engine cache folder per export and precision."""
+    import onnxruntime as ort
+
+    from fssam.runtime.contract import profile_shapes
+
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [trt, cuda, cpu])
+    monkeypatch.setenv("FSSAM_ORT_TENSORRT_CACHE", str(tmp_path))
+    folder, manifest = tiny_artifacts
+    runner = open_runner("onnxruntime", folder, device="cuda:1")
+    assert runner.providers == [trt, cuda, cpu] and runner.io_binding and runner.device_id == 1
+    assert runner.describe().startswith("ONNX Runtime fp32 (requested TensorrtExecutionProvider")
+    trt_options, cuda_options, cpu_options = runner._provider_options("image_encoder")
+    assert cuda_options == {"device_id": "1"} and cpu_options == {} and trt_options["device_id"] == "1"
+    ranges = profile_shapes({"image_encoder": manifest["stages"]["image_encoder"]}, manifest["max_batch"],
+                            manifest["shots"])["image_encoder"]
+    for i, kind in enumerate(("min", "opt", "max")):
+        assert trt_options[f"trt_profile_{kind}_shapes"] == ",".join(
+            f"{name}:{'x'.join(map(str, shapes[i]))}" for name, shapes in ranges.items())
+    high = trt_options["trt_profile_max_shapes"].split(":")[1].split("x")[0]
+    assert int(high) == manifest["max_batch"] * 2  # 1 shot: the query's 2 memory encodings per episode
+    cache = trt_options["trt_engine_cache_path"]
+    assert os.path.dirname(cache) == str(tmp_path) and cache.endswith("-fp32")
+    runner.manifest = dict(manifest, seed=manifest.get("seed", 0) + 1)  # another export: another folder
+    assert runner.tensorrt_cache() != cache
+    with pytest.raises(ConfigError, match="expected cpu, cuda or cuda:N"):
+        open_runner("onnxruntime", folder, device="cuda:x")
+
+
+def test_onnxruntime_cuda_provider_that_cannot_start_is_refused(tiny_artifacts):
+    """ONNX Runtime drops a provider it cannot start (here: a CPU-only build asked for CUDA) and runs
+    on what is left: the GPU path refuses that with the providers it got, instead of binding GPU
+    memory to a CPU session."""
+    runner = open_runner("onnxruntime", tiny_artifacts[0],
+                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runner.io_binding
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="could not start its CUDAExecutionProvider"):
+        runner.session("prior_backbone")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="IO binding on the GPU needs a CUDA device; this machine has none")
 def test_onnxruntime_io_binding_keeps_tensors_on_the_gpu(tiny_artifacts):
     import onnxruntime as ort
@@ -337,3 +380,31 @@ def test_bf16_casts_only_what_onnx_cannot_take_and_the_cpu_copy_rounds_like_bf16
     expected = rounded(np.sin(rounded(rounded(x @ weight) + x)))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert not np.allclose(got, np.sin(x @ weight + x), rtol=0, atol=1e-6)  # the rounding is there
+
+
+def test_bf16_casts_from_uint8_go_through_fp32():
+    """The deployable graphs take uint8 images and masks; TensorRT converts uint8 only to fp32 / fp16,
+    so a bf16 export's Cast uint8 -> bf16 becomes uint8 -> fp32 -> bf16 (exact for 0..255), and the
+    file still passes ONNX's full check and gives the same values."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from fssam.runtime.bf16 import cast_ops_without_bf16, fp32_arithmetic
+
+    tp = onnx.TensorProto
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["image_bf16"], to=tp.BFLOAT16),
+         helper.make_node("Cast", ["image_bf16"], ["out"], to=tp.FLOAT)],
+        "uint8_in", [helper.make_tensor_value_info("image", tp.UINT8, [2, 3])],
+        [helper.make_tensor_value_info("out", tp.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)])
+    assert cast_ops_without_bf16(model) == {"Cast from uint8": 1}
+    onnx.checker.check_model(model, full_check=True)
+    first, second = model.graph.node[0], model.graph.node[1]
+    assert (first.op_type, first.input[0], first.attribute[0].i) == ("Cast", "image", tp.FLOAT)
+    assert (second.input[0], second.attribute[0].i) == (first.output[0], tp.BFLOAT16)
+    assert cast_ops_without_bf16(model) == {}  # nothing left to change
+    image = np.array([[0, 1, 127], [128, 254, 255]], np.uint8)
+    session = ort.InferenceSession(fp32_arithmetic(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"image": image})[0], image.astype(np.float32))

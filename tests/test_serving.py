@@ -198,6 +198,11 @@ def test_onnxruntime_tensorrt_accelerator_and_cpu_configs(tmp_path, tiny_artifac
     config = _parse(tmp_path / "trt" / "query_segmenter" / "config.pbtxt")
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP32"
+    # the explicit shape range: batch 1 .. the served --max-batch (8), other dims as exported
+    query_dims = "x".join(map(str, tiny_artifacts[1]["graphs"]["query_segmenter"]["inputs"][0]["shape"][1:]))
+    assert accelerator.parameters["trt_profile_min_shapes"].startswith(f"query:1x{query_dims},")
+    assert accelerator.parameters["trt_profile_max_shapes"].startswith(f"query:8x{query_dims},")
+    assert accelerator.parameters["trt_profile_opt_shapes"].count(":1x") == len(config.input)
     write_repository(tiny_artifacts[0], str(tmp_path / "cpu"), backend="onnxruntime", device="cpu")
     config = _parse(tmp_path / "cpu" / "support_encoder" / "config.pbtxt")
     assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU

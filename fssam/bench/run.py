@@ -115,7 +115,7 @@ def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: i
     The providers that ran are reported with the mode (`report`)."""
     from fssam.runtime import as_torch, open_runner
 
-    options = {"device": args.device_resolved.type} if runtime == "onnxruntime" else {}
+    options = {"device": str(args.device_resolved)} if runtime == "onnxruntime" else {}
     runner = open_runner(runtime, _artifacts_for(args, shots, progress), precision=precision, threads=args.threads,
                          **options)
     device = "cuda" if getattr(runner, "io_binding", False) else "cpu"

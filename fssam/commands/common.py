@@ -50,8 +50,35 @@ def run(args) -> int:
     try:
         return args.func(args)
     except FSSAMError as error:
-        print(f"fssam {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        if _stop_in_chain(error) is None:
+            print(f"fssam {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        return _stopped(args, _stop_in_chain(error))
     except KeyboardInterrupt:
         print(f"fssam {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        # a signal that arrived inside an import or a library call can come back wrapped (e.g. an
+        # extension module's ImportError "initialization failed" caused by it): still that signal
+        stop = _stop_in_chain(error)
+        if stop is None:
+            raise
+        return _stopped(args, stop)
+
+
+def _stopped(args, stop: BaseException) -> int:
+    if isinstance(stop, KeyboardInterrupt):
+        print(f"fssam {args.command}: interrupted", file=sys.stderr)
+        return 130
+    raise stop from None  # SystemExit(128 + signal) of fssam.files
+
+
+def _stop_in_chain(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit (a signal's exit) among the causes / contexts of `error`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

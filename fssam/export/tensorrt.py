@@ -31,24 +31,26 @@ from fssam.runtime.runners.tensorrt import (  # noqa: F401  (TensorRTUnavailable
     TensorRTUnavailable,
     _register_plugin_if_needed,
     require_tensorrt,
+    trt_logger,
 )
 
 WORKSPACE_BYTES = 8 << 30
 
 
 def serialize_network(onnx_model: bytes, precision: str = "fp32",
-                      batch: tuple[int, int, int] = (MIN_BATCH, OPT_BATCH, MAX_BATCH)) -> bytes:
+                      batch: tuple[int, int, int] = (MIN_BATCH, OPT_BATCH, MAX_BATCH), path: str | None = None) -> bytes:
     """A serialized TensorRT engine from ONNX bytes; one profile with dimension 0 over `batch`
-    (min, opt, max) for the inputs whose dimension 0 is dynamic (runners.tensorrt.batch_profile)."""
+    (min, opt, max) for the inputs whose dimension 0 is dynamic (runners.tensorrt.batch_profile).
+    path: the ONNX file the bytes came from (the parser finds external weight files beside it)."""
     if precision not in ("fp32", "fp16", "bf16"):
         raise FSSAMError(f"precision {precision!r}: expected fp32, fp16 or bf16")
     trt = require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_model):
+    if not (parser.parse(onnx_model) if path is None else parser.parse(onnx_model, path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise FSSAMError(f"TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
@@ -63,7 +65,8 @@ def serialize_network(onnx_model: bytes, precision: str = "fp32",
         for tensor in dynamic:
             rest = list(tensor.shape)[1:]
             profile.set_shape(tensor.name, [low, *rest], [opt, *rest], [high, *rest])
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise FSSAMError(f"TensorRT rejected the optimisation profile (batch {low}..{high}, opt {opt})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FSSAMError("TensorRT failed to build an engine (see the TensorRT log above)")
@@ -92,13 +95,19 @@ def build_engine(onnx_path: str, engine_path: str, precision: str,
     start = time.perf_counter()
     with open(onnx_path, "rb") as handle:
         try:
-            serialized = serialize_network(handle.read(), precision, batch)
+            serialized = serialize_network(handle.read(), precision, batch, path=onnx_path)
         except TensorRTUnavailable:
             raise
         except FSSAMError as error:
             raise FSSAMError(f"{onnx_path}: {error}") from None
-    with open(engine_path, "wb") as handle:
-        handle.write(serialized)
+    partial = engine_path + ".part"  # an interrupted write leaves no engine behind
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(serialized)
+        os.replace(partial, engine_path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return {"seconds": round(time.perf_counter() - start, 2), "bytes": os.path.getsize(engine_path)}
 
 

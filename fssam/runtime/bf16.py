@@ -5,7 +5,9 @@ ConvTranspose, MaxPool, Sin and Cos accept bf16 (at opset 18 they do not). Einsu
 only from opset 28, which neither torch.onnx, ONNX Runtime nor TensorRT 10 reads, so every
 operator whose schema at the file's opset has no bf16 runs in fp32 inside the bf16 graph: its
 bf16 inputs are cast to float and its outputs back to bf16, as eager bf16 autocast runs such ops
-in fp32. The eager model is not changed; the manifest lists these operators per stage.
+in fp32. A Cast from uint8 (the deployable graphs' image and mask inputs) straight to bf16 goes
+through fp32 (exact: 0..255 are bf16 values), because TensorRT converts uint8 only to fp32 and
+fp16. The eager model is not changed; the manifest lists these operators per stage.
 
 Gate (`fp32_arithmetic`). ONNX Runtime's CPU provider has no bf16 kernel for any arithmetic
 operator (Add, MatMul, Conv, ReduceMean, ... all fail with NOT_IMPLEMENTED; only data movement,
@@ -92,8 +94,9 @@ def _accepts_bf16(schema, node, types) -> bool:
 
 def cast_ops_without_bf16(model) -> dict[str, int]:
     """In place on the main graph of `model`: every default-domain node with a bf16 input that its
-    schema (at the model's opset) does not accept computes in fp32, between casts. Returns
-    {op type: count} of the nodes so changed."""
+    schema (at the model's opset) does not accept computes in fp32, between casts, and every Cast
+    from uint8 to bf16 becomes uint8 -> fp32 -> bf16. Returns {op type: count} of the nodes so
+    changed ("Cast from uint8" for the latter)."""
     onnx = _onnx()
     helper, bf16, fp32 = onnx.helper, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
     opset = _default_opset(model)
@@ -105,6 +108,14 @@ def cast_ops_without_bf16(model) -> dict[str, int]:
     for original in model.graph.node:
         node = onnx.NodeProto()
         node.CopyFrom(original)  # the graph's own nodes are replaced below
+        if _casts_uint8_to_bf16(node, types):
+            through = _unique(f"{node.input[0]}__fp32", taken)
+            nodes.append(helper.make_node("Cast", [node.input[0]], [through], to=fp32,
+                                          name=_unique(f"{node.input[0]}__uint8_to_fp32", taken)))
+            node.input[0] = through
+            nodes.append(node)
+            changed["Cast from uint8"] += 1
+            continue
         if node.domain not in ("", "ai.onnx") or not any(types.get(name) == bf16 for name in node.input if name):
             nodes.append(node)
             continue
@@ -130,6 +141,13 @@ def cast_ops_without_bf16(model) -> dict[str, int]:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return dict(changed)
+
+
+def _casts_uint8_to_bf16(node, types) -> bool:
+    onnx = _onnx()
+    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or types.get(node.input[0]) != onnx.TensorProto.UINT8:
+        return False
+    return any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16 for a in node.attribute)
 
 
 def _float_tensor(tensor):

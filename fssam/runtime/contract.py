@@ -36,6 +36,35 @@ def batch_limit(name: str, max_batch: int, shots: int) -> int:
     return max_batch * max(shots, 2) if name in PER_IMAGE_STAGES else max_batch
 
 
+MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, DEFAULT_MAX_BATCH  # a profile's defaults, in episodes
+
+
+def batch_profile(name: str, max_batch: int, shots: int) -> tuple[int, int, int]:
+    """(min, opt, max) of dimension 0 of unit `name`: max from the export's limit
+    (contract.batch_limit), opt what one episode sends (the serving case: K support images, or
+    the query's 2 memory encodings, for the per-image stages; 1 elsewhere)."""
+    high = batch_limit(name, max_batch, shots)
+    return MIN_BATCH, min(high, batch_limit(name, OPT_BATCH, shots)), high
+
+
+def profile_shapes(units: dict, max_batch: int, shots: int) -> dict:
+    """{unit: {input name: (min shape, opt shape, max shape)}}: the optimisation profile each
+    engine is built with, from the manifest's stage/graph entries (or StageSpec.to_dict()s):
+    dimension 0 ("batch") from `batch_profile`, the other dimensions as exported."""
+    profiles = {}
+    for name, entry in units.items():
+        low, opt, high = batch_profile(name, max_batch, shots)
+        shapes = {}
+        for tensor in entry["inputs"]:
+            if tensor["shape"][0] != BATCH:
+                raise ValueError(f"{name} input {tensor['name']}: dimension 0 is {tensor['shape'][0]!r}, expected "
+                                 f"{BATCH!r}")
+            rest = [int(d) for d in tensor["shape"][1:]]
+            shapes[tensor["name"]] = ([low, *rest], [opt, *rest], [high, *rest])
+        profiles[name] = shapes
+    return profiles
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -239,8 +239,10 @@ def _copy_model(artifacts: str, file: str, version: str, backend: str) -> str:
 
 
 def _backend_config(backend: str, precision: str, model_file: str, threads: int, device: str,
-                    accelerator: str | None) -> tuple[str, dict, str]:
-    """(config header lines, parameters, instance kind) of one graph model."""
+                    accelerator: str | None, tensorrt_profile: dict | None = None) -> tuple[str, dict, str]:
+    """(config header lines, parameters, instance kind) of one graph model. tensorrt_profile: the
+    TensorRT accelerator's explicit shape range (trt_profile_*_shapes), so that no batch the server
+    forms rebuilds an engine."""
     if backend == "python-ort":
         return 'backend: "python"\n', {"runtime": "onnxruntime", "model_file": model_file,
                                         "intra_op_threads": threads}, "KIND_CPU"
@@ -252,7 +254,9 @@ def _backend_config(backend: str, precision: str, model_file: str, threads: int,
                        '        name: "tensorrt"\n'
                        f'        parameters {{ key: "precision_mode" value: "{mode}" }}\n'
                        '        parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-                       "      }\n    ]\n  }\n}\n")
+                       + "".join(f'        parameters {{ key: "{key}" value: "{value}" }}\n'
+                                 for key, value in sorted((tensorrt_profile or {}).items()))
+                       + "      }\n    ]\n  }\n}\n")
         return header, {}, "KIND_GPU" if device == "gpu" else "KIND_CPU"
     if backend == "tensorrt":
         return 'backend: "tensorrt"\nplatform: "tensorrt_plan"\n', {}, "KIND_GPU"
@@ -311,8 +315,13 @@ def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episod
     model_file = _copy_model(artifacts, entry["file"], version, backend)
     if backend in PYTHON_BACKENDS:
         shutil.copy2(os.path.join(TEMPLATES, "graph_model.py"), os.path.join(version, "model.py"))
+    profile = None
+    if backend == "onnxruntime" and options["accelerator"] == "tensorrt":
+        from fssam.runtime.runners.onnxruntime import tensorrt_profile_options
+
+        profile = tensorrt_profile_options(name, spec, max(1, options["max_batch"]), int(manifest["shots"]))
     header, params, kind = _backend_config(backend, entry["precision"], model_file, options["threads"],
-                                           options["device"], options["accelerator"])
+                                           options["device"], options["accelerator"], profile)
     if backend == "tensorrt" and graph_plugins(manifest)[name] == "aot":
         header = AOT_NOTE + header
     batched = options["max_batch"] > 0

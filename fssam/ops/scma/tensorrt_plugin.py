@@ -195,6 +195,12 @@ def register() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
+    if hasattr(getattr(trtp.op, PLUGIN_NAMESPACE, None), PLUGIN_NAME):
+        # registered in this process already (TensorRT's registry is global; a second
+        # definition would raise): e.g. by an earlier call that failed after registering
+        _registered["done"] = True
+        return
+
     torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
 
     @trtp.register(PLUGIN_ID)

@@ -3,15 +3,24 @@
 Where it runs (`select_providers`):
 * device "cpu": CPUExecutionProvider; numpy arrays in and out. A bf16 export runs as the copy
   fssam.runtime.bf16.fp32_arithmetic makes (this provider has no bf16 kernels), and says so.
-* device "cuda": TensorrtExecutionProvider (when this onnxruntime has it), CUDAExecutionProvider,
-  then CPUExecutionProvider for what neither takes; torch CUDA tensors in and out through IO
-  binding, so inputs and outputs stay on the GPU (outputs handed over by DLPack, no copy). A
-  machine or onnxruntime build without the CUDA provider runs on the CPU provider, and says why.
+* device "cuda" or "cuda:N": TensorrtExecutionProvider (when this onnxruntime has it),
+  CUDAExecutionProvider, then CPUExecutionProvider for what neither takes, all on GPU N; torch CUDA
+  tensors in and out through IO binding, so inputs and outputs stay on the GPU (outputs handed over
+  by DLPack, no copy). An onnxruntime build without the CUDA provider runs on the CPU provider, and
+  says why; one whose CUDA provider cannot start (CUDA / cuDNN libraries missing: ONNX Runtime
+  then drops it silently) is refused when the first session opens, naming the providers it got.
+  The TensorRT provider gets the export's batch profile (`contract.profile_shapes`: no engine
+  rebuilds inside a run) and an engine cache of its own per export and precision (its engine ids
+  do not see the weights, so a cache shared by two exports would hand one the other's engines).
+  A bf16 export without the TensorRT provider runs as its fp32-arithmetic copy (the CUDA provider
+  lacks bf16 kernels for several operators), and says so.
 `providers_used()` names the providers the open sessions really got.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -21,15 +30,22 @@ from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # the export's own dtype: ONNX Runtime runs the graph as written
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-TENSORRT_CACHE_ENV = "FSSAM_ORT_TENSORRT_CACHE"  # engine cache of the TensorRT provider (default ~/.cache/fssam/ort-trt)
+TENSORRT_CACHE_ENV = "FSSAM_ORT_TENSORRT_CACHE"  # engine caches of the TensorRT provider (default ~/.cache/fssam/ort-trt)
+MIN_GPU_VERSION = (1, 20)  # IO binding with ONNX element types (bf16, uint8) as integers
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", N) from "cpu", "cuda" or "cuda:N"."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (not index.isdigit() or kind == "cpu")):
+        raise ConfigError(f"ONNX Runtime device {device!r}: expected cpu, cuda or cuda:N")
+    return kind, int(index or 0)
 
 
 def select_providers(device: str, available=None) -> tuple[list[str], str | None]:
-    """(providers in priority order, a note or None) for `device` ("cpu" or "cuda") from the
+    """(providers in priority order, a note or None) for `device` ("cpu", "cuda", "cuda:N") from the
     providers this onnxruntime offers (`available`, default onnxruntime.get_available_providers())."""
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"ONNX Runtime device {device!r}: expected cpu or cuda")
-    if device == "cpu":
+    if parse_device(device)[0] == "cpu":
         return [CPU], None
     if available is None:
         import onnxruntime as ort
@@ -40,6 +56,18 @@ def select_providers(device: str, available=None) -> tuple[list[str], str | None
         return [CPU], (f"this onnxruntime has no {CUDA} (it offers {', '.join(available) or 'none'}): ran on {CPU}; "
                        "pip install onnxruntime-gpu for the GPU")
     return [p for p in (TENSORRT, CUDA) if p in available] + [CPU], None
+
+
+def tensorrt_profile_options(name: str, entry: dict, max_batch: int, shots: int) -> dict:
+    """The TensorRT provider's explicit shape range of unit `name` (its manifest `entry`):
+    {"trt_profile_min_shapes" | "..._opt_shapes" | "..._max_shapes": "input:1x3x512x512,..."}, the
+    export's batch profile (`contract.profile_shapes`), so a larger batch never rebuilds an engine."""
+    from fssam.runtime.contract import profile_shapes
+
+    shapes = profile_shapes({name: entry}, max_batch, shots)[name]
+    return {f"trt_profile_{kind}_shapes": ",".join(f"{tensor}:{'x'.join(map(str, ranges[i]))}"
+                                                     for tensor, ranges in shapes.items())
+            for i, kind in enumerate(("min", "opt", "max"))}
 
 
 def _numpy_dtype(name: str):
@@ -80,20 +108,46 @@ class OnnxRuntimeRunner(StageRunner):
         if threads:
             options.intra_op_num_threads = threads
         self.note = None
+        _, self.device_id = parse_device(device)
         if providers is None:
             providers, self.note = select_providers(device)
         self.providers = list(providers)
         self.io_binding = CUDA in self.providers  # torch CUDA tensors bound in place
         if self.io_binding:
             self.tensors = "torch"
-        self.bf16_emulated = self.manifest["dtype"] == "bfloat16" and not self.io_binding
+            version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+            if version < MIN_GPU_VERSION:
+                raise ConfigError(f"onnxruntime {ort.__version__} is too old for the GPU path (IO binding of bf16 / "
+                                  f"uint8 tensors needs {'.'.join(map(str, MIN_GPU_VERSION))} or newer): "
+                                  "pip install -U onnxruntime-gpu")
+        # the CPU provider has no bf16 kernels, nor has the CUDA provider for several operators: without
+        # TensorRT a bf16 export runs as its fp32-arithmetic copy (bf16 rounding after every operator)
+        self.bf16_emulated = self.manifest["dtype"] == "bfloat16" and TENSORRT not in self.providers
         self.options = options
         self.sessions = {}  # opened on first use: the stages or the graphs, whichever is run
 
-    def _provider_options(self) -> list[dict]:
-        cache = os.environ.get(TENSORRT_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fssam", "ort-trt")
-        options = {TENSORRT: {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-                              "trt_fp16_enable": str(self.precision == "fp16")}}
+    def tensorrt_cache(self) -> str:
+        """This export's engine cache of the TensorRT provider: <base>/<manifest digest>-<precision>.
+        ONNX Runtime names engines after the model's file and tensor names, not its weights, so every
+        export (same file names) gets a folder of its own."""
+        base = os.environ.get(TENSORRT_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fssam", "ort-trt")
+        digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return os.path.join(base, f"{digest}-{self.precision}")
+
+    def tensorrt_profile(self, name: str) -> dict:
+        """`tensorrt_profile_options` of unit `name` under this export's batch limit."""
+        from fssam.runtime.contract import DEFAULT_MAX_BATCH
+
+        return tensorrt_profile_options(name, self.specs[name], int(self.manifest.get("max_batch", DEFAULT_MAX_BATCH)),
+                                        int(self.manifest["shots"]))
+
+    def _provider_options(self, name: str) -> list[dict]:
+        options = {
+            TENSORRT: {"device_id": str(self.device_id), "trt_engine_cache_enable": "True",
+                       "trt_engine_cache_path": self.tensorrt_cache(), "trt_fp16_enable": str(self.precision == "fp16"),
+                       **self.tensorrt_profile(name)},
+            CUDA: {"device_id": str(self.device_id)},
+        }
         return [options.get(provider, {}) for provider in self.providers]
 
     def session(self, name: str):
@@ -109,10 +163,14 @@ class OnnxRuntimeRunner(StageRunner):
 
                 model = fp32_arithmetic(onnx.load(path)).SerializeToString()
             if TENSORRT in self.providers:
-                os.makedirs(self._provider_options()[self.providers.index(TENSORRT)]["trt_engine_cache_path"],
-                            exist_ok=True)
-            self.sessions[name] = ort.InferenceSession(model, sess_options=self.options, providers=self.providers,
-                                                       provider_options=self._provider_options())
+                os.makedirs(self.tensorrt_cache(), exist_ok=True)
+            session = ort.InferenceSession(model, sess_options=self.options, providers=self.providers,
+                                           provider_options=self._provider_options(name))
+            if self.io_binding and CUDA not in session.get_providers():
+                raise ConfigError(f"ONNX Runtime could not start its {CUDA} (got {', '.join(session.get_providers())}; "
+                                  "are the CUDA and cuDNN libraries onnxruntime-gpu needs installed?): run with "
+                                  "--device cpu, or fix the CUDA install")
+            self.sessions[name] = session
         return self.sessions[name]
 
     def providers_used(self) -> list[str]:
@@ -123,7 +181,7 @@ class OnnxRuntimeRunner(StageRunner):
         return used or list(self.providers)
 
     def describe(self) -> str:
-        detail = ", ".join(self.providers_used())
+        detail = ", ".join(self.providers_used()) if self.sessions else "requested " + ", ".join(self.providers)
         if self.io_binding:
             detail += "; IO binding on the GPU"
         if self.bf16_emulated:
@@ -157,18 +215,37 @@ class OnnxRuntimeRunner(StageRunner):
         session = self.session(name)
         binding = session.io_binding()
         keep = []
+        device = torch.device("cuda", self.device_id)
         for tensor, entry in zip(tensors, spec["inputs"]):
-            tensor = tensor.to(device="cuda", dtype=_torch_dtype(entry["dtype"])).contiguous()
+            dtype = self._bound_dtype(entry)
+            tensor = tensor.to(device=device, dtype=_torch_dtype(dtype)).contiguous()
             keep.append(tensor)
-            binding.bind_input(entry["name"], "cuda", tensor.device.index or 0, _onnx_type(entry["dtype"]),
-                               tuple(tensor.shape), tensor.data_ptr())
-        device = (keep[0].device.index or 0) if keep else torch.cuda.current_device()
+            binding.bind_input(entry["name"], "cuda", self.device_id, _onnx_type(dtype), tuple(tensor.shape),
+                               tensor.data_ptr())
         for entry in spec["outputs"]:
-            binding.bind_output(entry["name"], "cuda", device)
-        torch.cuda.current_stream().synchronize()  # ONNX Runtime reads the inputs on its own stream
-        session.run_with_iobinding(binding)
-        outputs = [torch.from_dlpack(value) for value in binding.get_outputs()]
+            binding.bind_output(entry["name"], "cuda", self.device_id)
+        torch.cuda.current_stream(device).synchronize()  # ONNX Runtime reads the inputs on its own stream
+        session.run_with_iobinding(binding)  # returns when its stream is done: the outputs are ready
+        outputs = [_to_torch(value) for value in binding.get_outputs()]
+        if self.bf16_emulated:  # float32 holding bf16 values: back to the export's dtype (exact)
+            outputs = [out.to(_torch_dtype(entry["dtype"])) for out, entry in zip(outputs, spec["outputs"])]
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _bound_dtype(self, entry: dict) -> str:
+        return "float32" if self.bf16_emulated and entry["dtype"] == "bfloat16" else entry["dtype"]
+
+
+def _to_torch(value):
+    """An ONNX Runtime OrtValue on the GPU as a torch tensor, no copy (DLPack): through the Python
+    wrapper's __dlpack__ where this onnxruntime has it, else its C object's to_dlpack()."""
+    import torch
+
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    inner = getattr(value, "_ortvalue", None)
+    if inner is not None and hasattr(inner, "to_dlpack"):
+        return torch.from_dlpack(inner.to_dlpack())
+    raise ConfigError("this onnxruntime cannot hand GPU outputs over by DLPack: pip install -U onnxruntime-gpu")
 
 
 RUNNER = OnnxRuntimeRunner

@@ -13,37 +13,21 @@ import os
 import torch
 
 from fssam.errors import FSSAMError
-from fssam.runtime.contract import BATCH, DEFAULT_MAX_BATCH, batch_limit
+from fssam.runtime.contract import MAX_BATCH, MIN_BATCH, OPT_BATCH, batch_profile, profile_shapes  # noqa: F401
 from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # the export's own dtype
-MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 1, DEFAULT_MAX_BATCH  # a profile's defaults, in episodes
 
 
-def batch_profile(name: str, max_batch: int, shots: int) -> tuple[int, int, int]:
-    """(min, opt, max) of dimension 0 of unit `name`: max from the export's limit
-    (contract.batch_limit), opt what one episode sends (the serving case: K support images, or
-    the query's 2 memory encodings, for the per-image stages; 1 elsewhere)."""
-    high = batch_limit(name, max_batch, shots)
-    return MIN_BATCH, min(high, batch_limit(name, OPT_BATCH, shots)), high
+_LOGGERS: dict = {}
+ALIGNMENT = 256  # bytes: TensorRT's requirement on every tensor address (IExecutionContext.setTensorAddress)
 
 
-def profile_shapes(units: dict, max_batch: int, shots: int) -> dict:
-    """{unit: {input name: (min shape, opt shape, max shape)}}: the optimisation profile each
-    engine is built with, from the manifest's stage/graph entries (or StageSpec.to_dict()s):
-    dimension 0 ("batch") from `batch_profile`, the other dimensions as exported."""
-    profiles = {}
-    for name, entry in units.items():
-        low, opt, high = batch_profile(name, max_batch, shots)
-        shapes = {}
-        for tensor in entry["inputs"]:
-            if tensor["shape"][0] != BATCH:
-                raise FSSAMError(f"{name} input {tensor['name']}: dimension 0 is {tensor['shape'][0]!r}, expected "
-                                 f"{BATCH!r}")
-            rest = [int(d) for d in tensor["shape"][1:]]
-            shapes[tensor["name"]] = ([low, *rest], [opt, *rest], [high, *rest])
-        profiles[name] = shapes
-    return profiles
+def trt_logger(trt):
+    """The one TensorRT logger of this process (TensorRT warns when runtimes and builders get different ones)."""
+    if "logger" not in _LOGGERS:
+        _LOGGERS["logger"] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS["logger"]
 
 
 class TensorRTUnavailable(FSSAMError):
@@ -97,6 +81,8 @@ def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> di
         if name not in inputs:
             raise FSSAMError(f"TensorRT engine input {name!r} was not given (got {sorted(inputs)})")
         tensor = inputs[name].to(device="cuda", dtype=_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
+        if tensor.data_ptr() % ALIGNMENT:  # a view into a larger tensor (e.g. memory[b:]): copy to a fresh block
+            tensor = tensor.clone()
         if not context.set_input_shape(name, tuple(tensor.shape)):
             low, _, high = (tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
             raise FSSAMError(f"TensorRT engine input {name!r}: shape {tuple(tensor.shape)} is outside the engine's "
@@ -133,7 +119,7 @@ class TensorRTRunner(StageRunner):
         if "tensorrt" not in self.manifest:
             raise FSSAMError(f"{artifacts!r} has no TensorRT engines: export with --tensorrt on a GPU machine")
         _register_plugin_if_needed(self.manifest)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.runtime = trt.Runtime(trt_logger(trt))
         self.engines, self.contexts = {}, {}
         for name, entry in self.manifest["tensorrt"]["engines"].items():
             with open(os.path.join(artifacts, entry["file"]), "rb") as handle:
