@@ -788,6 +788,31 @@ sys.modules["tensorrt"], sys.modules["tensorrt.plugin"] = trt, trtp
 '''
 
 
+def test_tensorrt_plugin_registration_is_idempotent_across_failures():
+    """TensorRT's plugin registry is global and refuses a second definition: when fssam::SCMA is
+    already there (say an earlier register() failed after registering), register() takes it as done
+    instead of failing with "already has a definition"."""
+    script = _FAKE_TENSORRT_PLUGIN + textwrap.dedent(
+        """
+        import types
+        import tensorrt.plugin as trtp
+        from fssam.ops.scma import tensorrt_plugin as tp
+        tp.available = lambda: True
+        trtp.op = types.SimpleNamespace(fssam=types.SimpleNamespace(SCMA=object()))
+        def refuse(*args, **kwargs):
+            raise ValueError("fssam::SCMA already has a definition")
+        trtp.register = refuse
+        tp.register()
+        tp.register()
+        assert tp._registered["done"] and not registered
+        print("ok")
+        """
+    )
+    result = _run_compiled(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
 def test_tensorrt_plugin_definitions_and_aot_launch_contract():
     """register() against a stand-in for tensorrt.plugin (no GPU, no tensorrt): the decorated
     functions carry real (non-string) annotations, as tensorrt.plugin validates them with

@@ -195,7 +195,7 @@ def register() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    if hasattr(getattr(trtp.op, PLUGIN_NAMESPACE, None), PLUGIN_NAME):
+    if hasattr(getattr(getattr(trtp, "op", None), PLUGIN_NAMESPACE, None), PLUGIN_NAME):
         # registered in this process already (TensorRT's registry is global; a second
         # definition would raise): e.g. by an earlier call that failed after registering
         _registered["done"] = True
