@@ -136,20 +136,37 @@ def test_all_zero_support_mask(shots):
 @pytest.mark.parametrize("shots", [1, 3])
 @pytest.mark.parametrize("tokens,head_dim", [(36, 24), (16, 64)])
 def test_calibration_kernel_matches_the_reference_inputs(tokens, head_dim, shots):
-    """`_scma_calibration_kernel` against the reference's `calibration_inputs`: the per-shot
-    similarities are min-max normalised (min 0, max ~1 per shot) and average to w; with several
-    shots the support-mean keys/values are the reference's first N keys/values."""
+    """`_scma_calibration_kernel` against the reference's `calibration_inputs`: the per-shot cosines,
+    min-max normalised with the min / max reduced over the slice programs' partials, average to w;
+    the partials are the min / max of their slices; with several shots the support-mean
+    keys/values are the reference's first N keys/values."""
     q, k, v, masks = make_inputs(2, 3, tokens, head_dim, shots, 5, seed=tokens + shots)
     keys, values, w, _ = calibration_inputs(k, v, masks, "paper")
-    similarities, sk, sv = triton_kernel._calibration_pass(k, v, masks, shots, tokens)
-    per_shot = similarities.reshape(2, 3, shots, tokens)
-    torch.testing.assert_close(per_shot.amin(-1), torch.zeros(2, 3, shots), atol=1e-6, rtol=0)
-    torch.testing.assert_close(per_shot.amax(-1), torch.ones(2, 3, shots), atol=1e-5, rtol=0)
-    torch.testing.assert_close(per_shot.mean(2), w, atol=1e-6, rtol=1e-5)
+    cosines, stats, num_slices, sk, sv = triton_kernel._calibration_pass(k, v, masks, shots, tokens)
+    block_t = triton_kernel.calibration_config(head_dim)["BLOCK_T"]
+    _, per_slice = triton_kernel.calibration_slices(tokens, block_t)
+    assert num_slices == -(-tokens // per_slice) and (num_slices > 1 or tokens <= block_t)  # slice programs per shot
+    for p in range(num_slices):
+        part = cosines[..., p * per_slice:(p + 1) * per_slice]
+        torch.testing.assert_close(stats[:, :, p, 0], part.amin(-1), atol=0, rtol=0)
+        torch.testing.assert_close(stats[:, :, p, 1], part.amax(-1), atol=0, rtol=0)
+    low = stats[:, :, :num_slices, 0].amin(-1, keepdim=True)
+    high = stats[:, :, :num_slices, 1].amax(-1, keepdim=True)
+    normalised = ((cosines - low) / (high - low + 1e-7)).reshape(2, 3, shots, tokens)
+    torch.testing.assert_close(normalised.mean(2), w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(sk[:, :, :tokens], keys[:, :, :tokens], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(sv[:, :, :tokens], values[:, :, :tokens], atol=1e-6, rtol=1e-6)
     if shots == 1:  # read in place: no copy of the support keys
         assert sk.data_ptr() == k.data_ptr() and sv.data_ptr() == v.data_ptr()
+
+
+def test_calibration_slices_cover_the_keys_in_whole_tiles():
+    """Up to MAX_SLICES slice programs per shot, each whole BLOCK_T tiles, none empty, all N keys."""
+    for tokens, block_t in ((1024, 64), (1024, 32), (36, 16), (1000, 16), (16, 16), (4096, 64)):
+        slices, per_slice = triton_kernel.calibration_slices(tokens, block_t)
+        assert 1 <= slices <= triton_kernel.MAX_SLICES and per_slice % block_t == 0
+        assert (slices - 1) * per_slice < tokens <= slices * per_slice, (tokens, block_t)
+    assert triton_kernel.calibration_slices(1024, 64) == (16, 64)  # the serving shape: 16 programs per shot
 
 
 @needs_triton_device

@@ -6,12 +6,15 @@ q (B, H, N, c); k, v (B, H, K*N + N + P, c) already rotary-encoded; support_mask
 Two entry points, one set of device functions:
   * `triton_scma(q, k, v, support_masks, mode)`, what torch.ops.fssam.scma runs on CUDA, all in
     Triton with no PyTorch arithmetic in between (two launches, one pass):
-    - `_scma_calibration_kernel`, grid (K + mean tiles, B*H), O(K N c): per shot s the prototype
-      p_s (masked average of the shot's keys), the cosine of every pseudo-query key with p_s and its
-      min-max normalisation over the N keys, a_s[j] (fp32, (B*H, K, N)); with K > 1 also the
-      shot-mean support keys/values (B, H, N, c). With one shot the support keys are read in place.
+    - `_scma_calibration_kernel`, grid (K x slices + mean tiles, B*H), O(K N c): per shot s the
+      prototype p_s (masked average of the shot's keys), then per slice of the pseudo-query keys
+      their cosines with p_s and the slice's min / max (fp32; up to MAX_SLICES programs per shot
+      side by side, none reading what another wrote); with K > 1 also the shot-mean support
+      keys/values (B, H, N, c). With one shot the support keys are read in place.
     - `_scma_kernel`: the attention below, reading the support-mean keys from that buffer (or k),
-      and the pseudo-query and pointer keys from k itself, w[j] = mean_s a_s[j] per key tile.
+      the pseudo-query and pointer keys from k itself, and per key tile the K cosines, min-max
+      normalised with the per-shot min / max reduced from the slices (`_shot_ranges`, once per
+      program) and averaged: w[j] = mean_s a_s[j].
   * `scma_fused(q, keys, values, cal)`, the ONNX node fssam::SCMA and the TensorRT plugin: the
     calibration inputs come from standard ops in front of it (`calibration_inputs`,
     `calibration_term` of the reference: keys/values concatenated [N support-mean, N
@@ -90,16 +93,17 @@ def _attend_range(
     acc, m_i, l_i, q,
     k_base, v_base, stride_kn, stride_vn,
     lo, hi,
-    cal_base, cal_origin, stride_cs, row_min, row_scale,
+    cal_base, cal_origin, stride_cs, shot_low, shot_span, row_min, row_scale,
     offs_n, offs_d, d_mask,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CALIBRATE: tl.constexpr, CAL_SHOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    CALIBRATE: tl.constexpr, CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax accumulation over keys [lo, hi) (FlashAttention-2 inner loop). In the
     calibrated range key j reads its calibration term at index j - cal_origin: the term itself
-    (CAL_SHOTS 0: cal[j] = 10 (w[j] - 1)), or the per-shot normalised similarities a_s[j] of
-    CAL_SHOTS shots (rows stride_cs apart), cal[j] = 10 (mean_s a_s[j] - 1). CAL_SHOTS is a
-    compile-time constant: an unrolled sum keeps the key loop a single loop (software pipelining)."""
+    (CAL_SHOTS 0: cal[j] = 10 (w[j] - 1)), or, from `_scma_calibration_kernel`, the raw cosine
+    c_s[j] of each of CAL_SHOTS shots (rows stride_cs apart), with each shot's min and
+    max - min + 1e-7 over its N cosines (`_shot_ranges`: shot_low, shot_span, (SHOTS_P2,)):
+    a_s[j] = (c_s[j] - min_s) / (max_s - min_s + 1e-7), cal[j] = 10 (mean_s a_s[j] - 1)."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         valid = cols < hi
@@ -108,10 +112,12 @@ def _attend_range(
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) / SQRT_C  # fp32 (BLOCK_M, BLOCK_N)
         if CALIBRATE:
             if CAL_SHOTS > 0:
-                w = tl.zeros([BLOCK_N], tl.float32)
-                for shot in tl.static_range(CAL_SHOTS):
-                    w += tl.load(cal_base + shot * stride_cs + (cols - cal_origin), mask=valid, other=0.0)
-                cal = CAL_SCALE * (w / CAL_SHOTS - 1.0)
+                shots = tl.arange(0, SHOTS_P2)
+                real = shots < CAL_SHOTS
+                cosine = tl.load(cal_base + shots[:, None] * stride_cs + (cols - cal_origin)[None, :],
+                                 mask=real[:, None] & valid[None, :], other=0.0)  # (SHOTS_P2, BLOCK_N)
+                a = (cosine - shot_low[:, None]) / shot_span[:, None]
+                cal = CAL_SCALE * (tl.sum(tl.where(real[:, None], a, 0.0), 0) / CAL_SHOTS - 1.0)
             else:
                 cal = tl.load(cal_base + (cols - cal_origin), mask=valid, other=0.0)
             a = (s - row_min[:, None]) * row_scale[:, None]
@@ -129,47 +135,63 @@ def _attend_range(
 
 
 @triton.jit
+def _shot_ranges(stats_base, num_slices, EPS: tl.constexpr, CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr,
+                 MAX_SLICES: tl.constexpr):
+    """Per shot the min and max - min + EPS of its cosines, from the calibration kernel's per-slice
+    partials (stats_base: (CAL_SHOTS, MAX_SLICES, 2), num_slices written): two (SHOTS_P2,) vectors
+    (padding shots: 0 and 1). Once per program, outside the key loops."""
+    shots = tl.arange(0, SHOTS_P2)
+    slices = tl.arange(0, MAX_SLICES)
+    written = (shots < CAL_SHOTS)[:, None] & (slices < num_slices)[None, :]
+    partial = stats_base + (shots[:, None] * MAX_SLICES + slices[None, :]) * 2
+    low = tl.min(tl.load(partial, mask=written, other=float("inf")), 1)
+    high = tl.max(tl.load(partial + 1, mask=written, other=float("-inf")), 1)
+    real = shots < CAL_SHOTS
+    return tl.where(real, low, 0.0), tl.where(real, high - low + EPS, 1.0)
+
+
+@triton.jit
 def _attend_keys(
     acc, m_i, l_i, q,
     sk_base, sv_base, stride_skn, stride_svn,
     k_base, v_base, stride_kn, stride_vn,
     lo, hi, N,
-    cal_base, stride_cs, row_min, row_scale,
+    cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
     offs_n, offs_d, d_mask,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CAL_SHOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The keys [lo, hi) of the three ranges: [0, N) support-mean keys from sk/sv, [N, 2N)
     pseudo-query (calibrated) and [2N, L) pointers from k/v (rows indexed from 0 = key 0)."""
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
                                   lo, tl.minimum(hi, N),
-                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, BLOCK_N)
+                                  cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                   tl.maximum(lo, N), tl.minimum(hi, 2 * N),
-                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, CAL_SHOTS, BLOCK_N)
+                                  cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                   tl.maximum(lo, 2 * N), hi,
-                                  cal_base, N, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, BLOCK_N)
+                                  cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
+                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _one_pass(
-    Q, SK, SV, K, V, CAL, O,
+    Q, SK, SV, K, V, CAL, STATS, O,
     stride_qb, stride_qh, stride_qn,
     stride_skb, stride_skh, stride_skn,
     stride_svb, stride_svh, stride_svn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_cb, stride_ch, stride_cs,
+    stride_cb, stride_ch, stride_cs, num_slices,
     stride_ob, stride_oh, stride_on,
     H, N, L,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CAL_SHOTS: tl.constexpr,
+    CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """One program of the one-pass kernels: BLOCK_M queries of one (batch, head), all L keys."""
     pid_m = tl.program_id(0)
@@ -183,6 +205,7 @@ def _one_pass(
     v_base = V + b * stride_vb + h * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
     cal_base = CAL + b * stride_cb + h * stride_ch
+    stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -198,13 +221,15 @@ def _one_pass(
     row_scale = 1.0 / (row_max - row_min + EPS)
 
     # loop 2: online softmax over support-mean, calibrated pseudo-query, pointer keys
+    shot_low, shot_span = _shot_ranges(stats_base, num_slices, EPS, CAL_SHOTS, SHOTS_P2, MAX_SLICES)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
                                  k_base, v_base, stride_kn, stride_vn, 0, L, N,
-                                 cal_base, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
-                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, BLOCK_N)
+                                 cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
+                                 offs_n, offs_d, d_mask,
+                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -229,68 +254,74 @@ def _scma_fwd_kernel(
     queries of one (batch, head), all keys. Last dims are contiguous (stride 1); keys/values hold
     [N support-mean, N pseudo-query, L - 2N pointer] tokens; CAL (B, H, N) fp32 = 10 (w - 1), unit
     stride along N."""
-    _one_pass(Q, K, V, K, V, CAL, O,
+    _one_pass(Q, K, V, K, V, CAL, CAL, O,
               stride_qb, stride_qh, stride_qn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
-              stride_cb, stride_ch, 0,
+              stride_cb, stride_ch, 0, 0,
               stride_ob, stride_oh, stride_on,
               H, N, L,
-              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, 0)
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, 0, 1, 1)
 
 
 @triton.jit
 def _scma_kernel(
-    Q, SK, SV, K, V, W,
+    Q, SK, SV, K, V, W, STATS,
     stride_qb, stride_qh, stride_qn,
     stride_skb, stride_skh, stride_skn,
     stride_svb, stride_svh, stride_svn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, L,
+    H, N, L, NUM_SLICES,
     O,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SHOTS: tl.constexpr,
+    SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """The op's one-pass kernel (`triton_scma`): reads the inputs where they are. Support-mean
     keys/values from SK/SV (the rotated k/v themselves at one shot), pseudo-query and pointer keys
     from K/V (views starting (K - 1) N keys into k/v, so that key N is the first pseudo-query
-    key), and the per-shot normalised similarities W (B*H, SHOTS, N) fp32 of
-    `_scma_calibration_kernel`, averaged per key here."""
-    _one_pass(Q, SK, SV, K, V, W, O,
+    key), and the raw per-shot cosines W (B*H, SHOTS, N) with their per-slice min / max STATS
+    (B*H, SHOTS, MAX_SLICES, 2), both fp32, of `_scma_calibration_kernel`: normalised and averaged
+    per key here."""
+    _one_pass(Q, SK, SV, K, V, W, STATS, O,
               stride_qb, stride_qh, stride_qn,
               stride_skb, stride_skh, stride_skn,
               stride_svb, stride_svh, stride_svn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
-              H * SHOTS * N, SHOTS * N, N,
+              H * SHOTS * N, SHOTS * N, N, NUM_SLICES,
               stride_ob, stride_oh, stride_on,
               H, N, L,
-              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, SHOTS)
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, SHOTS, SHOTS_P2,
+              MAX_SLICES)
 
 
 @triton.jit
 def _scma_calibration_kernel(
-    K, V, MASKS, W, SK, SV,
+    K, V, MASKS, W, STATS, SK, SV,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mk,
     stride_sb, stride_sh, stride_sn,
-    H, N, NUM_SHOTS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    H, N, NUM_SHOTS, NUM_SLICES, SLICE,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAX_SLICES: tl.constexpr,
     PROTO_EPS: tl.constexpr, EPS: tl.constexpr,
 ):
     """The calibration inputs of the op (the reference's `calibration_inputs`) in one launch,
-    grid (NUM_SHOTS + mean tiles, B*H):
-      * program s < NUM_SHOTS, shot s: prototype p_s = sum_j m_s[j] k_s[j] / (sum_j m_s[j] + 5e-4) over the
-        shot's N keys, cosine of each pseudo-query key (k rows [NUM_SHOTS N, NUM_SHOTS N + N)) with p_s, and
-        its min-max normalisation over the N keys into W (B*H, NUM_SHOTS, N) fp32 (all in fp32);
-      * program NUM_SHOTS + t (launched only when NUM_SHOTS > 1): keys/values t*BLOCK_T.. of the shot mean
-        into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
+    grid (NUM_SHOTS * NUM_SLICES + mean tiles, B*H), every program writing only (no program reads
+    what another, or itself, wrote):
+      * program s * NUM_SLICES + p: the prototype of shot s, p_s = sum_j m_s[j] k_s[j] / (sum_j
+        m_s[j] + 5e-4) over the shot's N keys (each slice program of a shot sweeps them all: the
+        sweeps run side by side), then for the pseudo-query keys [p SLICE, (p + 1) SLICE) of the
+        N (k rows NUM_SHOTS N + j) the cosine with p_s into W (B*H, NUM_SHOTS, N) and its min / max
+        over the slice into STATS (B*H, NUM_SHOTS, MAX_SLICES, 2), all fp32. The attention kernels
+        take the min / max over the slices and normalise (`_attend_range`);
+      * program NUM_SHOTS * NUM_SLICES + t (launched only when NUM_SHOTS > 1): keys/values
+        t*BLOCK_T.. of the shot mean into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
     MASKS (B, >= NUM_SHOTS, N) fp32, unit stride along N."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -300,8 +331,9 @@ def _scma_calibration_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    if pid < NUM_SHOTS:
-        shot = pid
+    if pid < NUM_SHOTS * NUM_SLICES:
+        shot = pid // NUM_SLICES
+        part = pid % NUM_SLICES
         mask_base = MASKS + b * stride_mb + shot * stride_mk
         proto = tl.zeros([BLOCK_D], tl.float32)
         count = tl.zeros([BLOCK_T], tl.float32)
@@ -318,9 +350,11 @@ def _scma_calibration_kernel(
         w_base = W + (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * N
         low = tl.full([BLOCK_T], float("inf"), tl.float32)
         high = tl.full([BLOCK_T], float("-inf"), tl.float32)
-        for start in range(0, N, BLOCK_T):
+        first = part * SLICE
+        last = tl.minimum(first + SLICE, N)
+        for start in range(first, last, BLOCK_T):
             rows = start + offs_t
-            valid = rows < N
+            valid = rows < last
             f = tl.load(k_base + (NUM_SHOTS * N + rows)[:, None] * stride_kn + offs_d[None, :],
                         mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             dots = tl.sum(f * proto[None, :], 1)
@@ -328,16 +362,11 @@ def _scma_calibration_kernel(
             low = tl.minimum(low, tl.where(valid, cosine, float("inf")))
             high = tl.maximum(high, tl.where(valid, cosine, float("-inf")))
             tl.store(w_base + rows, cosine, mask=valid)
-        lowest = tl.min(low, 0)
-        span = tl.max(high, 0) - lowest + EPS
-        tl.debug_barrier()  # this program's cosine stores are visible to all its threads
-        for start in range(0, N, BLOCK_T):
-            rows = start + offs_t
-            valid = rows < N
-            cosine = tl.load(w_base + rows, mask=valid, other=0.0)
-            tl.store(w_base + rows, (cosine - lowest) / span, mask=valid)
+        stats = STATS + ((pid_bh.to(tl.int64) * NUM_SHOTS + shot) * MAX_SLICES + part) * 2
+        tl.store(stats, tl.min(low, 0))
+        tl.store(stats + 1, tl.max(high, 0))
     else:
-        rows = (pid - NUM_SHOTS) * BLOCK_T + offs_t
+        rows = (pid - NUM_SHOTS * NUM_SLICES) * BLOCK_T + offs_t
         valid = rows < N
         tile = valid[:, None] & d_mask[None, :]
         v_base = V + b * stride_vb + h * stride_vh
@@ -391,24 +420,25 @@ def _scma_stats_kernel(
 
 @triton.jit
 def _scma_split_kernel(
-    Q, SK, SV, K, V, CAL, ROW_MIN, ROW_MAX, O_PART, LSE_PART,
+    Q, SK, SV, K, V, CAL, STATS, ROW_MIN, ROW_MAX, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qn,
     stride_skb, stride_skh, stride_skn,
     stride_svb, stride_svh, stride_svn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_cb, stride_ch, stride_cs,
+    stride_cb, stride_ch, stride_cs, NUM_SLICES,
     H, N, L, CHUNK, NUM_STAT_SLICES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CAL_SHOTS: tl.constexpr,
+    CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """Split path, pass 2. Program (query tile, batch*head, chunk s): online softmax over keys
     [s CHUNK, (s + 1) CHUNK) with the exact row min / max reduced from the stats kernel's slices;
     writes out / l to O_PART (B*H, num_chunks, N, HEAD_DIM) and m log2(e) + log2(l) to LSE_PART
     (B*H, num_chunks, N), both fp32. Keys and the calibration input as in the one-pass kernels
     (`_one_pass`): support-mean keys from SK/SV, the rest from K/V; CAL the term (CAL_SHOTS 0) or
-    the per-shot similarities, CAL_SHOTS rows stride_cs apart."""
+    the per-shot raw cosines, CAL_SHOTS rows stride_cs apart, with their per-slice min / max STATS
+    (NUM_SLICES of MAX_SLICES used)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -420,6 +450,7 @@ def _scma_split_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     cal_base = CAL + b * stride_cb + h * stride_ch
+    stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -438,6 +469,7 @@ def _scma_split_kernel(
         row_max = tl.maximum(row_max, tl.load(ROW_MAX + stats + s * N + offs_m, mask=m_mask, other=0.0))
     row_scale = 1.0 / (row_max - row_min + EPS)
 
+    shot_low, shot_span = _shot_ranges(stats_base, NUM_SLICES, EPS, CAL_SHOTS, SHOTS_P2, MAX_SLICES)
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -445,8 +477,9 @@ def _scma_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
                                  k_base, v_base, stride_kn, stride_vn, lo, hi, N,
-                                 cal_base, stride_cs, row_min, row_scale, offs_n, offs_d, d_mask,
-                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, BLOCK_N)
+                                 cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
+                                 offs_n, offs_d, d_mask,
+                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     part = pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s
     o_part = O_PART + part * N * HEAD_DIM
     tl.store(o_part + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
@@ -514,7 +547,7 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
     ("stats", "16bit", 256): ((64, 64, 4, 2), (64, 32, 4, 2)),
     ("split", "16bit", 64): ((64, 64, 4, 2),),
     ("split", "16bit", 128): ((64, 64, 4, 2), (64, 32, 4, 2)),
-    ("split", "16bit", 256): ((64, 32, 8, 2), (32, 64, 4, 2)),
+    ("split", "16bit", 256): ((64, 32, 8, 2), (32, 32, 8, 2)),
     # fp32: FMA dots (input_precision="ieee"), twice the registers per element: 4-warp tiles of 32 x 32
     # and up spill at c >= 128 (with Triton 3.6's ptxas also at c = 64), so 8 warps and small tiles there
     ("fwd", "fp32", 64): ((64, 32, 8, 2), (32, 32, 4, 2)),
@@ -523,8 +556,8 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
     ("stats", "fp32", 64): ((32, 32, 4, 2),),
     ("stats", "fp32", 128): ((32, 32, 4, 2),),
     ("stats", "fp32", 256): ((32, 32, 8, 2),),
-    ("split", "fp32", 64): ((32, 32, 4, 2),),
-    ("split", "fp32", 128): ((32, 16, 8, 2), (16, 32, 8, 2)),
+    ("split", "fp32", 64): ((32, 16, 8, 2),),
+    ("split", "fp32", 128): ((32, 16, 8, 2), (16, 16, 4, 2)),
     ("split", "fp32", 256): ((16, 32, 8, 2), (16, 16, 8, 2)),
 }
 # Register spills (in 4-byte words, Triton's n_spills) accepted for a config, keyed by the test id of
@@ -532,6 +565,7 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
 # for sm_90 without spills.
 DOCUMENTED_SPILLS: dict[str, int] = {}
 NOMINAL_BLOCK_M = 64  # query tile the split decision counts programs with
+MAX_SLICES = 16  # slices of the pseudo-query keys per shot in the calibration kernel, at most
 SPLIT_ALIGN = 64  # split chunks are multiples of this many keys (every autotuned BLOCK_N divides it)
 MIN_CHUNK = 128  # keys per chunk / pseudo-query keys per stats slice, at least
 MAX_SPLITS = 16
@@ -603,13 +637,15 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         SHOTS=int(shots),
         CAL_SHOTS=int(shots),
+        SHOTS_P2=triton.next_power_of_2(max(1, int(shots))),
+        MAX_SLICES=MAX_SLICES,
     )
     if config is not None:
         values.update(BLOCK_M=config.get("BLOCK_M"), BLOCK_N=config.get("BLOCK_N"), BLOCK_T=config.get("BLOCK_T"))
     return {name: value for name, value in values.items() if name in kernel.arg_names and value is not None}
 
 
-_FP32_POINTERS = ("CAL", "W", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
+_FP32_POINTERS = ("CAL", "W", "STATS", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
 _DATA_POINTERS = ("Q", "K", "V", "O", "SK", "SV")
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -767,9 +803,10 @@ def _check_device(q: torch.Tensor, *tensors: torch.Tensor) -> None:
         raise RuntimeError("scma Triton kernel: CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
 
 
-def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal, cal_strides: tuple, length: int, out, config,
-                shots: int) -> None:
-    """The split path: stats, split and combine kernels (one pass is `_one_pass`'s kernels)."""
+def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal: tuple, length: int, out, config, shots: int) -> None:
+    """The split path: stats, split and combine kernels (one pass is `_one_pass`'s kernels). cal: the
+    calibration arguments of `_scma_split_kernel` (CAL, STATS, stride_cb, stride_ch, stride_cs,
+    NUM_SLICES)."""
     b, h, n, c = q.shape
     row_min = torch.empty((b * h, plan.num_stat_slices, n), dtype=torch.float32, device=q.device)
     row_max = torch.empty_like(row_min)
@@ -778,8 +815,8 @@ def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal, cal_strides: tuple, lengt
     _launch("stats", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
             (q, k, row_min, row_max, *_strides(q), *_strides(k), h, n, plan.stat_chunk), c, q.dtype, config)
     _launch("split", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
-            (q, sk, sv, k, v, cal, row_min, row_max, o_part, lse_part, *_strides(q), *_strides(sk), *_strides(sv),
-             *_strides(k), *_strides(v), *cal_strides, h, n, length, plan.chunk, plan.num_stat_slices),
+            (q, sk, sv, k, v, *cal[:2], row_min, row_max, o_part, lse_part, *_strides(q), *_strides(sk),
+             *_strides(sv), *_strides(k), *_strides(v), *cal[2:], h, n, length, plan.chunk, plan.num_stat_slices),
             c, q.dtype, config, shots)
     combine = combine_config(c)
     _launch("combine", (triton.cdiv(n, combine["BLOCK_M"]), b * h),
@@ -836,28 +873,39 @@ def scma_fused(
                     (q, keys, values, cal, *_strides(q), *_strides(keys), *_strides(values), *_strides(cal, 2),
                      *_strides(out), h, n, total, out), c, q.dtype, config)
         else:
-            _split_pass(plan, q, keys, values, keys, values, cal, (*_strides(cal, 2), 0), total, out, config,
-                        shots=0)
+            _split_pass(plan, q, keys, values, keys, values, (cal, cal, *_strides(cal, 2), 0, 0), total, out,
+                        config, shots=0)
     return out
+
+
+def calibration_slices(num_tokens: int, block_t: int) -> tuple[int, int]:
+    """(slices, keys per slice) of the pseudo-query keys per shot in the calibration kernel: up to
+    MAX_SLICES programs per shot, each a whole number of BLOCK_T tiles."""
+    tiles = triton.cdiv(num_tokens, block_t)
+    per_slice = triton.cdiv(tiles, min(MAX_SLICES, tiles)) * block_t
+    return triton.cdiv(num_tokens, per_slice), per_slice
 
 
 def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int):
     """`_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N, c, last dims contiguous)
-    and fp32 masks (B, >= shots, N): (similarities (B*H, shots, N) fp32, support-mean keys, values).
-    With one shot the support-mean keys/values are k and v themselves (their first N rows)."""
+    and fp32 masks (B, >= shots, N): (cosines (B*H, shots, N), stats (B*H, shots, MAX_SLICES, 2) of
+    which `num_slices` are written, num_slices, support-mean keys, values). With one shot the
+    support-mean keys/values are k and v themselves (their first N rows)."""
     b, h, _, c = k.shape
-    similarities = torch.empty((b * h, shots, num_tokens), dtype=torch.float32, device=k.device)
+    config = calibration_config(c, k.dtype)
+    num_slices, per_slice = calibration_slices(num_tokens, config["BLOCK_T"])
+    cosines = torch.empty((b * h, shots, num_tokens), dtype=torch.float32, device=k.device)
+    stats = torch.empty((b * h, shots, MAX_SLICES, 2), dtype=torch.float32, device=k.device)
     if shots > 1:
         sk = torch.empty((b, h, num_tokens, c), dtype=k.dtype, device=k.device)
         sv = torch.empty_like(sk)
     else:
         sk, sv = k, v
-    config = calibration_config(c, k.dtype)
     mean_tiles = triton.cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
-    _launch("calibration", (shots + mean_tiles, b * h),
-            (k, v, masks, similarities, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2), *_strides(sk),
-             h, num_tokens, shots), c, k.dtype, config)
-    return similarities, sk, sv
+    _launch("calibration", (shots * num_slices + mean_tiles, b * h),
+            (k, v, masks, cosines, stats, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2), *_strides(sk),
+             h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config)
+    return cosines, stats, num_slices, sk, sv
 
 
 def triton_scma(
@@ -905,12 +953,12 @@ def triton_scma(
     config = _tile_config(c, q.dtype, n, block_m, block_n)
     plan = split_plan(b * h, n, length, sm_count(q.device), num_splits, auto_split)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        similarities, sk, sv = _calibration_pass(k, v, masks, shots, n)
+        cosines, stats, num_slices, sk, sv = _calibration_pass(k, v, masks, shots, n)
         if plan.num_chunks == 1:
             _launch("scma", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
-                    (q, sk, sv, kc, vc, similarities, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
-                     *_strides(vc), *_strides(out), h, n, length, out), c, q.dtype, config, shots)
+                    (q, sk, sv, kc, vc, cosines, stats, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
+                     *_strides(vc), *_strides(out), h, n, length, num_slices, out), c, q.dtype, config, shots)
         else:
-            cal_strides = (h * shots * n, shots * n, n)
-            _split_pass(plan, q, sk, sv, kc, vc, similarities, cal_strides, length, out, config, shots=shots)
+            cal = (cosines, stats, h * shots * n, shots * n, n, num_slices)
+            _split_pass(plan, q, sk, sv, kc, vc, cal, length, out, config, shots=shots)
     return out
