@@ -181,7 +181,9 @@ class OnnxRuntimeRunner(StageRunner):
         return used or list(self.providers)
 
     def describe(self) -> str:
-        detail = ", ".join(self.providers_used()) if self.sessions else "requested " + ", ".join(self.providers)
+        # before any session opens only the CPU provider is certain: GPU ones may still be dropped
+        uncertain = not self.sessions and self.providers != [CPU]
+        detail = ("requested " if uncertain else "") + ", ".join(self.providers_used())
         if self.io_binding:
             detail += "; IO binding on the GPU"
         if self.bf16_emulated:
