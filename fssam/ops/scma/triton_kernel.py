@@ -179,6 +179,36 @@ def _attend_keys(
 
 
 @triton.jit
+def _query_tile(
+    Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh,
+    stride_qb, stride_qh, stride_qn,
+    stride_skb, stride_skh,
+    stride_svb, stride_svh,
+    stride_kb, stride_kh,
+    stride_vb, stride_vh,
+    stride_cb, stride_ch, N,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAL_SHOTS: tl.constexpr, MAX_SLICES: tl.constexpr,
+):
+    """What every attention program starts with: the (batch, head) bases of the key/value and
+    calibration tensors, the tile offsets and masks, and its BLOCK_M queries."""
+    sk_base = SK + b * stride_skb + h * stride_skh
+    sv_base = SV + b * stride_svb + h * stride_svh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    cal_base = CAL + b * stride_cb + h * stride_ch
+    stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < N
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    return q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask
+
+
+@triton.jit
 def _one_pass(
     Q, SK, SV, K, V, CAL, STATS, O,
     stride_qb, stride_qh, stride_qn,
@@ -198,22 +228,11 @@ def _one_pass(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    sk_base = SK + b * stride_skb + h * stride_skh
-    sv_base = SV + b * stride_svb + h * stride_svh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask = _query_tile(
+        Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh, stride_qb, stride_qh, stride_qn, stride_skb, stride_skh,
+        stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, N,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAL_SHOTS, MAX_SLICES)
     o_base = O + b * stride_ob + h * stride_oh
-    cal_base = CAL + b * stride_cb + h * stride_ch
-    stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     # loop 1: row min / max of the pseudo-query scores (fp32)
     row_min, row_max = _row_min_max(q, k_base, stride_kn, N, 2 * N, offs_n, offs_d, d_mask,
@@ -444,21 +463,10 @@ def _scma_split_kernel(
     pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    sk_base = SK + b * stride_skb + h * stride_skh
-    sv_base = SV + b * stride_svb + h * stride_svh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    cal_base = CAL + b * stride_cb + h * stride_ch
-    stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask = _query_tile(
+        Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh, stride_qb, stride_qh, stride_qn, stride_skb, stride_skh,
+        stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, N,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAL_SHOTS, MAX_SLICES)
 
     # exact row min / max of the pseudo-query scores: min / max over the stats slices
     row_min = tl.full([BLOCK_M], float("inf"), tl.float32)

@@ -142,13 +142,16 @@ class OnnxRuntimeRunner(StageRunner):
                                         int(self.manifest["shots"]))
 
     def _provider_options(self, name: str) -> list[dict]:
-        options = {
-            TENSORRT: {"device_id": str(self.device_id), "trt_engine_cache_enable": "True",
-                       "trt_engine_cache_path": self.tensorrt_cache(), "trt_fp16_enable": str(self.precision == "fp16"),
-                       **self.tensorrt_profile(name)},
-            CUDA: {"device_id": str(self.device_id)},
-        }
-        return [options.get(provider, {}) for provider in self.providers]
+        def options(provider: str) -> dict:
+            if provider == CUDA:
+                return {"device_id": str(self.device_id)}
+            if provider == TENSORRT:
+                return {"device_id": str(self.device_id), "trt_engine_cache_enable": "True",
+                        "trt_engine_cache_path": self.tensorrt_cache(),
+                        "trt_fp16_enable": str(self.precision == "fp16"), **self.tensorrt_profile(name)}
+            return {}
+
+        return [options(provider) for provider in self.providers]
 
     def session(self, name: str):
         if name not in self.sessions:
