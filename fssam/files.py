@@ -29,6 +29,24 @@ _MAX_LISTED = 5
 _MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile's random names
 
 
+def write_text(path: str, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, renamed over it (an interrupted
+    write leaves the earlier file, or none, never half a file)."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_json(path: str, data, indent: int = 2) -> None:
+    """`data` as JSON at `path`, written whole or not at all (write_text)."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
 def read_json(path: str, format: str) -> dict:
     """The JSON object in `path` whose "format" key is `format` (one of fssam's own files: export
     manifest, repository marker, eval result). ValueError with the reason otherwise."""
@@ -108,6 +126,7 @@ def replace_folder(tmp: str, out: str) -> None:
     """Move a finished temporary folder to `out` (same file system), replacing an earlier one there.
     The folder gets the mode the user's umask gives new folders (mkdtemp makes them 0700); the
     clean-up signals wait until the move is done, so it is never half-done."""
+    _raise_received()  # a signal whose exception a callback swallowed: stop before anything is replaced
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(tmp, OWNER))
     os.chmod(tmp, 0o777 & ~umask())
@@ -174,6 +193,20 @@ class _Signalled(SystemExit):
     """Raised in the main thread by SIGTERM / SIGHUP inside `partial_folder`: exit status 128 + signal."""
 
 
+_RECEIVED: list[int] = []  # signals taken inside partial_folder: raised again where a callback swallowed them
+
+
+def _raise_received() -> None:
+    """The exception of a signal taken earlier in this partial_folder block, if any. Python ignores an
+    exception raised inside a garbage-collection or weakref callback ("Exception ignored in ..."),
+    so a signal handled there would otherwise let the work run on and finish."""
+    if _RECEIVED:
+        signum = _RECEIVED[0]
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Signalled(128 + signum)
+
+
 @contextlib.contextmanager
 def partial_folder(out: str, markers: tuple[str, ...] = ()) -> Iterator[str]:
     """A new temporary folder `.<name>.partial-*` beside `out` (after removing leftovers of killed
@@ -185,16 +218,25 @@ def partial_folder(out: str, markers: tuple[str, ...] = ()) -> Iterator[str]:
     try:
         with open(os.path.join(tmp, OWNER), "w") as handle:
             handle.write(f"{os.getpid()}\n")
+        _RECEIVED.clear()
         if threading.current_thread() is threading.main_thread():
 
             def handler(signum, frame):
+                _RECEIVED.append(signum)
                 for number in CLEANUP_SIGNALS:  # a second signal must not interrupt the clean-up
                     signal.signal(number, signal.SIG_IGN)
                 raise _Signalled(128 + signum)
 
+            def interrupt(signum, frame):
+                _RECEIVED.append(signum)
+                raise KeyboardInterrupt
+
             for number in CLEANUP_SIGNALS:
                 previous[number] = signal.signal(number, handler)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
         yield tmp
+        _raise_received()  # the block finished although a signal came (its exception was swallowed)
     finally:
         try:
             if os.path.exists(tmp):

@@ -30,8 +30,10 @@ def _write(path, array):
 
 
 def main(folder):
-    if not os.path.isdir(folder):
-        raise EpisodeError(f"folder {folder!r} does not exist (create it first)")
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise EpisodeError(f"folder {parent!r} does not exist")
+    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     support, support_mask = scene(rng, 375, 500, (220, 180), 90)
     query, _ = scene(rng, 333, 480, (300, 150), 70)

@@ -77,7 +77,7 @@ def runs(pascal, artifacts, tmp_path_factory):
     """Eager with saved masks, then ONNX compared with it."""
     folder = tmp_path_factory.mktemp("runs")
     eager, onnx = folder / "eager.json", folder / "onnx.json"
-    assert eval_command.handle(eval_args(pascal, eager, "--backend", "eager", "--save-masks", str(folder))) == 0
+    assert eval_command.handle(eval_args(pascal, eager, "--backend", "eager", "--device", "cpu", "--save-masks", str(folder))) == 0
     assert eval_command.handle(eval_args(pascal, onnx, "--backend", "onnx", "--artifacts", artifacts,
                                          "--save-masks", str(folder), "--compare-with", str(eager))) == 0
     return json.loads(eager.read_text()), json.loads(onnx.read_text()), folder
@@ -260,7 +260,7 @@ def test_eager_bf16_runs_and_is_recorded(runs, pascal, tmp_path):
     eager, _, folder = runs
     assert eager["backend_details"]["precision"] == "fp32"  # the default
     out = tmp_path / "bf16.json"
-    assert eval_command.handle(eval_args(pascal, out, "--backend", "eager", "--precision", "bf16",
+    assert eval_command.handle(eval_args(pascal, out, "--backend", "eager", "--device", "cpu", "--precision", "bf16",
                                          "--compare-with", str(folder / "eager.json"))) == 0
     result = json.loads(out.read_text())
     assert result["backend"] == "eager" and result["backend_details"]["precision"] == "bf16"

@@ -12,7 +12,7 @@ import pytest
 
 from fssam.errors import InputError
 from fssam.export import ExportError, export, load_manifest
-from fssam.files import OWNER, partial_folder, remove_leftovers
+from fssam.files import OWNER, partial_folder, remove_leftovers, replace_folder
 from fssam.serving.repository import MARKER, write_repository
 
 
@@ -161,6 +161,24 @@ def test_signal_inside_partial_folder_removes_it_and_exits(tmp_path, signum):
     assert info.value.code == 128 + signum
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signum) == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_swallowed_by_a_callback_still_stops_the_work(tmp_path, signum):
+    """Python ignores an exception raised in a garbage-collection or weakref callback: a signal
+    handled there must still stop the work before anything replaces `out`."""
+    out = str(tmp_path / "out")
+    expected = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(expected):
+        with partial_folder(out) as tmp:
+            open(os.path.join(tmp, "done.onnx"), "w").close()
+            try:  # stands in for the callback that swallows the handler's exception
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+            except (SystemExit, KeyboardInterrupt):
+                pass
+            replace_folder(tmp, out)
+    assert os.listdir(tmp_path) == []
 
 
 def test_sigterm_of_a_running_export_leaves_nothing(tmp_path):

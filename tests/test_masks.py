@@ -7,7 +7,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import cv2
@@ -138,16 +137,25 @@ def _png_claiming(path, width, height):
 
 
 @pytest.mark.parametrize("width,height", [(20000, 20000), (9000, 10)])
-def test_header_size_checked_before_decoding(tmp_path, width, height):
+def test_header_size_checked_before_decoding(tmp_path, width, height, monkeypatch):
+    import cv2
+    from PIL import Image
+
+    from fssam.data import preprocess
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("the pixels were read or decoded before the size check")
+
     path = _png_claiming(tmp_path / "huge.png", width, height)
-    start = time.perf_counter()
+    monkeypatch.setattr(preprocess.np, "fromfile", decoded)
+    monkeypatch.setattr(cv2, "imdecode", decoded)
+    monkeypatch.setattr(Image.Image, "load", decoded)
     for reader, kind in ((read_image, "image"), (read_mask, "mask")):
         with pytest.raises(InputError) as info:
             reader(path)
         message = str(info.value)
         assert message.startswith(f"{kind} ") and f"{width}x{height}" in message
         assert f"larger than {MAX_IMAGE_SIDE} px a side" in message and "\n" not in message
-    assert time.perf_counter() - start < 2.0
 
 
 def _episode(folder):
@@ -199,7 +207,11 @@ def _script(*args):
 def test_make_episode_writes_and_fails_clearly(tmp_path):
     ok = _script(str(tmp_path))
     assert ok.returncode == 0 and sorted(os.listdir(tmp_path)) == ["query.jpg", "support.jpg", "support.png"]
-    missing = _script(str(tmp_path / "nope"))
+    for name in os.listdir(tmp_path):
+        os.remove(tmp_path / name)
+    made = _script(str(tmp_path / "new"))  # a new folder is made
+    assert made.returncode == 0 and sorted(os.listdir(tmp_path / "new")) == ["query.jpg", "support.jpg", "support.png"]
+    missing = _script(str(tmp_path / "nope" / "deeper"))
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
     assert "does not exist" in missing.stderr and "nope" in missing.stderr
     blocked = tmp_path / "blocked"

@@ -3,7 +3,6 @@ JSON, markdown table and PNG plots."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -186,8 +185,8 @@ def _save(fig, path: str) -> str:
 
 def write(result: dict, folder: str) -> dict:
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
-    with open(os.path.join(folder, "results.md"), "w") as handle:
-        handle.write(markdown(result))
+    from fssam.files import write_json, write_text
+
+    write_json(os.path.join(folder, "results.json"), result)
+    write_text(os.path.join(folder, "results.md"), markdown(result))
     return {"json": os.path.join(folder, "results.json"), "markdown": os.path.join(folder, "results.md"), "plots": plots(result, folder)}

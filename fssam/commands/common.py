@@ -22,7 +22,7 @@ def add_model_options(parser) -> None:
         "without it the model is a seeded random init and says so",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no checkpoint covers a part")
-    parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (config default: 3)")
+    parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (default: the config's; 3 for small, base_plus, large)")
     parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
     parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "
                         "(every shot calibrates); identical at 1 shot")

@@ -38,10 +38,9 @@ def handle(args) -> int:
     report = parity_report(model, runner, runner.precision, episode)
     print(format_report(report, manifest["stages"]))
     if args.json:
-        import json
+        from fssam.files import write_json
 
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(args.json, report)
     if not report["passed"]:
         raise ParityError("parity gate failed", report)
     return 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
-import os
 
 from fssam.errors import DataError
 
@@ -32,11 +30,9 @@ def load_result(path: str) -> dict:
 
 
 def write_json(path: str, result: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from fssam.files import write_json as write_whole
+
+    write_whole(path, result, indent=1)
 
 
 def format_table(result: dict) -> str:

@@ -4,12 +4,17 @@ Per output: max abs / max rel error and where the max abs occurs; end to end als
 IoU. Tolerances, by baseline:
 * "fp32" (fp32 exports, fp32 runtimes): logits max abs <= 1e-3 and mask IoU >= 0.999 end to
   end; each stage output within 1e-3 x max(1, max |reference|) (outputs differ in scale).
-* "same_dtype" (fp16 / bf16 exports): each error against fp32 at most 2x the error of eager
-  PyTorch run in that dtype on the same inputs (plus 1e-6 for outputs eager reproduces
-  exactly), the flash-attention rule; mask IoU at least eager's minus 0.01.
+* "same_dtype" (fp16 / bf16 exports, whose files hold every tensor in that dtype): each error
+  against fp32 at most 2x the error of eager PyTorch run in that dtype on the same inputs (plus
+  1e-6 for outputs eager reproduces exactly), the flash-attention rule; mask IoU at least eager's
+  minus 0.01. For bf16 this is looser than the project's rule (2x eager bf16 autocast): see
+  README, "bf16".
 * "bf16_autocast" (a runtime's bf16 or int8 compute on fp32 graphs): each error at most 2x that
-  of eager PyTorch under bf16 autocast, what the official FSSAM test runs (plus 1e-6); mask IoU
+  of eager PyTorch under bf16 autocast, the official FSSAM test's precision (plus 1e-6); mask IoU
   at least autocast's minus 0.005.
+Every call of a stage (a stage runs several times per episode) is held to its own limit; the
+report keeps, per output, the call nearest its limit. The eager fp32 reference runs in IEEE
+fp32: TF32 is off for its convolutions and matrix products on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from fssam.errors import FSSAMError
 from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER, binary_masks, run_episode, run_graphs
+from fssam.runtime.runner import default_baseline
 
 FP32_LOGITS_ATOL = 1e-3
 FP32_MIN_IOU = 0.999
@@ -126,9 +132,21 @@ def _tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 arithmetic without TF32 (PyTorch's cuDNN default uses TF32 for fp32 convolutions on
+    Ampere and newer GPUs); a no-op on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class Baseline:
     """How the reduced-precision reference runs: eager in the export dtype, or fp32 eager under
-    bf16 autocast; `None` model for the fp32 baseline (no second run)."""
+    bf16 autocast (on the model's device); `None` model for the fp32 baseline (no second run)."""
 
     def __init__(self, model, precision: str, baseline: str):
         if baseline not in BASELINES:
@@ -143,7 +161,8 @@ class Baseline:
 
     def context(self):
         if self.kind == "bf16_autocast":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def stage(self, name: str, args) -> tuple:
@@ -155,34 +174,43 @@ class Baseline:
             return self.model(*_cast((query, supports, masks), self.input_dtype)).float()
 
 
-def default_baseline(precision: str) -> str:
-    return "fp32" if precision == "fp32" else "same_dtype"
+def _ratio(stats: dict) -> float:
+    limit = stats["limit"]
+    return stats["max_abs"] / limit if limit > 0 else float("inf")
 
 
 def check_stage(runner, name: str, calls, baseline: Baseline) -> tuple[dict, list[str]]:
-    """One stage of `runner` on the recorded eager calls: ({output key: stats with limit}, failures)."""
-    outputs = {}
-    for args, expected in calls:
+    """One stage of `runner` on the recorded eager calls, each call's outputs held to their own
+    limits: ({output key: stats of the call nearest its limit, with "calls" and "failed_calls"},
+    failures)."""
+    outputs, failures = {}, []
+    for call, (args, expected) in enumerate(calls):
         with torch.no_grad():
             got = _tuple(getattr(runner, name)(*_cast(args, baseline.input_dtype)))
+        if len(got) != len(expected):
+            failures.append(f"{name} call {call}: {len(got)} outputs, expected {len(expected)}")
+            continue
         low = baseline.stage(name, args) if baseline.model is not None else None
         for index, (out, ref) in enumerate(zip(got, expected)):
             stats = error_stats(out, ref)
-            if low is not None:
+            if low is None:
+                stats["limit"] = FP32_STAGE_RTOL * max(1.0, stats.get("reference_max_abs", 0.0))
+            else:
                 stats["baseline_max_abs"] = error_stats(low[index], ref)["max_abs"]
+                stats["limit"] = LOW_PRECISION_FACTOR * stats["baseline_max_abs"] + LOW_PRECISION_FLOOR
+
             key = f"output{index}"
             previous = outputs.get(key)
-            if previous is None or stats["max_abs"] > previous["max_abs"]:
+            stats["call"] = call
+            stats["calls"] = (previous["calls"] if previous else 0) + 1
+            stats["failed_calls"] = previous["failed_calls"] if previous else 0
+            if not stats["max_abs"] <= stats["limit"]:
+                stats["failed_calls"] += 1
+                failures.append(f"{name}.{key} (call {call}): max abs {stats['max_abs']:.3g} > {stats['limit']:.3g}")
+            if previous is None or _ratio(stats) > _ratio(previous):
                 outputs[key] = stats
-    failures = []
-    for key, stats in outputs.items():
-        if baseline.model is None:
-            limit = FP32_STAGE_RTOL * max(1.0, stats.get("reference_max_abs", 0.0))
-        else:
-            limit = LOW_PRECISION_FACTOR * stats["baseline_max_abs"] + LOW_PRECISION_FLOOR
-        stats["limit"] = limit
-        if not stats["max_abs"] <= limit:
-            failures.append(f"{name}.{key}: max abs {stats['max_abs']:.3g} > {limit:.3g}")
+            else:
+                previous["calls"], previous["failed_calls"] = stats["calls"], stats["failed_calls"]
     return outputs, failures
 
 
@@ -212,6 +240,11 @@ def parity_report(model, runner, precision: str = "fp32", episode=None, stages=S
 
     Graphs take uint8 pixels: the episode's pixels are rounded to whole numbers first, and the
     eager reference runs on those same pixels."""
+    with ieee_fp32():
+        return _parity_report(model, runner, precision, episode, stages, baseline)
+
+
+def _parity_report(model, runner, precision, episode, stages, baseline) -> dict:
     baseline = Baseline(model, precision, baseline or getattr(runner, "baseline", None) or default_baseline(precision))
     query, supports, masks = episode if episode is not None else sample_episode(model.config, shots=1)
     masks = binary_masks(masks)

@@ -19,6 +19,13 @@ from fssam.runtime.manifest import load_manifest
 PACKAGE = "fssam.runtime.runners"
 
 
+def default_baseline(precision: str) -> str:
+    """The parity gate's reference for an export in `precision`: eager fp32 for fp32, eager PyTorch in
+    the export's dtype for fp16 and bf16 exports (their files hold every tensor in that dtype). A
+    runtime that computes fp32 graphs in bf16 or int8 (OpenVINO) sets "bf16_autocast" itself."""
+    return "fp32" if precision == "fp32" else "same_dtype"
+
+
 class StageRunner:
     """The six stage methods and the episode composition over `run_stage(name, *arrays)`."""
 
@@ -39,8 +46,8 @@ class StageRunner:
 
     @property
     def baseline(self) -> str:
-        """The parity gate's reference for this runner (fssam.runtime.parity): the export's dtype."""
-        return "fp32" if self.precision == "fp32" else "same_dtype"
+        """The parity gate's reference for this runner (fssam.runtime.parity)."""
+        return default_baseline(self.precision)
 
     def check_inputs(self, name: str, args) -> None:
         """Arity and shapes (all but the batch dimension) against the manifest's stage spec."""

@@ -19,7 +19,6 @@ fastest that passed its gate -> serve it (Triton ensemble, response cache) -> pa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fssam.errors import InputError
+from fssam.files import write_json
 from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
@@ -311,8 +311,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
         "machine": machine(), "artifacts": artifacts, "repository": repository,
     }
-    with open(os.path.join(out, RESULT_FILE), "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_json(os.path.join(out, RESULT_FILE), result)
     if failures:
         raise ServingError(f"served logits differ from eager PyTorch: {'; '.join(failures)}")
     return result

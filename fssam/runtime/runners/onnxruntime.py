@@ -143,8 +143,8 @@ class OnnxRuntimeRunner(StageRunner):
 
     def _provider_options(self, name: str) -> list[dict]:
         def options(provider: str) -> dict:
-            if provider == CUDA:
-                return {"device_id": str(self.device_id)}
+            if provider == CUDA:  # TF32 off: an fp32 export computes in fp32, as the gate checks it
+                return {"device_id": str(self.device_id), "use_tf32": "0"}
             if provider == TENSORRT:
                 return {"device_id": str(self.device_id), "trt_engine_cache_enable": "True",
                         "trt_engine_cache_path": self.tensorrt_cache(),
