@@ -22,7 +22,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    try:
+        parser = make_parser()  # imports every command (and torch): Ctrl-C here is still one line
+    except KeyboardInterrupt:
+        print("fssam: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     return run(args)
 

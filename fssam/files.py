@@ -29,6 +29,57 @@ _MAX_LISTED = 5
 _MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile's random names
 
 
+def check_output_file(path: str, owned: Callable[[str], bool], what: str) -> str:
+    """Before the work: `path` may be written. Its folder exists and is writable, it is not a
+    folder, and it is new or a file fssam wrote (`owned`): a command replaces only its own files,
+    never an input or a user's file. Returns the absolute path; InputError otherwise."""
+    absolute = os.path.abspath(path)
+    folder = os.path.dirname(absolute)
+    if not os.path.isdir(folder):
+        raise InputError(f"{what} {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(absolute):
+        raise InputError(f"{what} {path!r} is a folder: give a file name")
+    if os.path.lexists(absolute) and not owned(absolute):
+        raise InputError(f"{what} {path!r} exists and is not a file fssam wrote: choose another name, or move it away")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{what} {path!r}: folder {folder!r} is not writable")
+    return absolute
+
+
+def check_output_folder(folder: str, marker: str, owned: Callable[[str], bool], what: str,
+                        leftovers: tuple[str, ...] = ()) -> str:
+    """Before the work: `folder` may be written into. It is new (its parent exists), empty, a
+    folder this command wrote (its `marker` file passes `owned`), or holds only what an interrupted
+    run of the command leaves (names matching a `leftovers` pattern). Returns the absolute path."""
+    absolute = os.path.abspath(folder)
+    if not os.path.lexists(absolute):
+        if not os.path.isdir(os.path.dirname(absolute)):
+            raise InputError(f"{what} {folder!r}: folder {os.path.dirname(absolute)!r} does not exist")
+        return absolute
+    if not os.path.isdir(absolute):
+        raise InputError(f"{what} {folder!r} is a file: give a folder")
+    entries = os.listdir(absolute)
+    if os.path.isfile(os.path.join(absolute, marker)) and owned(os.path.join(absolute, marker)):
+        return absolute
+    if all(any(re.fullmatch(pattern, entry) for pattern in leftovers) for entry in entries):
+        return absolute
+    raise InputError(f"{what} {folder!r} holds files fssam did not write there: choose a new folder")
+
+
+def json_with(key: str, value) -> Callable[[str], bool]:
+    """`owned` test for check_output_file: a JSON object whose `key` is `value` (fssam's format tags)."""
+
+    def owned(path: str) -> bool:
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(data, dict) and data.get(key) == value
+
+    return owned
+
+
 def write_text(path: str, text: str) -> None:
     """Write `path` whole or not at all: a temporary file beside it, renamed over it (an interrupted
     write leaves the earlier file, or none, never half a file)."""

@@ -179,3 +179,14 @@ def test_loaded_checkpoint_is_recorded_by_name_and_hash(tmp_path, source):
     assert [set(e) for e in model.checkpoints] == [{"file", "format", "sha256"}]
     assert model.checkpoints[0]["file"] == "fssam.pth"
     assert str(tmp_path) not in describe_weights(model)
+
+
+def test_a_tensor_of_the_wrong_rank_is_one_error(tmp_path, source):
+    """A DINOv2 file whose pos_embed is 1-D (or any tensor the key mapping cannot index) is a
+    CheckpointError naming the file, not an IndexError traceback."""
+    state = hub_dino_state(source)
+    state["pos_embed"] = torch.zeros(5)
+    path = tmp_path / "dino_bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="dino_bad.pth.*wrong shape or kind"):
+        build("tiny", checkpoint=[str(path)])

@@ -178,3 +178,26 @@ def test_predict_url_refuses_precision_and_device(episode, capsys, flag, value):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and flag in lines[0] and "cannot be used with --url" in lines[0], lines
     assert not out.exists()
+
+
+def test_predict_replaces_only_its_own_pngs(episode, tmp_path):
+    """--out may be a new file or a PNG predict wrote (tagged), never an input or a user's file: those
+    are refused with one line before any work, and left as they were."""
+    folder, pairs, query = episode
+    image, mask = pairs[0]
+    base = ["predict", "--config", "tiny", "--support", image, "--support-mask", mask, "--query", query]
+    out = tmp_path / "pred.png"
+    assert run_cli(*base, "--out", str(out)).returncode == 0
+    again = run_cli(*base, "--out", str(out))  # its own output: replaced
+    assert again.returncode == 0, again.stderr
+    query_bytes = open(query, "rb").read()
+    user = tmp_path / "mine.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(user)
+    user_bytes = user.read_bytes()
+    for target, expected in ((query, "is not a file fssam wrote"), (str(user), "is not a file fssam wrote"),
+                             (str(tmp_path), "is a folder"), (str(tmp_path / "no" / "p.png"), "does not exist")):
+        result = run_cli(*base, "--out", target)
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "RANDOM-INIT" not in result.stderr  # before any work
+    assert open(query, "rb").read() == query_bytes and user.read_bytes() == user_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "pred.png", "pred_overlay.png"]

@@ -207,3 +207,30 @@ def test_remove_leftovers_ignores_other_names(tmp_path):
     (tmp_path / "out.partial-abcd1234").mkdir()
     assert remove_leftovers(str(tmp_path / "out")) == []
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_output_files_and_folders_replace_only_their_own(tmp_path):
+    from fssam.files import check_output_file, check_output_folder, json_with
+
+    owned = json_with("format", "fssam-test/1")
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    ours.write_text(json.dumps({"format": "fssam-test/1"}))
+    theirs.write_text(json.dumps({"format": "something else"}))
+    assert check_output_file(str(ours), owned, "--out") == str(ours)
+    assert check_output_file(str(tmp_path / "new.json"), owned, "--out") == str(tmp_path / "new.json")
+    for path, message in ((theirs, "is not a file fssam wrote"), (tmp_path, "is a folder"),
+                          (tmp_path / "missing" / "x.json", "does not exist")):
+        with pytest.raises(InputError, match=message):
+            check_output_file(str(path), owned, "--out")
+    run = tmp_path / "run"
+    run.mkdir()
+    check_output_folder(str(run), "results.json", owned, "--out")  # empty
+    (run / "artifacts-1shot").mkdir()
+    check_output_folder(str(run), "results.json", owned, "--out", (r"artifacts-\d+shot",))  # a killed run's
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds files fssam did not write"):
+        check_output_folder(str(run), "results.json", owned, "--out", (r"artifacts-\d+shot",))
+    (run / "results.json").write_text(json.dumps({"format": "fssam-test/1"}))
+    check_output_folder(str(run), "results.json", owned, "--out")  # its own run
+    with pytest.raises(InputError, match="is a file"):
+        check_output_folder(str(ours), "results.json", owned, "--out")

@@ -242,8 +242,9 @@ def test_python_openvino_bf16_refused_without_native_bf16(tmp_path, tiny_artifac
 
 
 @pytest.mark.parametrize("change,backend,message", [
-    ({"dtype": "bfloat16", "precision": "bf16"}, "onnxruntime", "bf16 exports cannot be served"),
-    ({"dtype": "bfloat16", "precision": "bf16"}, "python-ort", "bf16 exports cannot be served"),
+    ({"precision": "bf16"}, "onnxruntime", "bf16 exports are served by the tensorrt backend only"),
+    ({"precision": "bf16"}, "python-ort", "bf16 exports are served by the tensorrt backend only"),
+    ({"precision": "bf16"}, "python-openvino", "bf16 exports are served by the tensorrt backend only"),
     ({"scma_node": "custom", "tensorrt": {"engines": {"support_encoder": {"file": "a"},
                                                       "query_segmenter": {"file": "b"}}}},
      "tensorrt", "fssam::SCMA plugin nodes"),
@@ -349,7 +350,7 @@ def _bad_cases():
         "wrong dtype": (dict(query=q.astype(np.float32)), "query", "FP32"),
         "mismatched support count": (dict(supports=np.concatenate([s, s], 1)), "support_images", "shape"),
         "batch over the limit": (dict(query=np.repeat(q, 9, 0), supports=np.repeat(s, 9, 0), masks=np.repeat(m, 9, 0)),
-                                 "", "batch-size must be <= 8"),
+                                 "'fssam'", "batch-size must be <= 8"),
     }
 
 

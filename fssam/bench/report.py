@@ -183,6 +183,17 @@ def _save(fig, path: str) -> str:
     return path
 
 
+RESULTS_FORMAT = "fssam-bench/1"  # results.json: the folder is a bench run's own, which a later run may replace
+LEFTOVERS = (r"artifacts-\d+shot", r"\.artifacts-\d+shot\.partial-.*")  # the exports a bench makes first
+
+
+def check_results_folder(folder: str, what: str = "--out") -> None:
+    """Before the work: --out is new, empty, a bench run's own folder, or what an interrupted one left."""
+    from fssam.files import check_output_folder, json_with
+
+    check_output_folder(folder, "results.json", json_with("format", RESULTS_FORMAT), what, LEFTOVERS)
+
+
 def write(result: dict, folder: str) -> dict:
     os.makedirs(folder, exist_ok=True)
     from fssam.files import write_json, write_text

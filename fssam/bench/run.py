@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from fssam.bench.harness import StageMode, run_interleaved
-from fssam.bench.report import BASELINES, machine, speedups, write
+from fssam.bench.report import BASELINES, RESULTS_FORMAT, check_results_folder, machine, speedups, write
 from fssam.errors import ConfigError, FSSAMError, InputError
 
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
@@ -227,9 +227,11 @@ def run_bench(args) -> dict:
 
     args.device_resolved = resolve_device(args.device)
     progress = not args.no_progress
+    check_results_folder(args.out, "--out")
     os.makedirs(args.out, exist_ok=True)
     model = build(args.config, **_model_options(args)).to(args.device_resolved)
     result = {
+        "format": RESULTS_FORMAT,
         "config": args.config,
         "device": str(args.device_resolved),
         "weights": describe_weights(model),

@@ -3,20 +3,12 @@ as ratios to the eager baselines; the bench itself is fssam.bench.run."""
 
 from __future__ import annotations
 
-import argparse
 
 from fssam.bench.run import DEFAULT_MODES, MODES
-from fssam.commands.common import add_model_options
+from fssam.commands.common import add_model_options, at_least, shot_list
 
 PARSER_DEFAULTS = {"config": "small", "iterations": 10, "warmup": 2, "shots": "1,5", "modes": ",".join(DEFAULT_MODES)}
 QUICK = {"config": "tiny", "iterations": 3, "warmup": 1, "shots": "1", "modes": "eager_fp32,eager_bf16,onnxruntime"}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
-    return value
 
 
 def register(subparsers) -> None:
@@ -31,11 +23,11 @@ def register(subparsers) -> None:
                        help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run)")
     bench.add_argument("--calibration", metavar="DIR",
                        help="openvino_int8: calibration images for the int8 export the bench makes (default: the export's)")
-    bench.add_argument("--threads", type=_positive_int, metavar="N",
+    bench.add_argument("--threads", type=at_least(1), metavar="N",
                        help="threads of the ONNX Runtime and OpenVINO modes (default: the runtime's own)")
-    bench.add_argument("--shots", default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
-    bench.add_argument("--iterations", type=int, default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
-    bench.add_argument("--warmup", type=int, default=PARSER_DEFAULTS["warmup"])
+    bench.add_argument("--shots", type=shot_list, default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")
+    bench.add_argument("--iterations", type=at_least(1), default=PARSER_DEFAULTS["iterations"], help="timed runs per mode")
+    bench.add_argument("--warmup", type=at_least(0), default=PARSER_DEFAULTS["warmup"])
     bench.add_argument("--quick", action="store_true", help="tiny config, 3 runs: checks the pipeline, not the timings")
     bench.add_argument("--out", required=True, help="results folder (JSON, markdown, PNG plots)")
     bench.add_argument("--no-progress", action="store_true")
@@ -48,10 +40,11 @@ def handle(args) -> int:
 
     if args.quick:
         for key, value in QUICK.items():
-            if getattr(args, key) == PARSER_DEFAULTS[key]:
-                setattr(args, key, value)
+            default = shot_list(PARSER_DEFAULTS[key]) if key == "shots" else PARSER_DEFAULTS[key]
+            if getattr(args, key) == default:
+                setattr(args, key, shot_list(value) if key == "shots" else value)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    args.shot_list = [int(k) for k in str(args.shots).split(",")]
+    args.shot_list = list(args.shots)
     result = run_bench(args)
     print(markdown(result))
     print(f"wrote {result['files']['json']}, {result['files']['markdown']} and {len(result['files']['plots'])} plots")

@@ -3,6 +3,7 @@ error into one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
@@ -10,6 +11,50 @@ from fssam.errors import FSSAMError
 
 MODEL_FLAGS = ("--config", "--checkpoint", "--seed", "--num-refine", "--refine-version", "--scma-mode")
 OVERRIDE_FLAGS = MODEL_FLAGS[3:]  # config overrides: commands that cannot pass them on leave them out
+
+
+def _integer(text: str, low: int, high: int | None, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
+    return value
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= `minimum` (argparse turns the error into one usage line)."""
+
+    def parse(text: str) -> int:
+        return _integer(text, minimum, None, f"an integer >= {minimum}")
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 (a free one) to 65535."""
+    return _integer(text, 0, 65535, "a port number 0..65535")
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected seconds > 0")
+    return value
+
+
+def shot_list(text: str) -> list[int]:
+    """argparse type: a comma list of shot counts >= 1, e.g. 1,5."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items or not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of shot counts >= 1, e.g. 1,5")
+    return [int(item) for item in items]
 
 
 def add_model_options(parser) -> None:

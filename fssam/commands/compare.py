@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 
+from fssam.commands.common import at_least
+
 
 def register(subparsers) -> None:
     compare = subparsers.add_parser("compare", help="run the parity gate on an export folder against eager PyTorch")
     compare.add_argument("--artifacts", required=True, help="folder written by fssam export")
     compare.add_argument("--backend", default="onnxruntime", help="a runtime: onnxruntime | openvino | tensorrt")
     compare.add_argument("--precision", help="the runtime's precision (default: the export's); openvino: fp32 | bf16 | int8")
-    compare.add_argument("--threads", type=int, help="CPU threads of the runtime (default: the runtime's own)")
-    compare.add_argument("--batch", type=int, default=1, help="episodes per call")
+    compare.add_argument("--threads", type=at_least(1), help="CPU threads of the runtime (default: the runtime's own)")
+    compare.add_argument("--batch", type=at_least(1), default=1, help="episodes per call")
     compare.add_argument("--episode-seed", type=int, default=2024)
     compare.add_argument("--json", help="also write the report as JSON here")
     compare.add_argument("--checkpoint", action="append",
@@ -21,12 +23,19 @@ def register(subparsers) -> None:
     compare.set_defaults(func=handle)
 
 
+REPORT_FORMAT = "fssam-parity-report/1"  # the --json file: a later compare may replace it, nothing else
+
+
 def handle(args) -> int:
     from fssam.export import ParityError, format_report, load_manifest, parity_report
     from fssam.model import build
     from fssam.runtime import as_torch, open_runner
     from fssam.runtime.parity import sample_episode
 
+    if args.json:
+        from fssam.files import check_output_file, json_with
+
+        check_output_file(args.json, json_with("format", REPORT_FORMAT), "--json")
     manifest = load_manifest(args.artifacts)
     cfg = manifest["config"]
     checkpoints = _checkpoints(args, manifest)
@@ -40,7 +49,7 @@ def handle(args) -> int:
     if args.json:
         from fssam.files import write_json
 
-        write_json(args.json, report)
+        write_json(args.json, {"format": REPORT_FORMAT, **report})
     if not report["passed"]:
         raise ParityError("parity gate failed", report)
     return 0

@@ -82,6 +82,10 @@ class _RenamedSeed(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _out_path(args) -> str:
+    return args.out or f"eval_{args.dataset}_fold{args.fold}_{args.shots}shot_{args.backend}.json"
+
+
 def handle(args) -> int:
     from fssam.data import load_fold, sample_episodes
     from fssam.eval import compare, load_result, make_backend, run_eval, save_masks, write_json
@@ -105,11 +109,11 @@ def handle(args) -> int:
         use_split_coco=args.use_split_coco, root=os.path.abspath(args.root), list_root=os.path.abspath(list_root),
     )  # "seed": the episode seed (the result format predates --episode-seed)
     result = {**header(), **result}
-    out = args.out or f"eval_{args.dataset}_fold{args.fold}_{args.shots}shot_{args.backend}.json"
+    out = _out_path(args)
+    if other is not None:  # before anything is written: a mismatch fails with no file left
+        result["agreement"] = compare(result, masks, other, args.compare_with)
     if args.save_masks:
         result["masks_file"] = save_masks(args.save_masks, _stem(out), masks, result)
-    if other is not None:
-        result["agreement"] = compare(result, masks, other, args.compare_with)
     write_json(out, result)
     print(format_table(result))
     if "agreement" in result:
@@ -144,9 +148,10 @@ def _check_args(args) -> None:
         raise ConfigError(f"{', '.join(overrides)}: eager only (exports carry the settings they were exported with)")
     if args.save_masks and not os.path.isdir(args.save_masks):
         raise ConfigError(f"--save-masks folder not found: {args.save_masks}")
-    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"--out folder not found: {out_dir}")
+    from fssam.eval.results import FORMAT
+    from fssam.files import check_output_file, json_with
+
+    check_output_file(_out_path(args), json_with("format", FORMAT), "--out")
 
 
 def _stem(path: str) -> str:

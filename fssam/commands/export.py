@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from fssam.commands.common import add_model_options, model_options
+from fssam.commands.common import add_model_options, at_least, model_options
 from fssam.runtime.contract import DEFAULT_MAX_BATCH
 
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                         "(int8: NNCF quantization; bf16 needs a CPU with amx_bf16 or avx512_bf16)")
     export.add_argument("--calibration", help="with --openvino int8: folder of images/ and masks/ pairs "
                         "(default: a synthetic set written into the export folder, and said so)")
-    export.add_argument("--threads", type=int, help="CPU threads of the OpenVINO runs in the gate")
+    export.add_argument("--threads", type=at_least(1), help="CPU threads of the OpenVINO runs in the gate")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
     export.set_defaults(func=handle)
 
@@ -79,7 +79,8 @@ def handle(args) -> int:
         bf16 = manifest["bf16"]
         islands = "; ".join(f"{name}: {', '.join(f'{op} x{n}' for op, n in ops.items())}"
                             for name, ops in bf16["fp32_ops"].items()) or "none"
-        print(f"bf16 at opset {bf16['opset']}; operators run in fp32 (no bf16 in their ONNX schema): {islands}")
+        print(f"bf16 at opset {bf16['opset']}, traced under autocast; operators cast to fp32 (no bf16 in their ONNX "
+              f"schema, or a bf16 input beside fp32 weights): {islands}")
         print(f"note: ONNX Runtime's CPU provider {bf16['onnxruntime_cpu']}; its gate ran {bf16['gate']['onnxruntime']}",
               file=sys.stderr)
     if "note" in weights:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from fssam.commands.common import add_model_options, model_options
+from fssam.commands.common import add_model_options, install_sigterm, model_options
 
 
 def register(subparsers) -> None:
@@ -42,6 +42,8 @@ def handle(args) -> int:
     from fssam.eval import precision as eager
     from fssam.model import build, describe_weights, get_config
 
+    install_sigterm()  # SIGTERM as Ctrl-C: the PNGs' temp files are removed
+    _check_outputs(args)
     if args.url:
         return _predict_remote(args)
     args.config = args.config or "small"
@@ -108,17 +110,26 @@ def _predict_remote(args) -> int:
     return 0
 
 
+def _check_outputs(args) -> None:
+    """Before any work: --out and its overlay may be written (new, or PNGs predict wrote: never an
+    input or a user's file)."""
+    from fssam.data.preprocess import written_by_predict
+    from fssam.files import check_output_file
+
+    check_output_file(args.out, written_by_predict, "--out")
+    check_output_file(_overlay_path(args.out), written_by_predict, "--out's overlay")
+
+
 def _overlay_path(out: str) -> str:
     stem, _ = os.path.splitext(out)
     return stem + "_overlay.png"
 
 
 def _write_prediction(args, logits, query_rgb, where: str, elapsed: float) -> None:
-    from fssam.data.preprocess import logits_to_mask, overlay, write_png
+    from fssam.data.preprocess import PNG_SOFTWARE, logits_to_mask, overlay, write_pngs
 
     mask = logits_to_mask(logits, *query_rgb.shape[:2])
-    write_png(args.out, mask * 255)
-    write_png(_overlay_path(args.out), overlay(query_rgb, mask))
+    write_pngs({args.out: mask * 255, _overlay_path(args.out): overlay(query_rgb, mask)}, PNG_SOFTWARE)
     print(
         f"wrote {args.out} (mask, 0/255, {query_rgb.shape[1]}x{query_rgb.shape[0]}, "
         f"foreground {mask.mean():.1%}) and {_overlay_path(args.out)}; "

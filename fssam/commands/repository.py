@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from fssam.commands.common import at_least
+
 NATIVE_NOTES = {
     "onnxruntime": "native ONNX Runtime configs are for an official tritonserver container",
     "tensorrt": "native TensorRT configs are for an official tritonserver container on the GPU that built the engines",
@@ -30,10 +32,10 @@ def register(subparsers) -> None:
                                  "a CPU with native bf16 for python-openvino); other backends serve the export's own")
     repository.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                             help=f"episodes per request and per dynamic batch (default {DEFAULT_MAX_BATCH})")
-    repository.add_argument("--instances", type=int, default=1, help="instances per graph model")
-    repository.add_argument("--threads", type=int, default=0, help="ONNX Runtime / OpenVINO threads per graph instance "
+    repository.add_argument("--instances", type=at_least(1), default=1, help="instances per graph model")
+    repository.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime / OpenVINO threads per graph instance "
                                                                     "(0: the runtime's default, all cores)")
-    repository.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic batching delay")
+    repository.add_argument("--max-queue-delay-us", type=at_least(0), default=500, help="dynamic batching delay")
     repository.add_argument("--no-cache", action="store_true",
                             help="no response cache on support_encoder (every support set is encoded)")
     repository.add_argument("--device", default="gpu", choices=("gpu", "cpu"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fssam.commands.common import install_sigterm
+from fssam.commands.common import at_least, install_sigterm, port, positive_seconds
 
 from fssam.serving import DEFAULT_CACHE_MB
 
@@ -14,20 +14,20 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run tritonserver on a model repository (Ctrl-C stops it)")
     serve.add_argument("--repository", required=True, help="folder written by fssam repository")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    serve.add_argument("--http-port", type=int, default=8000, help="0: a free port")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="0: a free port")
-    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default: metrics off)")
-    serve.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB,
+    serve.add_argument("--http-port", type=port, default=8000, help="0: a free port")
+    serve.add_argument("--grpc-port", type=port, default=8001, help="0: a free port")
+    serve.add_argument("--metrics-port", type=port, default=None, help="Prometheus metrics port (default: metrics off)")
+    serve.add_argument("--cache-mb", type=at_least(0), default=DEFAULT_CACHE_MB,
                        help=f"Triton's local response cache, the support-set cache (default {DEFAULT_CACHE_MB}; 0: off)")
     serve.add_argument("--cache-redis", metavar="HOST:PORT", default=None,
                        help="use a Redis response cache shared by several servers instead of the local one")
     serve.add_argument("--admin-key", default=os.environ.get("FSSAM_ADMIN_KEY"),
                        help="open the shared-memory, model-repository, logging and trace APIs to requests with header "
                             "fssam-admin-key: KEY (default $FSSAM_ADMIN_KEY; without one they stay closed)")
-    serve.add_argument("--restarts", type=int, default=1,
+    serve.add_argument("--restarts", type=at_least(0), default=1,
                        help="restarts when tritonserver or a Python stub dies, then exit non-zero (default 1)")
     serve.add_argument("--log", default=None, help="server log file (default: a temporary file, named at start)")
-    serve.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
+    serve.add_argument("--timeout", type=positive_seconds, default=300.0, help="seconds to wait for the server to be ready")
     serve.add_argument("--verbose-server", action="store_true", help="tritonserver --log-verbose=1")
     serve.set_defaults(func=handle)
 

@@ -226,11 +226,43 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return out
 
 
+PNG_SOFTWARE = "fssam predict"  # the PNG "Software" text of the files predict writes: they may be replaced
+
+
+def written_by_predict(path: str) -> bool:
+    """True for a PNG that `fssam predict` wrote (its "Software" text), which predict may replace."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PNG_SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def write_pngs(arrays: dict[str, np.ndarray], software: str | None = None) -> None:
+    """Write PNGs together and atomically: every file to a temp file in its folder first, then all
+    renamed; the temp files are removed if a write fails or is interrupted. `software`: the PNG
+    "Software" text (PNG_SOFTWARE marks predict's own files)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if software:
+        info.add_text("Software", software)
+    temps = {}
+    try:
+        for path, array in arrays.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise InputError(f"output folder {folder!r} does not exist")
+            temps[path] = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}.png")
+            Image.fromarray(array).save(temps[path], format="PNG", pnginfo=info)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def write_png(path: str, array: np.ndarray) -> None:
-    """Write atomically: a temp file in the same folder, renamed at the end."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"output folder {folder!r} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.png")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """One PNG, written atomically (write_pngs)."""
+    write_pngs({path: array})

@@ -9,8 +9,12 @@ images for the per-image stages). The same limit bounds torch.export's dynamic d
 TensorRT profiles (runners.tensorrt.profile_shapes), what the runners accept, and the
 `--max-batch` of `fssam repository`.
 
-bf16: written at opset BF16_OPSET with casts around the operators whose ONNX schema has no bf16
-(fssam.runtime.bf16: Einsum); ONNX Runtime's CPU provider has no bf16 kernels, so the gate runs
+bf16: the official precision as a graph. The fp32 model is traced under bf16 autocast
+(stages.BF16Autocast): bf16 weights, convolutions and matrix products inside, fp32 wherever
+autocast keeps fp32, and fp32 tensors between stages (a bf16 result widens exactly), so the gate
+holds it to 2x eager bf16 autocast's error. Written at opset BF16_OPSET, with casts around the
+operators ONNX does not allow in bf16 (fssam.runtime.bf16: Einsum, and LayerNorm of a bf16
+activation with fp32 weights). ONNX Runtime's CPU provider has no bf16 kernels, so the gate runs
 each bf16 graph with fp32 arithmetic and bf16 rounding after every operator and the manifest says
 so (manifest["bf16"]); TensorRT's gate runs the files as they are.
 """
@@ -35,7 +39,7 @@ from fssam.errors import FSSAMError, InputError
 from fssam.files import check_replaceable, partial_folder, replace_folder
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
-from fssam.export.stages import STAGE_MODULES
+from fssam.export.stages import STAGE_MODULES, BF16Autocast
 from fssam.runtime.contract import (BATCH, DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT, STAGE_ORDER, batch_limit,
                                     graph_specs, stage_specs)
 from fssam.runtime.bf16 import BF16_OPSET, EMULATION
@@ -68,17 +72,22 @@ def _quiet():
             logging.disable(previous)
 
 
-def export_stage(model, name: str, example_args: tuple, spec, path: str, limit: int | None = None) -> dict:
+def export_stage(model, name: str, example_args: tuple, spec, path: str, limit: int | None = None,
+                 bf16: bool = False) -> dict:
     """Export one stage or deployable graph (the model's own method, wrapped) with a dynamic batch
     dimension of at most `limit` (default: contract.batch_limit at the default --max-batch; never
-    below the example's batch, which tracing needs). A bf16 model gives a bf16 file at opset
-    BF16_OPSET with casts around the operators that have no bf16 there; returns {op type: count}
-    of those (empty for fp32 / fp16)."""
+    below the example's batch, which tracing needs). `bf16`: the fp32 model under bf16 autocast
+    (stages.BF16Autocast), fp32 tensors in and out, written at opset BF16_OPSET with casts around
+    the operators ONNX does not allow in bf16 there; returns {op type: count} of those (empty
+    otherwise)."""
     module = STAGE_MODULES[name](model).eval()
-    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())  # the graphs' examples are uint8
+    if bf16:
+        module = BF16Autocast(module).eval()
     limit = limit or batch_limit(name, DEFAULT_MAX_BATCH, 1)
     batch = torch.export.Dim(BATCH, min=1, max=max(limit, *(int(a.shape[0]) for a in example_args)))
     dynamic_shapes = {t.name: {0: batch} for t in spec.inputs}
+    if bf16:  # BF16Autocast.forward(*args)
+        dynamic_shapes = {"args": tuple(dynamic_shapes.values())}
     with _quiet() as sink, torch.no_grad():
         try:
             program = torch.onnx.export(
@@ -172,7 +181,7 @@ def _check_onnx(path: str, runnable: bool = True) -> str | None:
     only check). A bf16 file also passes ONNX's full check (every operator's input types against
     its schema); that provider has no bf16 kernels, so the copy the gate runs
     (fssam.runtime.bf16.fp32_arithmetic) must load, and what the provider said of the file itself
-    is returned (None for other dtypes)."""
+    is returned ("loads" for a file without bf16 tensors; None when not `runnable`)."""
     import onnx
     import onnxruntime as ort
 
@@ -184,7 +193,7 @@ def _check_onnx(path: str, runnable: bool = True) -> str | None:
     model = onnx.load(path)
     if not is_bf16(model):
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return None
+        return "loads"
     onnx.checker.check_model(model, full_check=True)
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 4  # the refusal is the expected answer: keep ONNX Runtime's log out of the terminal
@@ -225,8 +234,9 @@ def _bf16_summary(stages: dict, graphs: dict) -> dict:
     unloadable = sorted(name for name, entry in units.items() if entry["onnxruntime_cpu"] != "loads")
     return {
         "opset": BF16_OPSET,
-        "bf16_units": sorted(units),  # every stage and graph is bf16 (with the fp32 operators below)
-        "fp32_ops": fp32_ops,  # operators whose ONNX schema has no bf16 at this opset: cast to fp32 and back
+        "interface": "float32",  # tensors between stages; inside, autocast's bf16 weights and products
+        "bf16_units": sorted(name for name, entry in units.items() if entry["onnxruntime_cpu"] != "loads"),
+        "fp32_ops": fp32_ops,  # no bf16 in their ONNX schema, or bf16 beside fp32 weights: cast to fp32 and back
         "onnxruntime_cpu": ("loads every file" if not unloadable else
                             f"cannot load {', '.join(unloadable)} (no bf16 kernels)"),
         "gate": {"onnxruntime": EMULATION,
@@ -320,20 +330,24 @@ def export(
     _check_destination(out)
     model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
     dtype = DTYPES[precision]
-    export_model = model if dtype == torch.float32 else copy.deepcopy(model).to_dtype(dtype)
-    specs = stage_specs(model.config, shots, dtype=str(dtype).replace("torch.", ""))
-    specs.update(graph_specs(model.config, shots, dtype=str(dtype).replace("torch.", "")))
+    # fp16: the model in fp16, fp16 tensors between stages (gate: eager fp16); bf16: the fp32 model
+    # under bf16 autocast, the official precision, fp32 tensors between stages (gate: eager autocast)
+    bf16 = dtype == torch.bfloat16
+    export_model = copy.deepcopy(model).to_dtype(dtype) if dtype == torch.float16 else model
+    interface = torch.float16 if dtype == torch.float16 else torch.float32
+    specs = stage_specs(model.config, shots, dtype=str(interface).replace("torch.", ""))
+    specs.update(graph_specs(model.config, shots, dtype=str(interface).replace("torch.", "")))
     with partial_folder(out, markers=(MANIFEST,)) as tmp:
         units = len(STAGE_ORDER) + len(GRAPH_ORDER)
         bar = tqdm(total=units + 2 + (units if tensorrt else 0) + len(openvino), disable=not progress,
                    desc="export", unit="step")
-        examples = _examples(export_model, shots, dtype)
+        examples = _examples(export_model, shots, interface)
         def export_unit(name: str) -> dict:
             """One stage or graph to ONNX: its manifest entry."""
             bar.set_postfix_str(f"{name} -> ONNX")
             path = os.path.join(tmp, f"{name}.onnx")
             limit = batch_limit(name, max_batch, shots)
-            fp32_ops = export_stage(export_model, name, examples[name], specs[name], path, limit)
+            fp32_ops = export_stage(export_model, name, examples[name], specs[name], path, limit, bf16)
             entry = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict(),
                      "max_batch": limit, **_bf16_entry(dtype, fp32_ops, _check_onnx(path))}
             if scma_node == "custom" and name == "head":
@@ -341,7 +355,7 @@ def export(
                 # decomposed graph that ONNX Runtime, the gate and the python-ort server run
                 custom = os.path.join(tmp, CUSTOM_HEAD_FILE)
                 with onnx_custom_node(True):
-                    export_stage(export_model, name, examples[name], specs[name], custom, limit)
+                    export_stage(export_model, name, examples[name], specs[name], custom, limit, bf16)
                 _check_onnx(custom, runnable=False)
                 entry["tensorrt_onnx"] = {"file": CUSTOM_HEAD_FILE, "sha256": file_sha256(custom)}
             bar.update()
@@ -356,7 +370,7 @@ def export(
             "config": model.config.to_dict(),
             "shots": shots,
             "precision": precision,
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": str(interface).replace("torch.", ""),  # the tensors between stages (bf16: fp32, see above)
             "weights": _weights_entry(model),
             "opset": BF16_OPSET if dtype == torch.bfloat16 else OPSET,
             "max_batch": max_batch,  # episodes per call; each stage's and graph's own limit beside its tensors

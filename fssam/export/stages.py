@@ -8,6 +8,7 @@ episodes for the others); the other sizes are fixed by the config and the shot c
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fssam.runtime.contract import BATCH, GRAPH_ORDER, STAGE_ORDER, StageSpec, TensorSpec, graph_specs, stage_specs  # noqa: F401
@@ -63,6 +64,25 @@ class QuerySegmenterGraph(_Stage):
 
     def forward(self, query, support_features, support_memory, support_pointers, support_masks):
         return self.model.query_segmenter(query, support_features, support_memory, support_pointers, support_masks)
+
+
+class BF16Autocast(nn.Module):
+    """A stage or graph at the official precision: the fp32 module under bf16 autocast, as the
+    official FSSAM test runs the model. Tensors in and out stay fp32 (a bf16 result is widened,
+    exactly), so nothing is rounded at a stage boundary that autocast keeps in fp32; the exported
+    graph holds autocast's casts: bf16 convolutions and matrix products, fp32 elsewhere as
+    autocast has it."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.stage(*args)
+        if isinstance(out, tuple):
+            return tuple(o.float() for o in out)
+        return out.float()
 
 
 STAGE_MODULES = {

@@ -2,9 +2,10 @@
 
 Each engine gets one optimisation profile from the export's own limit (manifest["max_batch"]
 episodes; the per-image stages max_batch * max(K, 2) images: runners.tensorrt.profile_shapes).
-Networks are strongly typed: the ONNX of an fp16/bf16 export is already in that dtype (with the
-fp32 islands eager keeps, and for bf16 the casts around the operators whose ONNX schema has no
-bf16, see fssam.runtime.bf16), and TensorRT keeps every tensor in the type the graph gives it
+Networks are strongly typed: the ONNX of an fp16 export is already in fp16 (with the fp32 islands
+eager keeps), a bf16 export holds autocast's casts (bf16 weights and products, fp32 between stages
+and wherever autocast keeps fp32, see fssam.export.stages.BF16Autocast and fssam.runtime.bf16), and
+TensorRT keeps every tensor in the type the graph gives it
 (TensorRT 10's FP16/BF16 builder flags are deprecated and gone in 11). fp32 builds turn TF32 off
 (it is on by default) to stay within the fp32 parity tolerances. On a machine without CUDA every
 entry point raises a clear error.

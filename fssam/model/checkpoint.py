@@ -104,8 +104,8 @@ def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dic
     _check_values(path, _raw_state(obj, found))
     try:
         state, prefix = _to_model_keys(obj, found, model)
-    except (ValueError, TypeError, AttributeError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint {path!r}: {error}") from None
+    except (ValueError, TypeError, AttributeError, RuntimeError, IndexError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {path!r}: a tensor of the wrong shape or kind ({error})") from None
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     problems = []
     missing = sorted(set(expected) - set(state))

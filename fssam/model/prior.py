@@ -16,7 +16,9 @@ def prototype_similarity(query: torch.Tensor, support: torch.Tensor, masks: torc
     b, c, h, w = query.shape
     prototype = masked_average(support.flatten(2).transpose(1, 2), masks.flatten(1))  # (B, C)
     query_tokens = query.flatten(2)  # (B, C, hw)
-    dots = torch.einsum("bc,bcn->bn", prototype, query_tokens)
+    # one dtype for both operands: under bf16 autocast the prototype is fp32 (the mask weights)
+    # and the tokens bf16; autocast computes einsum's inner product in bf16 either way
+    dots = torch.einsum("bc,bcn->bn", prototype.to(query_tokens.dtype), query_tokens)
     cosine = dots / (prototype.norm(dim=1, keepdim=True) * query_tokens.norm(dim=1) + COSINE_EPS)
     return min_max_normalise(cosine).view(b, 1, h, w)
 

@@ -5,7 +5,8 @@ ConvTranspose, MaxPool, Sin and Cos accept bf16 (at opset 18 they do not). Einsu
 only from opset 28, which neither torch.onnx, ONNX Runtime nor TensorRT 10 reads, so every
 operator whose schema at the file's opset has no bf16 runs in fp32 inside the bf16 graph: its
 bf16 inputs are cast to float and its outputs back to bf16, as eager bf16 autocast runs such ops
-in fp32. A Cast from uint8 (the deployable graphs' image and mask inputs) straight to bf16 goes
+in fp32. So does an operator that mixes a bf16 input with fp32 ones where its schema wants one
+type (autocast's LayerNorm of a bf16 activation with fp32 weights, computed in fp32 by PyTorch). A Cast from uint8 (the deployable graphs' image and mask inputs) straight to bf16 goes
 through fp32 (exact: 0..255 are bf16 values), because TensorRT converts uint8 only to fp32 and
 fp16. The eager model is not changed; the manifest lists these operators per stage.
 
@@ -92,9 +93,23 @@ def _accepts_bf16(schema, node, types) -> bool:
     return True
 
 
+def _mixes_float_types(schema, node, types) -> bool:
+    """Whether inputs of `node` bound to one type parameter have different types (bf16 beside
+    fp32: autocast's LayerNorm of a bf16 activation with fp32 weights, which PyTorch computes in
+    fp32 and ONNX does not allow)."""
+    bound = collections.defaultdict(set)
+    params = {c.type_param_str for c in schema.type_constraints}
+    for index, name in enumerate(node.input):
+        formal = schema.inputs[min(index, len(schema.inputs) - 1)]
+        if name and formal.type_str in params and name in types:
+            bound[formal.type_str].add(types[name])
+    return any(len(kinds) > 1 for kinds in bound.values())
+
+
 def cast_ops_without_bf16(model) -> dict[str, int]:
     """In place on the main graph of `model`: every default-domain node with a bf16 input that its
-    schema (at the model's opset) does not accept computes in fp32, between casts, and every Cast
+    schema (at the model's opset) does not accept, or that mixes bf16 and fp32 where its schema
+    wants one type, computes in fp32 between casts (its bf16 outputs cast back), and every Cast
     from uint8 to bf16 becomes uint8 -> fp32 -> bf16. Returns {op type: count} of the nodes so
     changed ("Cast from uint8" for the latter)."""
     onnx = _onnx()
@@ -119,7 +134,8 @@ def cast_ops_without_bf16(model) -> dict[str, int]:
         if node.domain not in ("", "ai.onnx") or not any(types.get(name) == bf16 for name in node.input if name):
             nodes.append(node)
             continue
-        if _accepts_bf16(onnx.defs.get_schema(node.op_type, opset, ""), node, types):
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        if _accepts_bf16(schema, node, types) and not _mixes_float_types(schema, node, types):
             nodes.append(node)
             continue
         changed[node.op_type] += 1
@@ -213,6 +229,6 @@ def fp32_arithmetic(model):
 
 
 def is_bf16(model) -> bool:
-    """True when a graph input or output of `model` is bf16."""
-    bf16 = _onnx().TensorProto.BFLOAT16
-    return any(value.type.tensor_type.elem_type == bf16 for value in [*model.graph.input, *model.graph.output])
+    """True when any tensor of `model`'s main graph is bf16 (inputs, outputs, weights, or what its
+    operators make: a bf16 export's interface is fp32, its arithmetic inside partly bf16)."""
+    return _onnx().TensorProto.BFLOAT16 in tensor_types(model).values()

@@ -4,14 +4,12 @@ Per output: max abs / max rel error and where the max abs occurs; end to end als
 IoU. Tolerances, by baseline:
 * "fp32" (fp32 exports, fp32 runtimes): logits max abs <= 1e-3 and mask IoU >= 0.999 end to
   end; each stage output within 1e-3 x max(1, max |reference|) (outputs differ in scale).
-* "same_dtype" (fp16 / bf16 exports, whose files hold every tensor in that dtype): each error
-  against fp32 at most 2x the error of eager PyTorch run in that dtype on the same inputs (plus
-  1e-6 for outputs eager reproduces exactly), the flash-attention rule; mask IoU at least eager's
-  minus 0.01. For bf16 this is looser than the project's rule (2x eager bf16 autocast): see
-  README, "bf16".
-* "bf16_autocast" (a runtime's bf16 or int8 compute on fp32 graphs): each error at most 2x that
-  of eager PyTorch under bf16 autocast, the official FSSAM test's precision (plus 1e-6); mask IoU
-  at least autocast's minus 0.005.
+* "same_dtype" (fp16 exports): each error against fp32 at most 2x the error of eager PyTorch run
+  in fp16 on the same inputs (plus 1e-6 for outputs eager reproduces exactly), the
+  flash-attention rule; mask IoU at least eager's minus 0.01.
+* "bf16_autocast" (bf16 exports, traced under autocast; a runtime's bf16 or int8 compute of fp32
+  graphs): each error at most 2x that of eager PyTorch under bf16 autocast, the official FSSAM
+  test's precision (plus 1e-6); mask IoU at least autocast's minus 0.01.
 Every call of a stage (a stage runs several times per episode) is held to its own limit; the
 report keeps, per output, the call nearest its limit. The eager fp32 reference runs in IEEE
 fp32: TF32 is off for its convolutions and matrix products on a GPU.
@@ -33,7 +31,9 @@ FP32_MIN_IOU = 0.999
 FP32_STAGE_RTOL = 1e-3
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = 1e-6
-IOU_SLACK = {"same_dtype": 0.01, "bf16_autocast": 0.005}
+# the final mask's IoU may fall this far below the baseline's (a random-init tiny episode flips a
+# few dozen near-zero pixels either way; see README, parity gate)
+IOU_SLACK = {"same_dtype": 0.01, "bf16_autocast": 0.01}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINES = ("fp32", "same_dtype", "bf16_autocast")
 

@@ -20,10 +20,9 @@ PACKAGE = "fssam.runtime.runners"
 
 
 def default_baseline(precision: str) -> str:
-    """The parity gate's reference for an export in `precision`: eager fp32 for fp32, eager PyTorch in
-    the export's dtype for fp16 and bf16 exports (their files hold every tensor in that dtype). A
-    runtime that computes fp32 graphs in bf16 or int8 (OpenVINO) sets "bf16_autocast" itself."""
-    return "fp32" if precision == "fp32" else "same_dtype"
+    """The parity gate's reference for a precision: eager fp32 for fp32, eager fp16 for fp16, eager
+    bf16 autocast (the official test's precision) for bf16 and int8."""
+    return {"fp32": "fp32", "fp16": "same_dtype"}.get(precision, "bf16_autocast")
 
 
 class StageRunner:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fssam.errors import InputError
-from fssam.files import write_json
+from fssam.files import check_output_folder, json_with, write_json
 from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
@@ -35,6 +35,7 @@ LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
 STEPS = 6
 RESULT_FILE = "deploy.json"
+DEPLOY_FORMAT = "fssam-deploy/1"  # deploy.json: the folder is a deploy run's own, which a later run may replace
 
 
 @dataclass
@@ -249,8 +250,14 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         raise InputError(f"--runs must be >= 1, got {runs}")
     if cache_mb < 1:
         raise InputError(f"--cache-mb must be >= 1 for deploy (the support cache is part of what it measures), got {cache_mb}")
+    if shots < 1:
+        raise InputError(f"--shots must be >= 1, got {shots}")
+    from fssam.model import get_config
+
+    get_config(config, **{key: value for key, value in overrides.items() if value is not None})  # before any folder
     clients = tuple(clients or CONCURRENCY)
-    out = os.path.abspath(out)
+    out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT), "--out",
+                              (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*"))
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -304,7 +311,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         print("note: random-init weights (no --checkpoint): the server's masks are not a trained model's predictions",
               file=sys.stderr)
     result = {
-        "config": config, "shots": shots, "weights": weights["source"], "chosen": chosen.label,
+        "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"], "chosen": chosen.label,
         "backend": chosen.backend, "precision": chosen.precision,
         "inprocess": {row.label: results[row.label] for row in rows}, "served": latency,
         "end_to_end": end, "passed": not failures, "served_vs_inprocess_max_abs": vs_inprocess,

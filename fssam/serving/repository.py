@@ -142,10 +142,10 @@ def _check_servable(artifacts: str, manifest: dict, backend: str) -> None:
     if not manifest.get("graphs") or any(name not in manifest["graphs"] for name in GRAPH_ORDER):
         raise InputError(f"{artifacts!r} has no deployable graphs (support_encoder, query_segmenter): export it "
                          "again with this fssam version")
-    if manifest["dtype"] == "bfloat16" and backend != "tensorrt":
-        raise ConfigError("bf16 exports cannot be served by this backend: Python models pass tensors as numpy, which "
-                          "has no bfloat16; export fp32 (or fp16) for serving")
-    if backend in OPENVINO_BACKENDS and manifest["dtype"] != "float32":
+    if manifest["precision"] == "bf16" and backend != "tensorrt":
+        raise ConfigError("bf16 exports are served by the tensorrt backend only: ONNX Runtime has no bf16 kernels "
+                          "on the CPU and lacks several on the GPU; export fp32 (or fp16) for this backend")
+    if backend in OPENVINO_BACKENDS and manifest["precision"] != "fp32":
         raise ConfigError(f"OpenVINO backends serve fp32 exports (their precision is a compile hint); this export "
                           f"is {manifest['precision']}: export with --precision fp32")
     if backend == "tensorrt":

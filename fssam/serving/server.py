@@ -248,6 +248,18 @@ def stub_processes(server_pid: int) -> dict:
     return stubs
 
 
+LOG_HEADER = "# fssam serve: tritonserver log"  # first line of the logs fssam writes: a later run may replace them
+
+
+def written_log(path: str) -> bool:
+    """True for a server log fssam wrote (its first line is LOG_HEADER), which `--log` may replace."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.readline().rstrip(b"\n") == LOG_HEADER.encode()
+    except OSError:
+        return False
+
+
 class TritonServer:
     """A tritonserver process; use as a context manager or call start() / stop().
 
@@ -280,7 +292,7 @@ class TritonServer:
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
-        while self.grpc_port == self.http_port:
+        while not grpc_port and self.grpc_port == self.http_port:  # a free port drawn twice
             self.grpc_port = free_port(host)
         self.metrics_port = metrics_port
         ports = [self.http_port, self.grpc_port] + ([metrics_port] if metrics_port else [])
@@ -296,6 +308,10 @@ class TritonServer:
         self.admin_key = admin_key
         self._secret = admin_key or secrets.token_urlsafe(32)  # never printed: the restricted APIs stay closed
         self.process = None
+        if log_path:
+            from fssam.files import check_output_file
+
+            check_output_file(log_path, written_log, "--log")
         self.log_path = os.path.abspath(log_path) if log_path else None
         self._default_log = log_path is None
         self._log_handle = None
@@ -370,6 +386,9 @@ class TritonServer:
         try:
             cmd, env = self.command()
             self._log_handle = open(self.log_path, "ab" if self._started else "wb")
+            if not self._started:
+                self._log_handle.write(LOG_HEADER.encode() + b"\n")
+                self._log_handle.flush()
             self._started = True
             self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
                                             cwd=self._tmp, start_new_session=True, preexec_fn=_die_with_parent())

@@ -122,7 +122,7 @@ class OnnxRuntimeRunner(StageRunner):
                                   "pip install -U onnxruntime-gpu")
         # the CPU provider has no bf16 kernels, nor has the CUDA provider for several operators: without
         # TensorRT a bf16 export runs as its fp32-arithmetic copy (bf16 rounding after every operator)
-        self.bf16_emulated = self.manifest["dtype"] == "bfloat16" and TENSORRT not in self.providers
+        self.bf16_emulated = self.manifest["precision"] == "bf16" and TENSORRT not in self.providers
         self.options = options
         self.sessions = {}  # opened on first use: the stages or the graphs, whichever is run
 

@@ -116,10 +116,6 @@ class OpenVINORunner(StageRunner):
         detail = "" if len(kinds) == 1 else " (" + ", ".join(f"{n} {e['precision']}" for n, e in used.items()) + ")"
         return f"OpenVINO {self.precision}{detail}"
 
-    @property
-    def baseline(self) -> str:
-        return "fp32" if self.precision == "fp32" else "bf16_autocast"
-
     def run_stage(self, name: str, *arrays):
         self.check_inputs(name, arrays)
         self.compile(name)
