@@ -175,25 +175,34 @@ def umask() -> int:
 
 def replace_folder(tmp: str, out: str) -> None:
     """Move a finished temporary folder to `out` (same file system), replacing an earlier one there.
-    The folder gets the mode the user's umask gives new folders (mkdtemp makes them 0700); the
-    clean-up signals wait until the move is done, so it is never half-done."""
+    The folder gets the mode the user's umask gives new folders (mkdtemp makes them 0700). The move
+    is never half-done: while it runs, SIGINT and the clean-up signals are only recorded (a signal
+    mask would not do: it blocks the calling thread only, and the kernel may hand the signal to a
+    worker thread of torch or ONNX Runtime, after which Python still runs the handler in the main
+    thread), and a recorded one is raised once the move is complete."""
     _raise_received()  # a signal whose exception a callback swallowed: stop before anything is replaced
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(tmp, OWNER))
     os.chmod(tmp, 0o777 & ~umask())
-    blocked = set(CLEANUP_SIGNALS) | {signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+    deferred: list[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (*CLEANUP_SIGNALS, signal.SIGINT):
+            saved[number] = signal.signal(number, lambda signum, frame: deferred.append(signum))
     try:
         if os.path.exists(out):
-            backup = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
             os.rename(out, os.path.join(backup, "previous"))
             os.rename(tmp, out)
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, out)
     finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    if deferred:  # the move is complete: now stop as the signal asked
+        _RECEIVED.append(deferred[0])
+        _raise_received()
 
 
 def _alive(pid: int) -> bool:
@@ -211,9 +220,12 @@ def _alive(pid: int) -> bool:
 def remove_leftovers(out: str, markers: tuple[str, ...] = ()) -> list[str]:
     """Remove `.<name>.partial-*` folders beside `out` that killed runs left: only folders named
     exactly so, and only when they look like ours (empty, or holding the owner file of a process
-    that is gone, or one of `markers`). Returns the removed paths."""
+    that is gone, or one of `markers`); and `.<name>.old-*` folders (replace_folder's backup of the
+    output it replaced, left by a run killed in the move) holding only `previous`, itself empty or
+    holding one of `markers`. Returns the removed paths."""
     parent, name = os.path.dirname(out), os.path.basename(out)
     pattern = re.compile(re.escape(f".{name}.partial-") + _MKDTEMP_SUFFIX)
+    backup = re.compile(re.escape(f".{name}.old-") + _MKDTEMP_SUFFIX)
     removed = []
     try:
         entries = os.listdir(parent)
@@ -221,7 +233,20 @@ def remove_leftovers(out: str, markers: tuple[str, ...] = ()) -> list[str]:
         return removed
     for entry in entries:
         path = os.path.join(parent, entry)
-        if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if backup.fullmatch(entry):
+            try:
+                content = os.listdir(path)
+                previous = os.path.join(path, "previous")
+                inner = os.listdir(previous) if content == ["previous"] and os.path.isdir(previous) else None
+                if not content or (inner is not None and (not inner or any(m in inner for m in markers))):
+                    shutil.rmtree(path)
+                    removed.append(path)
+            except OSError:
+                pass
+            continue
+        if not pattern.fullmatch(entry):
             continue
         try:
             content = os.listdir(path)

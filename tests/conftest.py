@@ -1,6 +1,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,47 @@ def tiny_artifacts(tmp_path_factory):
         return out, load_manifest(out)
     manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
     return out, manifest
+
+
+# ---------------------------------------------------------------- a synthetic PASCAL fold (eval, serving)
+
+H, W = 60, 90  # synthetic images: not square, not the model size, so resizing matters
+
+
+def _label(rng, classes):
+    """Rectangles of the given classes (each >= 2048 px so the official list filter keeps it), 255 border."""
+    label = np.zeros((H, W), np.uint8)
+    for n, c in enumerate(classes):
+        top, left = int(rng.integers(2, 8)), 2 + n * 44 + int(rng.integers(0, 2))
+        label[top : top + 50, left : left + 42] = c
+    label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
+    return label
+
+
+@pytest.fixture(scope="session")
+def pascal(tmp_path_factory):
+    """A synthetic PASCAL-5i fold 0 in the official layout:
+    <top>/data/VOCdevkit2012/VOC2012/{JPEGImages,SegmentationClassAug}, lists as the official ones
+    (paths prefixed ../data/VOCdevkit2012/VOC2012) under <top>/lists/pascal/fss_list/val."""
+    import cv2
+
+    top = tmp_path_factory.mktemp("voc")
+    root = top / "data" / "VOCdevkit2012" / "VOC2012"
+    lists = top / "lists" / "pascal"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClassAug").mkdir()
+    lists.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = {f"2008_{c}{k:05d}": [c] for c in range(1, 6) for k in range(3)}
+    names["2009_000001"] = [2, 3]
+    names["2009_000002"] = [1, 7]  # a base class next to a novel one
+    with open(lists / "val.txt", "w") as f:
+        for name, classes in names.items():
+            image = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+            cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), image)
+            cv2.imwrite(str(root / "SegmentationClassAug" / f"{name}.png"), _label(rng, classes))
+            f.write(f"JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
+    from fssam.data import scan_fold, write_fold
+
+    write_fold(scan_fold("pascal", str(root), str(lists / "val.txt"), 0, progress=False), str(lists))
+    return str(root), str(lists)

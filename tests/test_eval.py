@@ -6,53 +6,18 @@ import json
 import os
 import subprocess
 import sys
-import types
 
-import cv2
 import numpy as np
 import pytest
 
 from fssam import eval as evaluation
 from fssam.commands import eval as eval_command
-from fssam.data import load_fold, sample_episodes, scan_fold, write_fold
+from fssam.data import load_fold, sample_episodes
 from fssam.errors import ConfigError, DataError, FSSAMError
 
-H, W = 60, 90  # synthetic images: not square, not the model size, so resizing matters
+from conftest import H, W  # noqa: E402,F401  the synthetic PASCAL fold (conftest.pascal)
+
 EPISODES = 10
-
-
-def _label(rng, classes):
-    """Rectangles of the given classes (each >= 2048 px so the official list filter keeps it), 255 border."""
-    label = np.zeros((H, W), np.uint8)
-    for n, c in enumerate(classes):
-        top, left = int(rng.integers(2, 8)), 2 + n * 44 + int(rng.integers(0, 2))
-        label[top : top + 50, left : left + 42] = c
-    label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
-    return label
-
-
-@pytest.fixture(scope="module")
-def pascal(tmp_path_factory):
-    """Official layout: <top>/data/VOCdevkit2012/VOC2012/{JPEGImages,SegmentationClassAug}, lists as the
-    official ones (paths prefixed ../data/VOCdevkit2012/VOC2012) under <top>/lists/pascal/fss_list/val."""
-    top = tmp_path_factory.mktemp("voc")
-    root = top / "data" / "VOCdevkit2012" / "VOC2012"
-    lists = top / "lists" / "pascal"
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "SegmentationClassAug").mkdir()
-    lists.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = {f"2008_{c}{k:05d}": [c] for c in range(1, 6) for k in range(3)}
-    names["2009_000001"] = [2, 3]
-    names["2009_000002"] = [1, 7]  # a base class next to a novel one
-    with open(lists / "val.txt", "w") as f:
-        for name, classes in names.items():
-            image = (rng.random((H, W, 3)) * 255).astype(np.uint8)
-            cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), image)
-            cv2.imwrite(str(root / "SegmentationClassAug" / f"{name}.png"), _label(rng, classes))
-            f.write(f"JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
-    write_fold(scan_fold("pascal", str(root), str(lists / "val.txt"), 0, progress=False), str(lists))
-    return str(root), str(lists)
 
 
 @pytest.fixture(scope="module")
@@ -203,25 +168,12 @@ def test_tensorrt_without_gpu_says_so(pascal, artifacts, tmp_path):
         eval_command.handle(eval_args(pascal, tmp_path / "x.json", "--backend", "tensorrt", "--artifacts", artifacts))
 
 
-def test_triton_backend_through_the_client(pascal, runs, tmp_path, monkeypatch, tiny_model):
-    eager, _, folder = runs
+def test_triton_backend_needs_the_client(pascal, tmp_path, monkeypatch):
+    """Without tritonclient the triton backend is one error naming what is missing (the backend
+    through a real server: tests/test_serving.py)."""
     monkeypatch.setitem(sys.modules, "fssam.serving.client", None)  # not importable
     with pytest.raises(ConfigError, match="predict_remote"):
         eval_command.handle(eval_args(pascal, tmp_path / "t.json", "--backend", "triton", "--url", "localhost:8000"))
-    calls = []
-
-    def predict_remote(url, query, supports, masks, protocol):
-        calls.append((url, protocol))
-        return tiny_model(query, supports, masks).detach().numpy()  # a server running the same weights
-
-    monkeypatch.setitem(sys.modules, "fssam.serving.client", types.SimpleNamespace(predict_remote=predict_remote))
-    out = tmp_path / "t.json"
-    assert eval_command.handle(eval_args(pascal, out, "--backend", "triton", "--url", "localhost:8000",
-                                         "--protocol", "grpc", "--compare-with", str(folder / "eager.json"))) == 0
-    result = json.loads(out.read_text())
-    assert calls == [("localhost:8000", "grpc")] * EPISODES
-    assert result["random_init"] is None and "not checked" in result["weights"]
-    assert result["agreement"]["mask_iou"]["min"] == 1.0
 
 
 def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):

@@ -234,3 +234,42 @@ def test_output_files_and_folders_replace_only_their_own(tmp_path):
     check_output_folder(str(run), "results.json", owned, "--out")  # its own run
     with pytest.raises(InputError, match="is a file"):
         check_output_folder(str(ours), "results.json", owned, "--out")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_the_move_waits_for_it(tmp_path, monkeypatch, signum):
+    """A signal that arrives while replace_folder moves the old output away and the new one in is
+    taken once the move is complete: `out` is the whole new output, no backup is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rename = os.rename
+    sent = []
+
+    def rename(src, dst):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)  # between the two renames
+        real_rename(src, dst)
+
+    expected = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(expected):
+        with partial_folder(str(out)) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").close()
+            monkeypatch.setattr(os, "rename", rename)
+            replace_folder(tmp, str(out))
+    monkeypatch.undo()
+    assert sent and sorted(os.listdir(out)) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_backup_left_by_a_killed_move_is_removed_when_ours(tmp_path):
+    ours = tmp_path / ".out.old-abcd1234" / "previous"
+    ours.mkdir(parents=True)
+    (ours / "manifest.json").write_text("{}")
+    foreign = tmp_path / ".out.old-zzzz9999" / "previous"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("mine")
+    removed = remove_leftovers(str(tmp_path / "out"), markers=("manifest.json",))
+    assert removed == [str(tmp_path / ".out.old-abcd1234")]
+    assert (foreign / "thesis.tex").read_text() == "mine"

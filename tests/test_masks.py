@@ -267,31 +267,3 @@ def test_predict_url_refuses_model_options_before_connecting(tmp_path, capsys, m
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1, err
     assert flag in lines[0] and "cannot be used with --url" in lines[0] and "fixed when it is exported" in lines[0]
-
-
-def test_predict_url_refuses_other_config_than_served(tmp_path, capsys, monkeypatch):
-    import fssam.serving.client as client
-
-    class Served:  # a server whose pipeline takes 512 px inputs (small/base_plus/large)
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def metadata(self):
-            return {"inputs": [{"name": "query", "shape": [-1, 3, 512, 512]}]}
-
-        def infer(self, *args):
-            raise AssertionError("inferred although --config does not match the server")
-
-    monkeypatch.setattr(client, "RemoteFSSAM", Served)
-    files = _episode(tmp_path)
-    code = main(["predict", "--config", "tiny", "--support", files["support.jpg"], "--support-mask",
-                 files["support.png"], "--query", files["query.jpg"], "--out", str(tmp_path / "out.png"),
-                 "--url", "127.0.0.1:1"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and "--config tiny is a 64 px model" in lines[0] and "512 px" in lines[0]

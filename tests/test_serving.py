@@ -438,6 +438,39 @@ def test_cli_predict_url_matches_eager(server, tmp_path, tiny_model):
     expected = logits_to_mask(logits, *query_rgb.shape[:2]) * 255
     assert (outputs["served"] == expected).mean() >= 0.999
     assert (outputs["eager"] == outputs["served"]).mean() >= 0.99  # float vs rounded resized pixels
+    # the server reports its input size: a --config of another size is refused before any request
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "predict", "--config", "small", "--url", server.grpc_url,
+                             *common, "--out", str(tmp_path / "other.png")], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "--config small is a 512 px model" in lines[0] and "64 px" in lines[0]
+    assert not (tmp_path / "other.png").exists()
+
+
+def test_eval_through_the_server_matches_eager(server, pascal, tmp_path):
+    """`fssam eval --backend triton` against the real server: the same episodes as eager PyTorch fp32,
+    nearly the same masks and the same scores (the served python-ort graphs are within the fp32 gate)."""
+    import json
+    import subprocess
+    import sys
+
+    root, lists = pascal
+    base = [sys.executable, "-m", "fssam.cli", "eval", "--dataset", "pascal", "--root", root, "--list-root", lists,
+            "--fold", "0", "--shots", "1", "--episodes", "6", "--config", "tiny", "--no-progress"]
+    eager = subprocess.run([*base, "--backend", "eager", "--device", "cpu", "--out", str(tmp_path / "eager.json"),
+                            "--save-masks", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert eager.returncode == 0, eager.stderr
+    served = subprocess.run([*base, "--backend", "triton", "--url", server.grpc_url, "--protocol", "grpc",
+                             "--out", str(tmp_path / "t.json"),
+                             "--compare-with", str(tmp_path / "eager.json")], capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["backend"] == "triton" and result["episodes"] == 6
+    agreement = result["agreement"]
+    # the server takes UINT8 pixels, so its resized images are rounded where eager keeps them in float
+    # (as for predict --url above): a few edge pixels differ, the scores do not
+    assert agreement["mask_iou"]["pixel_agreement_mean"] >= 0.99 and agreement["mask_iou"]["min"] >= 0.98, agreement
+    assert abs(agreement["miou_delta"]) < 1e-3 and abs(agreement["fbiou_delta"]) < 1e-3
 
 
 # ---------------------------------------------------------------- servers of their own
