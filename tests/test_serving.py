@@ -131,6 +131,30 @@ def test_repository_layout(repository, tiny_artifacts):
                 assert root.encode() not in data, f"{file} names {root}"
 
 
+def test_repository_command_writes_what_its_flags_say(tmp_path, tiny_artifacts):
+    """`fssam repository` as a user runs it: the flags reach the generated configs (parsed with
+    Triton's own protobuf), it replaces its own repository, and refuses a folder of other files."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "repo"
+    command = [sys.executable, "-m", "fssam.cli", "repository", "--artifacts", tiny_artifacts[0], "--out", str(out),
+               "--max-batch", "4", "--instances", "2", "--max-queue-delay-us", "250", "--no-cache"]
+    for _ in range(2):  # the second run replaces the first one's repository
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+    for name in ("support_encoder", "query_segmenter"):
+        config = _parse(out / name / "config.pbtxt")
+        assert config.max_batch_size == 4 and [group.count for group in config.instance_group] == [2]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 250
+        assert not config.response_cache.enable  # --no-cache
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    result = subprocess.run([*command[:7], str(tmp_path / "mine")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
 def model_config_dtype(value) -> str:
     from tritonclient.grpc import model_config_pb2
 
