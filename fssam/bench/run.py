@@ -227,7 +227,7 @@ def run_bench(args) -> dict:
 
     args.device_resolved = resolve_device(args.device)
     progress = not args.no_progress
-    check_results_folder(args.out, "--out")
+    check_results_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
     model = build(args.config, **_model_options(args)).to(args.device_resolved)
     result = {

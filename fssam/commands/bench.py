@@ -39,10 +39,11 @@ def handle(args) -> int:
     from fssam.bench.run import run_bench
 
     if args.quick:
+        parse = {"shots": shot_list}  # argparse parsed these defaults too
         for key, value in QUICK.items():
-            default = shot_list(PARSER_DEFAULTS[key]) if key == "shots" else PARSER_DEFAULTS[key]
-            if getattr(args, key) == default:
-                setattr(args, key, shot_list(value) if key == "shots" else value)
+            convert = parse.get(key, lambda text: text)
+            if getattr(args, key) == convert(PARSER_DEFAULTS[key]):
+                setattr(args, key, convert(value))
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.shot_list = list(args.shots)
     result = run_bench(args)

@@ -235,7 +235,7 @@ def _bf16_summary(stages: dict, graphs: dict) -> dict:
     return {
         "opset": BF16_OPSET,
         "interface": "float32",  # tensors between stages; inside, autocast's bf16 weights and products
-        "bf16_units": sorted(name for name, entry in units.items() if entry["onnxruntime_cpu"] != "loads"),
+        "bf16_units": unloadable,  # the files holding bf16 tensors (the others compute in fp32 throughout)
         "fp32_ops": fp32_ops,  # no bf16 in their ONNX schema, or bf16 beside fp32 weights: cast to fp32 and back
         "onnxruntime_cpu": ("loads every file" if not unloadable else
                             f"cannot load {', '.join(unloadable)} (no bf16 kernels)"),
@@ -372,7 +372,7 @@ def export(
             "precision": precision,
             "dtype": str(interface).replace("torch.", ""),  # the tensors between stages (bf16: fp32, see above)
             "weights": _weights_entry(model),
-            "opset": BF16_OPSET if dtype == torch.bfloat16 else OPSET,
+            "opset": BF16_OPSET if bf16 else OPSET,
             "max_batch": max_batch,  # episodes per call; each stage's and graph's own limit beside its tensors
             "torch": torch.__version__,
             "pipeline": list(STAGE_ORDER),
@@ -380,7 +380,7 @@ def export(
             "stages": stages,
             "graphs": graphs,
         }
-        if dtype == torch.bfloat16:
+        if bf16:
             manifest["bf16"] = _bf16_summary(stages, graphs)
         write_manifest(tmp, manifest)
         bar.set_postfix_str("parity gate")

@@ -42,6 +42,7 @@ from fssam.runtime.parity import (
     check_end_to_end,
     check_stage,
     format_report,
+    limit_ratio,
     parity_report,
     sample_episode,
     stage_samples,
@@ -180,10 +181,6 @@ def _time_stage(runner, name: str, calls, repeats: int = 2) -> float:
     return 1000 * best
 
 
-def _worst(outputs: dict) -> float:
-    return max(stats["max_abs"] / max(stats["limit"], 1e-30) for stats in outputs.values())
-
-
 class _Memo(Baseline):
     """Baseline stage outputs computed once per call, however many candidates are checked."""
 
@@ -216,7 +213,7 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
         for option in [o for o in _ladder(name, precision, bf16) if name in files.get(o, {})]:
             runner = candidates.runner(option, [name])
             outputs, failures = check_stage(runner, name, records[name], fp32_baseline if option == "fp32" else baseline)
-            tried[option] = {"passed": not failures, "worst": _worst(outputs), "outputs": outputs,
+            tried[option] = {"passed": not failures, "worst": max(map(limit_ratio, outputs.values())), "outputs": outputs,
                              "ms": _time_stage(runner, name, records[name])}
         stages[name] = {"precision": _choose(tried), "tried": tried}
     while True:

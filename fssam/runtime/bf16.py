@@ -6,9 +6,9 @@ only from opset 28, which neither torch.onnx, ONNX Runtime nor TensorRT 10 reads
 operator whose schema at the file's opset has no bf16 runs in fp32 inside the bf16 graph: its
 bf16 inputs are cast to float and its outputs back to bf16, as eager bf16 autocast runs such ops
 in fp32. So does an operator that mixes a bf16 input with fp32 ones where its schema wants one
-type (autocast's LayerNorm of a bf16 activation with fp32 weights, computed in fp32 by PyTorch). A Cast from uint8 (the deployable graphs' image and mask inputs) straight to bf16 goes
-through fp32 (exact: 0..255 are bf16 values), because TensorRT converts uint8 only to fp32 and
-fp16. The eager model is not changed; the manifest lists these operators per stage.
+type (autocast's LayerNorm of a bf16 activation with fp32 weights, computed in fp32 by PyTorch).
+A Cast from uint8 (the deployable graphs' image and mask inputs) straight to bf16 goes through
+fp32 (exact: 0..255 are bf16 values), because TensorRT converts uint8 only to fp32 and fp16. The eager model is not changed; the manifest lists these operators per stage.
 
 Gate (`fp32_arithmetic`). ONNX Runtime's CPU provider has no bf16 kernel for any arithmetic
 operator (Add, MatMul, Conv, ReduceMean, ... all fail with NOT_IMPLEMENTED; only data movement,

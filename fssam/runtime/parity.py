@@ -17,6 +17,7 @@ fp32: TF32 is off for its convolutions and matrix products on a GPU.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 
@@ -174,7 +175,8 @@ class Baseline:
             return self.model(*_cast((query, supports, masks), self.input_dtype)).float()
 
 
-def _ratio(stats: dict) -> float:
+def limit_ratio(stats: dict) -> float:
+    """How close an output's error is to its limit (above 1: over it)."""
     limit = stats["limit"]
     return stats["max_abs"] / limit if limit > 0 else float("inf")
 
@@ -183,7 +185,7 @@ def check_stage(runner, name: str, calls, baseline: Baseline) -> tuple[dict, lis
     """One stage of `runner` on the recorded eager calls, each call's outputs held to their own
     limits: ({output key: stats of the call nearest its limit, with "calls" and "failed_calls"},
     failures)."""
-    outputs, failures = {}, []
+    per_output, failures = collections.defaultdict(list), []
     for call, (args, expected) in enumerate(calls):
         with torch.no_grad():
             got = _tuple(getattr(runner, name)(*_cast(args, baseline.input_dtype)))
@@ -192,25 +194,18 @@ def check_stage(runner, name: str, calls, baseline: Baseline) -> tuple[dict, lis
             continue
         low = baseline.stage(name, args) if baseline.model is not None else None
         for index, (out, ref) in enumerate(zip(got, expected)):
-            stats = error_stats(out, ref)
+            stats = {**error_stats(out, ref), "call": call}
             if low is None:
                 stats["limit"] = FP32_STAGE_RTOL * max(1.0, stats.get("reference_max_abs", 0.0))
             else:
                 stats["baseline_max_abs"] = error_stats(low[index], ref)["max_abs"]
                 stats["limit"] = LOW_PRECISION_FACTOR * stats["baseline_max_abs"] + LOW_PRECISION_FLOOR
-
-            key = f"output{index}"
-            previous = outputs.get(key)
-            stats["call"] = call
-            stats["calls"] = (previous["calls"] if previous else 0) + 1
-            stats["failed_calls"] = previous["failed_calls"] if previous else 0
             if not stats["max_abs"] <= stats["limit"]:
-                stats["failed_calls"] += 1
-                failures.append(f"{name}.{key} (call {call}): max abs {stats['max_abs']:.3g} > {stats['limit']:.3g}")
-            if previous is None or _ratio(stats) > _ratio(previous):
-                outputs[key] = stats
-            else:
-                previous["calls"], previous["failed_calls"] = stats["calls"], stats["failed_calls"]
+                failures.append(f"{name}.output{index} (call {call}): max abs {stats['max_abs']:.3g} > {stats['limit']:.3g}")
+            per_output[f"output{index}"].append(stats)
+    outputs = {key: {**max(every, key=limit_ratio), "calls": len(every),
+                     "failed_calls": sum(not stats["max_abs"] <= stats["limit"] for stats in every)}
+               for key, every in per_output.items()}
     return outputs, failures
 
 

@@ -254,13 +254,13 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         raise InputError(f"--shots must be >= 1, got {shots}")
     from fssam.model import get_config
 
-    get_config(config, **{key: value for key, value in overrides.items() if value is not None})  # before any folder
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    get_config(config, **overrides)  # a bad config or option fails before any folder is made
     clients = tuple(clients or CONCURRENCY)
     out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT), "--out",
                               (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*"))
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
-    overrides = {key: value for key, value in overrides.items() if value is not None}
     manifest = _export(config, artifacts, checkpoint, shots, seed, progress, overrides)
     weights = manifest["weights"]
 

@@ -308,11 +308,11 @@ class TritonServer:
         self.admin_key = admin_key
         self._secret = admin_key or secrets.token_urlsafe(32)  # never printed: the restricted APIs stay closed
         self.process = None
+        self.log_path = None
         if log_path:
             from fssam.files import check_output_file
 
-            check_output_file(log_path, written_log, "--log")
-        self.log_path = os.path.abspath(log_path) if log_path else None
+            self.log_path = check_output_file(log_path, written_log, "--log")
         self._default_log = log_path is None
         self._log_handle = None
         self._tmp = None
