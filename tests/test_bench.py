@@ -60,18 +60,39 @@ def test_quick_bench_writes_json_table_and_plots(tiny_artifacts, tmp_path):
     assert modes["eager_fp32"]["device"] == data["device"]
     assert modes["onnxruntime"]["device"] == ("cuda" if modes["onnxruntime"]["io_binding"] else "cpu")
     assert modes["onnxruntime"]["providers"] and modes["onnxruntime"]["providers"][0] in modes["onnxruntime"]["runtime"]
+    check = modes["onnxruntime"]["check"]  # the mode's output on the bench episode, fp32 rule
+    assert check["passed"] is True and check["baseline"] == "fp32" and check["max_abs"] <= check["limit"] < 1e-3
+    assert "check" not in modes["eager_fp32"] and "check" not in modes["eager_bf16"]
+    assert "Output check on the bench episode against eager fp32" in table and "onnxruntime passed" in table
 
 
 def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_artifacts, tmp_path):
-    asked = ["eager_fp32", "eager_bf16", "openvino_fp32"] + (["openvino_bf16"] if cpu.native_bf16() else [])
+    """With native bf16 the bench exports the gated OpenVINO bf16 plan itself (the shared export has
+    none, and bf16 runs no other way) and runs it."""
+    bf16 = cpu.native_bf16()
+    asked = ["eager_fp32", "eager_bf16", "openvino_fp32"] + (["openvino_bf16"] if bf16 else [])
     out = tmp_path / "ov"
-    result = bench(tmp_path, "--modes", ",".join(asked), "--threads", "1", "--artifacts", tiny_artifacts[0],
-                   "--out", str(out))
+    artifacts = [] if bf16 else ["--artifacts", tiny_artifacts[0]]
+    result = bench(tmp_path, "--modes", ",".join(asked), "--threads", "1", *artifacts, "--out", str(out))
     assert result.returncode == 0, result.stderr
+    if bf16:
+        assert "exporting tiny 1-shot" in result.stderr
+        manifest = json.loads((out / "artifacts-1shot" / "manifest.json").read_text())
+        assert manifest["openvino"]["bf16"]["parity"]["passed"]
+        runtime = json.loads((out / "results.json").read_text())["runs"]["1"]["modes"]["openvino_bf16"]["runtime"]
+        chosen = {name: entry["precision"] for name, entry in manifest["openvino"]["bf16"]["stages"].items()}
+        assert runtime.startswith("OpenVINO bf16") and all(f"{name} {p}" in runtime for name, p in chosen.items()
+                                                           if len(set(chosen.values())) > 1), runtime
     data = json.loads((out / "results.json").read_text())
     runs = data["runs"]["1"]
     assert list(runs["modes"]) == asked and runs["skipped"] == {} and data["threads"] == 1
     assert runs["modes"]["openvino_fp32"]["runtime"] == "OpenVINO fp32" and runs["modes"]["openvino_fp32"]["device"] == "cpu"
+    assert runs["modes"]["openvino_fp32"]["check"]["passed"] is True
+    if bf16:  # the gate passed on its own episode; the bench episode is another: reported either way
+        check = runs["modes"]["openvino_bf16"]["check"]
+        assert check["baseline"] == "bf16_autocast"
+        assert check["passed"] == (check["max_abs"] <= check["limit"] and check["mask_iou"] >= check["min_iou"])
+        assert ("FAILED" in result.stderr) == (not check["passed"])
     assert set(runs["speedups"]) == set(asked)
     for name, ratios in runs["speedups"].items():
         assert set(ratios) == set(BASELINE_KEYS)
@@ -96,6 +117,15 @@ def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_
     assert "| openvino_fp32 |" in table and "Skipped" not in table
     machine_line = table.strip().splitlines()[-1]
     assert machine_line.startswith(f"Machine: {info['model']};") and "avx512_bf16" in machine_line and "amx_int8" in machine_line
+
+
+@pytest.mark.skipif(not cpu.native_bf16(), reason="without native bf16 the openvino_bf16 mode is skipped, not refused")
+def test_openvino_bf16_mode_needs_a_gated_plan(tiny_artifacts, tmp_path):
+    result = bench(tmp_path, "--modes", "openvino_bf16", "--artifacts", tiny_artifacts[0], "--out", str(tmp_path / "x"))
+    assert result.returncode == 1 and not (tmp_path / "x").exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("has no OpenVINO bf16 plan, which the openvino_bf16 mode needs: export it with "
+                         "`fssam export --openvino bf16`, or leave --artifacts out"), result.stderr
 
 
 def test_missing_baselines_are_added(tiny_artifacts, tmp_path):
@@ -230,3 +260,36 @@ def test_onnxruntime_mode_runs_on_the_gpu_with_io_binding(tiny_artifacts):
     report = mode.report()
     assert mode.device.type == "cuda" and report["io_binding"] and "CUDAExecutionProvider" in report["providers"]
     assert seconds > 0 and set(stages) == {"prior_backbone", "image_encoder", "prior", "memory_encoder", "refine", "head"}
+
+
+def test_output_check_fails_a_wrong_mode_and_names_its_rule():
+    """fssam.bench.checks on the real tiny model: a mode off by more than its rule's limit fails, the
+    same output within it passes; a bf16 mode is held to 2x eager autocast's error; a mode without a
+    rule is reported as not checked, with the reason."""
+    from fssam.bench.checks import check_modes, describe
+    from fssam.model import build
+    from fssam.runtime.parity import sample_episode
+
+    model = build("tiny", seed=0)
+    inputs = sample_episode(model.config, 1, seed=3)
+
+    class Mode:
+        def __init__(self, name, baseline, offset=0.0, autocast=False):
+            self.name, self.baseline, self.offset, self.autocast = name, baseline, offset, autocast
+
+        def logits(self, query, supports, masks):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                return model(query, supports, masks).float() + self.offset
+
+    unchecked = Mode("triton", None)
+    unchecked.unchecked = "a server given by --url"
+    result = check_modes([Mode("eager_fp32", None), Mode("compile", "fp32"), Mode("onnxruntime", "fp32", 0.01),
+                          Mode("openvino_bf16", "bf16_autocast", autocast=True), unchecked], model, inputs)
+    assert set(result) == {"compile", "onnxruntime", "openvino_bf16", "triton"}
+    assert result["compile"]["passed"] is True and result["compile"]["max_abs"] == 0.0
+    assert result["onnxruntime"]["passed"] is False and result["onnxruntime"]["max_abs"] > result["onnxruntime"]["limit"]
+    assert result["openvino_bf16"]["passed"] is True and result["openvino_bf16"]["max_abs"] > 0
+    assert result["triton"] == {"passed": None, "reason": "a server given by --url"}
+    text = describe(result)
+    assert "onnxruntime FAILED" in text and "compile passed" in text and "bf16 autocast rule" in text
+    assert "triton not checked (a server given by --url)" in text

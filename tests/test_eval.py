@@ -186,6 +186,7 @@ def test_cli_end_to_end_and_one_line_errors(pascal, tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "mIoU" in done.stdout and "aeroplane" in done.stdout and "RANDOM-INIT" in done.stderr
+    assert "backend eager fp32 on cpu, config tiny" in done.stdout  # the summary names the precision
     result = json.loads(out.read_text())
     assert result["episodes"] == 3 and os.path.isfile(result["masks_file"])
     done = subprocess.run([*base, "--root", str(tmp_path / "nowhere"), "--out", str(out)],

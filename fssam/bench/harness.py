@@ -74,6 +74,12 @@ class StageMode:
         synchronize(self.device)
         return time.perf_counter() - start, dict(self.timed.times)
 
+    def logits(self, query, supports, masks) -> torch.Tensor:
+        """One untimed episode's logits (the output check of fssam.bench.checks)."""
+        query, supports, masks = self._on_device(query, supports, masks)
+        with torch.inference_mode(), self.timed.context():
+            return run_episode(self.timed.runner, query, supports, masks)
+
     def cached(self, query, supports, masks) -> float:
         query, supports, masks = self._on_device(query, supports, masks)
         with torch.inference_mode():
@@ -120,6 +126,11 @@ class GraphMode:
             self._timed(times, "query_segmenter", query, *support, masks)
         return sum(times.values()), times
 
+    def logits(self, query, supports, masks) -> torch.Tensor:
+        query, supports, masks = self._inputs(query, supports, masks)
+        with torch.inference_mode(), self.context():
+            return self.runner.query_segmenter(query, *self.runner.support_encoder(supports, masks), masks)
+
     def cached(self, query, supports, masks) -> float:
         query, supports, masks = self._inputs(query, supports, masks)
         with torch.inference_mode():
@@ -154,6 +165,10 @@ class EpisodeMode:
         start = time.perf_counter()
         self.call(query, supports, masks, cache=True)
         return time.perf_counter() - start
+
+    def logits(self, query, supports, masks) -> torch.Tensor:
+        """The served logits for these very inputs (the support set as the cached calls send it)."""
+        return torch.as_tensor(self.call(query, supports, masks, cache=True))
 
 
 class RssSampler:

@@ -10,6 +10,7 @@ from importlib import metadata
 
 import torch
 
+from fssam.bench.checks import describe as describe_checks
 from fssam.runtime import cpu
 from fssam.runtime.contract import STAGE_ORDER
 
@@ -92,6 +93,10 @@ def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
     described = [f"{name}: {mode['runtime']}" for name, mode in runs["modes"].items() if mode.get("runtime")]
     if described:
         lines.append("\nRuntimes: " + "; ".join(described) + ".")
+    checked = {name: mode["check"] for name, mode in runs["modes"].items() if mode.get("check")}
+    if checked:
+        lines.append("\nOutput check on the bench episode against eager fp32 (the export gate's end-to-end rule): "
+                     + describe_checks(checked) + ".")
     if runs.get("skipped"):
         lines.append("\nSkipped on this machine:\n")
         lines += [f"- {name}: {reason}" for name, reason in runs["skipped"].items()]

@@ -12,6 +12,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from fssam.bench import checks
 from fssam.bench.harness import StageMode, run_interleaved
 from fssam.bench.report import BASELINES, RESULTS_FORMAT, check_results_folder, machine, speedups, write
 from fssam.errors import ConfigError, FSSAMError, InputError
@@ -60,8 +61,10 @@ def _lacks(manifest: dict, modes) -> str | None:
     """What an export lacks that `modes` need (None: nothing), worded for an error message."""
     if "tensorrt" in modes and "tensorrt" not in manifest:
         return "no TensorRT engines, which the tensorrt mode needs: export it with --tensorrt on this GPU machine"
-    if "openvino_int8" in modes and "int8" not in manifest.get("openvino", {}):
-        return "no OpenVINO int8 plan, which the openvino_int8 mode needs: export it with `fssam export --openvino int8`"
+    for mode, precision in (("openvino_bf16", "bf16"), ("openvino_int8", "int8")):
+        if mode in modes and precision not in manifest.get("openvino", {}):
+            return (f"no OpenVINO {precision} plan, which the {mode} mode needs: export it with "
+                    f"`fssam export --openvino {precision}`")
     return None
 
 
@@ -75,10 +78,13 @@ def check_artifacts(args) -> None:
 
 
 def _export_options(args) -> dict:
-    """TensorRT engines and the OpenVINO int8 plan, when a mode needs them."""
+    """TensorRT engines and the OpenVINO bf16 / int8 plans, when a mode needs them."""
     options = {"tensorrt": "tensorrt" in args.mode_list}
+    plans = tuple(precision for mode, precision in OPENVINO.items() if precision != "fp32" and mode in args.mode_list)
+    if plans:
+        options.update(openvino=plans, threads=args.threads)
     if "openvino_int8" in args.mode_list:
-        options.update(openvino=("int8",), calibration=args.calibration, threads=args.threads)
+        options.update(calibration=args.calibration)
     return options
 
 
@@ -122,6 +128,8 @@ def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: i
     if getattr(runner, "note", None):
         print(f"bench: {name}: {runner.note}", file=sys.stderr)
     mode = StageMode(name, as_torch(runner, device), device=device, runtime=runner.describe())
+    mode.export_precision = runner.manifest["precision"]
+    mode.baseline = checks.baseline_of(name, mode.export_precision)
     if runtime == "onnxruntime":
         mode.report = lambda: {"runtime": runner.describe(), "providers": runner.providers_used(),
                                "io_binding": runner.io_binding}
@@ -131,13 +139,17 @@ def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: i
 def _mode(args, model, name: str, shots: int, progress: bool):
     """Eager, autocast and compile run on args.device (the model is already there); ONNX Runtime
     and OpenVINO on the CPU; TensorRT on the GPU with CUDA tensors between stages; triton is client-side."""
+    from fssam.runtime.parity import ieee_fp32
+
     device = args.device_resolved
-    if name == "eager_fp32":
-        return StageMode(name, model, device=device)
+    if name == "eager_fp32":  # IEEE fp32: no TF32 on a GPU, as the exports' fp32 gate
+        return StageMode(name, model, context=ieee_fp32, device=device)
     if name == "eager_bf16":
         return StageMode(name, model, context=lambda: torch.autocast(device.type, dtype=torch.bfloat16), device=device)
     if name == "compile":
-        return StageMode(name, CompiledStages(model), device=device)
+        mode = StageMode(name, CompiledStages(model), context=ieee_fp32, device=device)
+        mode.baseline = checks.baseline_of(name)
+        return mode
     if name == "onnxruntime":
         return _runtime_mode(args, name, "onnxruntime", None, shots, progress)
     if name in OPENVINO:
@@ -146,7 +158,10 @@ def _mode(args, model, name: str, shots: int, progress: bool):
         from fssam.runtime import open_runner
 
         runner = open_runner("tensorrt", _artifacts_for(args, shots, progress))
-        return StageMode(name, runner, device="cuda", runtime=runner.describe())
+        mode = StageMode(name, runner, device="cuda", runtime=runner.describe())
+        mode.export_precision = runner.manifest["precision"]
+        mode.baseline = checks.baseline_of(name, mode.export_precision)
+        return mode
     return _triton_mode(args, shots, progress)
 
 
@@ -198,6 +213,7 @@ def _triton_mode(args, shots: int, progress: bool):
     from fssam.bench.served import Served
     from fssam.serving import DEFAULT_CACHE_MB
 
+    precision = None
     if args.url:
         served = Served(args.url)
     else:
@@ -205,7 +221,8 @@ def _triton_mode(args, shots: int, progress: bool):
         from fssam.serving.server import TritonServer
 
         repository = os.path.join(args.out, f"repository-{shots}shot")
-        write_repository(_artifacts_for(args, shots, progress), repository, backend="python-ort")
+        precision = write_repository(_artifacts_for(args, shots, progress), repository,
+                                     backend="python-ort")["export_precision"]
         server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=DEFAULT_CACHE_MB,
                               log_path=os.path.join(args.out, f"tritonserver-{shots}shot.log"))
         server.start(timeout=600)
@@ -213,6 +230,10 @@ def _triton_mode(args, shots: int, progress: bool):
         served = Served(server.grpc_url)
     mode = EpisodeMode("triton", served)
     mode.url = served.url
+    if precision is None:
+        mode.unchecked = "a server given by --url runs what it was set up with, which the bench does not know"
+    else:
+        mode.baseline, mode.export_precision = checks.baseline_of("triton", precision), precision
     return mode
 
 
@@ -252,6 +273,13 @@ def run_bench(args) -> dict:
             for mode in modes:  # what ran, known once the sessions are open (e.g. ONNX Runtime's providers)
                 if getattr(mode, "report", None) is not None:
                     runs["modes"][mode.name].update(mode.report())
+            checked = checks.check_modes(modes, model, inputs)
+            for name, check in checked.items():
+                runs["modes"][name]["check"] = check
+            failed = {name: check for name, check in checked.items() if check["passed"] is False}
+            if failed:
+                print(f"bench: warning: {', '.join(failed)} failed the output check on the bench episode: "
+                      + checks.describe(failed), file=sys.stderr)
             runs["speedups"] = speedups(runs["modes"])
             runs["skipped"] = dict(args.skipped)
             served = [m for m in modes if m.name == "triton"]

@@ -1,5 +1,6 @@
 """`fssam compare`: the parity gate on an export folder against eager PyTorch, the model rebuilt
-from the manifest (its --checkpoint files must be the ones the export recorded)."""
+from the manifest (its --checkpoint files must be the ones the export recorded): the six stages
+and, where the export has them, the two deployable graphs a server runs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def handle(args) -> int:
     from fssam.export import ParityError, format_report, load_manifest, parity_report
     from fssam.model import build
     from fssam.runtime import as_torch, open_runner
+    from fssam.runtime.contract import GRAPH_ORDER
     from fssam.runtime.parity import sample_episode
 
     if args.json:
@@ -46,6 +48,10 @@ def handle(args) -> int:
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
     report = parity_report(model, runner, runner.precision, episode)
     print(format_report(report, manifest["stages"]))
+    if manifest.get("graphs") and runner.precision != "int8":  # what a server runs (int8 is a stage plan)
+        report["graphs"] = parity_report(model, runner, runner.precision, episode, stages=GRAPH_ORDER)
+        print("deployable graphs, " + format_report(report["graphs"], manifest["graphs"]))
+        report["passed"] = report["passed"] and report["graphs"]["passed"]
     if args.json:
         from fssam.files import write_json
 

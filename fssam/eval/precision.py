@@ -17,13 +17,13 @@ def check_eager_precision(precision: str | None) -> str:
 
 def eager_forward(model, query, supports, masks, device: str, precision: str):
     """model(query, supports, masks) on `device`, under torch.autocast bf16 for precision bf16 (the model
-    stays fp32, as the official FSSAM test); logits are float32 on the CPU."""
-    import contextlib
-
+    stays fp32, as the official FSSAM test), else in IEEE fp32 (no TF32 on a GPU, as the exports'
+    fp32 gate); logits are float32 on the CPU."""
     import torch
 
-    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    from fssam.runtime.parity import ieee_fp32
+
+    context = torch.autocast(device_type=device, dtype=torch.bfloat16) if precision == "bf16" else ieee_fp32()
+    with torch.inference_mode(), context:
         logits = model(query.to(device), supports.to(device), masks.to(device))
     return logits.float().cpu()

@@ -35,14 +35,28 @@ def write_json(path: str, result: dict) -> None:
     write_whole(path, result, indent=1)
 
 
+def _precision(result: dict) -> str:
+    """' bf16 autocast on cuda' / ' fp32': how the figures were computed (eager bf16 on a GPU is the
+    official test's precision)."""
+    details = result.get("backend_details") or {}
+    precision = details.get("precision")
+    if precision is None:
+        return ""
+    if result["backend"] == "eager":
+        kind = "bf16 autocast" if precision == "bf16" else "fp32"
+        return f" {kind} on {details.get('device', '?')}"
+    return f" {precision}"
+
+
 def format_table(result: dict) -> str:
     rows = [f"{'class':>5}  {'name':<14} {'episodes':>8}  {'IoU %':>7}"]
     for c, entry in result["classes"].items():
         rows.append(f"{c:>5}  {entry['name']:<14} {entry['episodes']:>8}  {100 * entry['iou']:>7.2f}")
     rows.append(
         f"mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  ({result['episodes']} episodes, "
-        f"{result['dataset']} fold {result['fold']}, {result['shots']}-shot, backend {result['backend']}, "
-        f"config {result['config'].get('name')}, {result['seconds']['model_per_episode'] * 1000:.1f} ms/episode)"
+        f"{result['dataset']} fold {result['fold']}, {result['shots']}-shot, backend {result['backend']}"
+        f"{_precision(result)}, config {result['config'].get('name')}, "
+        f"{result['seconds']['model_per_episode'] * 1000:.1f} ms/episode)"
     )
     rows.append(result["weights"])
     return "\n".join(rows)

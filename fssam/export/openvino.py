@@ -213,7 +213,8 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
         for option in [o for o in _ladder(name, precision, bf16) if name in files.get(o, {})]:
             runner = candidates.runner(option, [name])
             outputs, failures = check_stage(runner, name, records[name], fp32_baseline if option == "fp32" else baseline)
-            tried[option] = {"passed": not failures, "worst": max(map(limit_ratio, outputs.values())), "outputs": outputs,
+            tried[option] = {"passed": not failures, "failures": failures, "outputs": outputs,
+                             "worst": max(map(limit_ratio, outputs.values()), default=float("inf")),
                              "ms": _time_stage(runner, name, records[name])}
         stages[name] = {"precision": _choose(tried), "tried": tried}
     while True:
@@ -234,6 +235,9 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
         rest = list(tried)[list(tried).index(stages[worst]["precision"]) + 1:]
         stages[worst]["precision"] = _choose({o: tried[o] for o in rest}) if len(rest) > 1 else "fp32"
         stages[worst]["stepped_down"] = "the end-to-end check failed with this stage furthest over its limits"
+    # a stage whose every rung failed (fp32 is the last resort) fails the plan, whatever the end to end says
+    failures = [f"{failure} [OpenVINO {entry['precision']}]" for entry in stages.values()
+                for failure in entry["tried"][entry["precision"]]["failures"]] + failures
     report = {"precision": precision, "baseline": kind, "failures": failures, "passed": not failures,
               "stages": {n: e["tried"][e["precision"]]["outputs"] for n, e in stages.items()}, "end_to_end": end}
     entries = {}

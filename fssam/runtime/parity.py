@@ -2,8 +2,10 @@
 
 Per output: max abs / max rel error and where the max abs occurs; end to end also the final-mask
 IoU. Tolerances, by baseline:
-* "fp32" (fp32 exports, fp32 runtimes): logits max abs <= 1e-3 and mask IoU >= 0.999 end to
-  end; each stage output within 1e-3 x max(1, max |reference|) (outputs differ in scale).
+* "fp32" (fp32 exports, fp32 runtimes): every output, stage outputs and the final logits alike,
+  within 1e-3 x its own max |reference| + 1e-6 (outputs differ in scale; ONNX Runtime and
+  OpenVINO fp32 measured up to 4.4e-5 of it, in the small config's DINOv2 stage), and mask
+  IoU >= 0.999 end to end.
 * "same_dtype" (fp16 exports): each error against fp32 at most 2x the error of eager PyTorch run
   in fp16 on the same inputs (plus 1e-6 for outputs eager reproduces exactly), the
   flash-attention rule; mask IoU at least eager's minus 0.01.
@@ -27,9 +29,9 @@ from fssam.errors import FSSAMError
 from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER, binary_masks, run_episode, run_graphs
 from fssam.runtime.runner import default_baseline
 
-FP32_LOGITS_ATOL = 1e-3
+FP32_RTOL = 1e-3  # of the output's own max |reference|
+FP32_ATOL = 1e-6  # for outputs whose reference is (nearly) all zeros
 FP32_MIN_IOU = 0.999
-FP32_STAGE_RTOL = 1e-3
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = 1e-6
 # the final mask's IoU may fall this far below the baseline's (a random-init tiny episode flips a
@@ -175,6 +177,11 @@ class Baseline:
             return self.model(*_cast((query, supports, masks), self.input_dtype)).float()
 
 
+def fp32_limit(reference_max_abs: float) -> float:
+    """The fp32 baseline's max abs limit for an output whose reference reaches `reference_max_abs`."""
+    return FP32_RTOL * reference_max_abs + FP32_ATOL
+
+
 def limit_ratio(stats: dict) -> float:
     """How close an output's error is to its limit (above 1: over it)."""
     limit = stats["limit"]
@@ -196,7 +203,7 @@ def check_stage(runner, name: str, calls, baseline: Baseline) -> tuple[dict, lis
         for index, (out, ref) in enumerate(zip(got, expected)):
             stats = {**error_stats(out, ref), "call": call}
             if low is None:
-                stats["limit"] = FP32_STAGE_RTOL * max(1.0, stats.get("reference_max_abs", 0.0))
+                stats["limit"] = fp32_limit(stats.get("reference_max_abs", 0.0))
             else:
                 stats["baseline_max_abs"] = error_stats(low[index], ref)["max_abs"]
                 stats["limit"] = LOW_PRECISION_FACTOR * stats["baseline_max_abs"] + LOW_PRECISION_FLOOR
@@ -214,7 +221,7 @@ def check_end_to_end(got: torch.Tensor, reference: torch.Tensor, baseline_logits
     end = error_stats(got, reference)
     end["mask_iou"] = mask_iou(got, reference)
     if baseline_logits is None:
-        end["limit"], end["min_iou"] = FP32_LOGITS_ATOL, FP32_MIN_IOU
+        end["limit"], end["min_iou"] = fp32_limit(end.get("reference_max_abs", 0.0)), FP32_MIN_IOU
     else:
         end["baseline_max_abs"] = error_stats(baseline_logits, reference)["max_abs"]
         end["baseline_mask_iou"] = mask_iou(baseline_logits, reference)

@@ -6,9 +6,9 @@ Precisions are OpenVINO's inference precision per stage:
   flags found (no silent fall-back to something else).
 * int8: NNCF-quantized IR where it passed the gate, the other stages in the precision the gate
   chose; needs the plan an `fssam export --openvino int8` wrote into the manifest.
-An export that gated a precision (manifest["openvino"][precision]) runs its per-stage plan; an
-ungated fp32 or bf16 runs every stage in that precision. Compiled models are cached in
-$FSSAM_OPENVINO_CACHE (default ~/.cache/fssam/openvino), so a second start is fast.
+bf16 and int8 run the per-stage plan the export gated (manifest["openvino"][precision]): no
+reduced precision runs ungated. fp32 runs that plan where the export has one, else every stage.
+Compiled models are cached in $FSSAM_OPENVINO_CACHE (default ~/.cache/fssam/openvino), so a second start is fast.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def compile_properties(stage_precision: str, threads: int | None = None, cache: 
 
 
 def plan(manifest: dict, precision: str) -> dict:
-    """{stage or graph: {"precision", "file"}}: the gated plan of the export, or every stage at
-    `precision`. The deployable graphs run whole in the precision their own gate chose (bf16 or
+    """{stage or graph: {"precision", "file"}}: the gated plan of the export (bf16 and int8 need
+    one), or every stage at fp32. The deployable graphs run whole in the precision their own gate chose (bf16 or
     fp32); int8 has no graph plan (the graphs are not quantized)."""
     gated = manifest.get("openvino", {}).get(precision)
     if gated:
@@ -59,6 +59,9 @@ def plan(manifest: dict, precision: str) -> dict:
     elif precision == "int8":
         raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --openvino int8` "
                           "(NNCF quantization, gated against eager bf16 autocast)")
+    elif precision == "bf16":
+        raise ConfigError("this export has no OpenVINO bf16 plan: export it with `fssam export --openvino bf16` "
+                          "(each stage bf16 where it passes the gate against eager bf16 autocast, else fp32)")
     else:
         units = {name: {"precision": precision, "file": spec["file"]} for name, spec in manifest["stages"].items()}
     graph_precision = (gated or {}).get("graphs", {}).get("precision") if gated else precision
@@ -80,6 +83,8 @@ class OpenVINORunner(StageRunner):
         if self.manifest["dtype"] != "float32":
             raise ConfigError(f"OpenVINO runs fp32 exports (its precision is a compile hint); this export is "
                               f"{self.manifest['precision']}: export with --precision fp32")
+        if self.precision == "bf16":
+            require_native_bf16()  # this machine first: without it no plan helps
         self.plan = stages or plan(self.manifest, self.precision)
         if any(entry["precision"] == "bf16" for entry in self.plan.values()):
             require_native_bf16()

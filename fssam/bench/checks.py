@@ -1,0 +1,66 @@
+"""Every benched mode's output on the bench episode, checked against eager fp32 with the export
+gate's end-to-end rule (fssam.runtime.parity.check_end_to_end): a speed figure is reported with
+whether the mode computed the right answer on the inputs it was timed on.
+
+The rule follows what the mode computes: fp32 modes (torch.compile, fp32 exports, OpenVINO fp32,
+the served fp32 graphs) the fp32 limits; fp16 exports 2x eager fp16's error; bf16 exports and
+OpenVINO's bf16 / int8 plans 2x eager bf16 autocast's error. The two eager baselines are the
+references themselves and are not checked. A failing mode is reported (results.json, results.md,
+stderr), not hidden: the gate passed on its own episode, and the bench episode is another one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fssam.runtime.parity import Baseline, check_end_to_end, ieee_fp32
+from fssam.runtime.runner import default_baseline
+
+EAGER = ("eager_fp32", "eager_bf16")
+
+
+def baseline_of(name: str, export_precision: str | None = None) -> str | None:
+    """The parity baseline of a bench mode (None for the eager references)."""
+    if name in EAGER:
+        return None
+    if name in ("openvino_bf16", "openvino_int8"):
+        return "bf16_autocast"
+    if name in ("onnxruntime", "tensorrt", "triton"):
+        return default_baseline(export_precision or "fp32")
+    return "fp32"  # compile, openvino_fp32
+
+
+def check_modes(modes, model, inputs) -> dict:
+    """{mode name: end-to-end check} for every mode but the eager references: each mode has a
+    `baseline` (the rule) and a `logits` method, or an `unchecked` reason ("passed": None)."""
+    query, supports, masks = inputs
+    device = next(model.parameters()).device
+    on_device = tuple(t.to(device) for t in inputs)
+    with torch.inference_mode(), ieee_fp32():
+        reference = model(*on_device).float().cpu()
+    lows = {}
+    checks = {}
+    for mode in modes:
+        if mode.name in EAGER:
+            continue
+        kind = getattr(mode, "baseline", None)
+        if kind is None:
+            checks[mode.name] = {"passed": None, "reason": getattr(mode, "unchecked", "no rule for this mode")}
+            continue
+        precision = getattr(mode, "export_precision", None) or ("bf16" if kind == "bf16_autocast" else "fp32")
+        if kind != "fp32" and (kind, precision) not in lows:
+            lows[(kind, precision)] = Baseline(model, precision, kind).episode(*on_device).float().cpu()
+        low = lows.get((kind, precision))
+        end, failures = check_end_to_end(mode.logits(query, supports, masks).float().cpu(), reference, low, kind)
+        checks[mode.name] = {"baseline": kind, "max_abs": end["max_abs"], "limit": end["limit"],
+                             "mask_iou": end["mask_iou"], "min_iou": end["min_iou"], "passed": not failures,
+                             "failures": failures}
+    return checks
+
+
+def describe(checks: dict) -> str:
+    """'compile passed (max abs 1.2e-07, limit 0.00021; mask IoU 1.0000, at least 0.9990; fp32 rule); ...'"""
+    return "; ".join(f"{name} not checked ({c['reason']})" if c["passed"] is None else
+                     f"{name} {'passed' if c['passed'] else 'FAILED'} (max abs {c['max_abs']:.2g}, limit "
+                     f"{c['limit']:.2g}; mask IoU {c['mask_iou']:.4f}, at least {c['min_iou']:.4f}; "
+                     f"{c['baseline'].replace('_', ' ')} rule)" for name, c in checks.items())
