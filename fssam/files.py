@@ -46,15 +46,27 @@ def check_output_file(path: str, owned: Callable[[str], bool], what: str) -> str
     return absolute
 
 
+def make_parents(absolute: str, what: str, given: str) -> None:
+    """The missing parent folders of a new output folder (`mkdir -p`); a parent that is a file is
+    one InputError."""
+    parent = os.path.dirname(absolute)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{what} {given!r}: {parent!r} cannot be made: a file is in the way") from None
+    except PermissionError:
+        raise InputError(f"{what} {given!r}: folder {parent!r} cannot be made: permission denied") from None
+
+
 def check_output_folder(folder: str, marker: str, owned: Callable[[str], bool], what: str,
                         leftovers: tuple[str, ...] = ()) -> str:
-    """Before the work: `folder` may be written into. It is new (its parent exists), empty, a
-    folder this command wrote (its `marker` file passes `owned`), or holds only what an interrupted
-    run of the command leaves (names matching a `leftovers` pattern). Returns the absolute path."""
+    """Before the work: `folder` may be written into. It is new (missing parent folders are made,
+    as `mkdir -p`), empty, a folder this command wrote (its `marker` file passes `owned`), or holds
+    only what an interrupted run of the command leaves (names matching a `leftovers` pattern).
+    Returns the absolute path."""
     absolute = os.path.abspath(folder)
     if not os.path.lexists(absolute):
-        if not os.path.isdir(os.path.dirname(absolute)):
-            raise InputError(f"{what} {folder!r}: folder {os.path.dirname(absolute)!r} does not exist")
+        make_parents(absolute, what, folder)
         return absolute
     if not os.path.isdir(absolute):
         raise InputError(f"{what} {folder!r} is a file: give a folder")

@@ -74,7 +74,9 @@ def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_
     out = tmp_path / "ov"
     artifacts = [] if bf16 else ["--artifacts", tiny_artifacts[0]]
     result = bench(tmp_path, "--modes", ",".join(asked), "--threads", "1", *artifacts, "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    bf16_check = json.loads((out / "results.json").read_text())["runs"]["1"]["modes"].get("openvino_bf16", {}).get("check")
+    # exit 1 only when a mode failed its output check (results written, the row marked)
+    assert result.returncode == (1 if bf16_check and not bf16_check["passed"] else 0), result.stderr
     if bf16:
         assert "exporting tiny 1-shot" in result.stderr
         manifest = json.loads((out / "artifacts-1shot" / "manifest.json").read_text())
@@ -89,10 +91,20 @@ def test_openvino_modes_are_ratios_to_both_baselines_with_the_cpu_recorded(tiny_
     assert runs["modes"]["openvino_fp32"]["runtime"] == "OpenVINO fp32" and runs["modes"]["openvino_fp32"]["device"] == "cpu"
     assert runs["modes"]["openvino_fp32"]["check"]["passed"] is True
     if bf16:  # the gate passed on its own episode; the bench episode is another: reported either way
-        check = runs["modes"]["openvino_bf16"]["check"]
-        assert check["baseline"] == "bf16_autocast"
-        assert check["passed"] == (check["max_abs"] <= check["limit"] and check["mask_iou"] >= check["min_iou"])
-        assert ("FAILED" in result.stderr) == (not check["passed"])
+        from fssam.model import build
+        from fssam.runtime.parity import ieee_fp32, sample_episode
+
+        model = build("tiny", seed=0)
+        episode = sample_episode(model.config, 1, seed=100)  # the bench's: --seed 0 + 100
+        with torch.inference_mode():
+            with ieee_fp32():
+                exact = model(*episode)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast = model(*episode).float()
+        assert bf16_check["baseline"] == "bf16_autocast"
+        assert bf16_check["limit"] == pytest.approx(2 * (autocast - exact).abs().max().item() + 1e-6, rel=1e-6)
+        marked = "| openvino_bf16 (output check FAILED) |" in (out / "results.md").read_text()
+        assert marked == ("openvino_bf16 FAILED" in result.stderr) == (not bf16_check["passed"])
     assert set(runs["speedups"]) == set(asked)
     for name, ratios in runs["speedups"].items():
         assert set(ratios) == set(BASELINE_KEYS)
@@ -283,9 +295,16 @@ def test_output_check_fails_a_wrong_mode_and_names_its_rule():
 
     unchecked = Mode("triton", None)
     unchecked.unchecked = "a server given by --url"
+    with torch.inference_mode():
+        exact = model(*inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_error = (model(*inputs).float() - exact).abs().max().item()
+    over = Mode("openvino_int8", "bf16_autocast", offset=3 * autocast_error + 1e-5, autocast=True)
     result = check_modes([Mode("eager_fp32", None), Mode("compile", "fp32"), Mode("onnxruntime", "fp32", 0.01),
-                          Mode("openvino_bf16", "bf16_autocast", autocast=True), unchecked], model, inputs)
-    assert set(result) == {"compile", "onnxruntime", "openvino_bf16", "triton"}
+                          Mode("openvino_bf16", "bf16_autocast", autocast=True), over, unchecked], model, inputs)
+    assert set(result) == {"compile", "onnxruntime", "openvino_bf16", "openvino_int8", "triton"}
+    assert result["openvino_int8"]["passed"] is False  # error >= 2x autocast's + 1e-5: over the limit
+    assert result["openvino_int8"]["limit"] == pytest.approx(2 * autocast_error + 1e-6, rel=1e-6)
     assert result["compile"]["passed"] is True and result["compile"]["max_abs"] == 0.0
     assert result["onnxruntime"]["passed"] is False and result["onnxruntime"]["max_abs"] > result["onnxruntime"]["limit"]
     assert result["openvino_bf16"]["passed"] is True and result["openvino_bf16"]["max_abs"] > 0

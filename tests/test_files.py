@@ -234,6 +234,22 @@ def test_output_files_and_folders_replace_only_their_own(tmp_path):
     check_output_folder(str(run), "results.json", owned, "--out")  # its own run
     with pytest.raises(InputError, match="is a file"):
         check_output_folder(str(ours), "results.json", owned, "--out")
+    # a new folder under missing parents (as README's `--out out/deploy` on a fresh clone): mkdir -p
+    nested = tmp_path / "out" / "deep" / "deploy"
+    assert check_output_folder(str(nested), "results.json", owned, "--out") == str(nested)
+    assert (tmp_path / "out" / "deep").is_dir() and not nested.exists()
+    with pytest.raises(InputError, match="a file is in the way"):
+        check_output_folder(str(ours / "deploy"), "results.json", owned, "--out")
+
+
+def test_export_style_outputs_make_missing_parents(tmp_path, tiny_artifacts):
+    """export and repository make the missing parents of `--out` (mkdir -p), then the output."""
+    from fssam.serving.repository import write_repository
+
+    out = tmp_path / "repos" / "tiny" / "repo"
+    write_repository(tiny_artifacts[0], str(out))
+    assert (out / "fssam" / "config.pbtxt").is_file()
+    assert sorted(os.listdir(out.parent)) == ["repo"]  # no partial folder left beside it
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -640,6 +640,9 @@ def test_deploy_tiny_end_to_end(tmp_path):
         (1, True), (2, True), (1, False), (2, False)]
     assert all(row["failures"] == 0 and row["episodes_per_s"] > 0 for row in figures["throughput"])
     assert figures["cache_check"] == {"hits": 1, "misses": 1}
+    for name in ("gate_episode", "fresh_episode"):  # the same runtime served and in process
+        same = figures["served_vs_inprocess"][name]
+        assert same["max_abs"] <= same["limit"] < 1e-3, (name, same)
 
 
 def test_deploy_choice_and_its_reason(monkeypatch, tmp_path, capsys):

@@ -126,11 +126,6 @@ class GraphMode:
             self._timed(times, "query_segmenter", query, *support, masks)
         return sum(times.values()), times
 
-    def logits(self, query, supports, masks) -> torch.Tensor:
-        query, supports, masks = self._inputs(query, supports, masks)
-        with torch.inference_mode(), self.context():
-            return self.runner.query_segmenter(query, *self.runner.support_encoder(supports, masks), masks)
-
     def cached(self, query, supports, masks) -> float:
         query, supports, masks = self._inputs(query, supports, masks)
         with torch.inference_mode():

@@ -75,7 +75,8 @@ def _main_table(runs: dict) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, mode in runs["modes"].items():
         episode, cached, speedup = mode["episode"], mode["cached_support"], runs["speedups"][name]
-        cells = [name, f"{episode['median_ms']:.1f}", f"{episode['p90_ms']:.1f}", f"{episode['p99_ms']:.1f}",
+        failed = (mode.get("check") or {}).get("passed") is False
+        cells = [f"{name} (output check FAILED)" if failed else name, f"{episode['median_ms']:.1f}", f"{episode['p90_ms']:.1f}", f"{episode['p99_ms']:.1f}",
                  *(_times(speedup[key]["episode"]) for key in BASELINES), f"{cached['median_ms']:.1f}",
                  *(_times(speedup[key]["cached_support"]) for key in BASELINES),
                  f"{mode['peak_rss_mb']:.0f}", f"{mode['working_mb']:.0f}"]

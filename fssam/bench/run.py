@@ -90,7 +90,7 @@ def _export_options(args) -> dict:
 
 def _artifacts_for(args, shots: int, progress: bool) -> str:
     """The export folder for `shots`: --artifacts when its manifest matches, else a fresh export
-    (with what the modes need: TensorRT engines, the OpenVINO int8 plan)."""
+    (with what the modes need: TensorRT engines, the OpenVINO bf16 and int8 plans)."""
     from fssam.export import export, load_manifest
 
     if args.artifacts:
@@ -278,8 +278,8 @@ def run_bench(args) -> dict:
                 runs["modes"][name]["check"] = check
             failed = {name: check for name, check in checked.items() if check["passed"] is False}
             if failed:
-                print(f"bench: warning: {', '.join(failed)} failed the output check on the bench episode: "
-                      + checks.describe(failed), file=sys.stderr)
+                print(f"bench: {shots}-shot: " + checks.describe(failed), file=sys.stderr)
+                result.setdefault("failed_checks", []).extend(f"{name} ({shots}-shot)" for name in failed)
             runs["speedups"] = speedups(runs["modes"])
             runs["skipped"] = dict(args.skipped)
             served = [m for m in modes if m.name == "triton"]

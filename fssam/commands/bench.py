@@ -49,4 +49,9 @@ def handle(args) -> int:
     result = run_bench(args)
     print(markdown(result))
     print(f"wrote {result['files']['json']}, {result['files']['markdown']} and {len(result['files']['plots'])} plots")
+    if result.get("failed_checks"):
+        from fssam.errors import FSSAMError
+
+        raise FSSAMError(f"{', '.join(result['failed_checks'])} failed the output check against eager fp32 on the "
+                         f"bench episode (the timings are written, marked so)")
     return 0

@@ -58,7 +58,8 @@ def register(subparsers) -> None:
     model.add_argument("--precision", default=None,
                        help="eager: fp32 (default) | bf16 (the fp32 model under torch.autocast bf16, as the "
                        "official test); onnx / openvino / tensorrt: the runtime's precision (default: the export's); "
-                       "openvino: fp32 | bf16 | int8 (int8 needs `fssam export --openvino int8`); not for triton")
+                       "openvino: fp32 | bf16 | int8 (bf16 / int8 need their gated plans: `fssam export --openvino bf16,int8`); "
+                       "not for triton")
     model.add_argument("--url", help="triton: server address, e.g. localhost:8000")
     model.add_argument("--protocol", default="http", choices=("http", "grpc"), help="triton protocol")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

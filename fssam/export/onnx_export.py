@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import fssam
 from fssam.errors import FSSAMError, InputError
-from fssam.files import check_replaceable, partial_folder, replace_folder
+from fssam.files import check_replaceable, make_parents, partial_folder, replace_folder
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
 from fssam.export.stages import STAGE_MODULES, BF16Autocast
@@ -323,10 +323,8 @@ def export(
         from fssam.export.tensorrt import require_tensorrt
 
         require_tensorrt()  # fail before the long work, not after it
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise InputError(f"output parent folder {parent!r} does not exist")
+    given, out = out, os.path.abspath(out)
+    make_parents(out, "--out", given)  # mkdir -p, before the long work
     _check_destination(out)
     model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
     dtype = DTYPES[precision]

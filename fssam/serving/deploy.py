@@ -9,8 +9,9 @@ fastest that passed its gate -> serve it (Triton ensemble, response cache) -> pa
 3. Write the repository with it (python-ort or python-openvino) and serve it with Triton's
    response cache on support_encoder.
 4. The gate's episode through the ensemble vs eager fp32 (the end-to-end check; limits from eager
-   bf16 autocast for bf16) and vs the same runtime in process; sent twice, the second must be a
-   cache hit in Triton's statistics with identical logits.
+   bf16 autocast for bf16); it and a fresh episode vs the same runtime in process (fp32 limit);
+   the gate's episode sent twice, the second must be a cache hit in Triton's statistics with
+   identical logits.
 5. Latency at concurrency 1, interleaved: served (new support set / cached support) vs the same
    runtime in process and the two eager baselines; the server's overhead.
 6. Throughput at concurrency 1, 2, 4, 8 (dynamic batching), cached and new support sets, and the
@@ -33,6 +34,7 @@ from fssam.serving import DEFAULT_CACHE_MB, ServingError
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
+FRESH_EPISODE_SEED = 1000  # an episode no gate saw, for the served-vs-in-process check
 STEPS = 6
 RESULT_FILE = "deploy.json"
 DEPLOY_FORMAT = "fssam-deploy/1"  # deploy.json: the folder is a deploy run's own, which a later run may replace
@@ -128,19 +130,28 @@ def _print_choice(chosen: Measured, rows: list[Measured], results: dict) -> None
               f"({' or '.join(cpu.NATIVE_BF16_FLAGS)}): {cpu.describe()}", flush=True)
 
 
-def check_served(model, chosen: Measured, served, episode) -> tuple[dict, list[str], float]:
+def check_served(model, chosen: Measured, served, episode, fresh_served, fresh) -> tuple[dict, list[str], dict]:
     """The gate's end-to-end check of served logits vs eager fp32 (limits from eager bf16 autocast
-    for bf16), and the max abs difference to the same runtime in process."""
+    for bf16) on the gate's episode; and, on that episode and a fresh one, the served logits vs the
+    same runtime in process, held to the fp32 limit (the same computation: a difference is wiring)."""
     from fssam.runtime.contract import run_graphs
-    from fssam.runtime.parity import Baseline, check_end_to_end
+    from fssam.runtime.parity import Baseline, check_end_to_end, fp32_limit
 
     kind = chosen.runner.baseline
     with torch.inference_mode():
         eager = model(*episode)
-        inprocess = run_graphs(chosen.runner, *episode).float()
+        inprocess = {"gate_episode": run_graphs(chosen.runner, *episode).float(),
+                     "fresh_episode": run_graphs(chosen.runner, *fresh).float()}
     low = Baseline(model, chosen.precision, kind).episode(*episode) if kind != "fp32" else None
     end, failures = check_end_to_end(served, eager, low, kind)
-    return end, failures, float((served - inprocess).abs().max())
+    same = {}
+    for name, got in (("gate_episode", served), ("fresh_episode", fresh_served)):
+        diff, limit = float((got - inprocess[name]).abs().max()), fp32_limit(float(inprocess[name].abs().max()))
+        same[name] = {"max_abs": diff, "limit": limit}
+        if not diff <= limit:
+            failures.append(f"served vs in-process {chosen.label} on the {name.replace('_', ' ')}: "
+                            f"max abs {diff:.3g} > {limit:.3g}")
+    return end, failures, same
 
 
 def check_cache(remote, episode) -> tuple[torch.Tensor, dict]:
@@ -285,12 +296,17 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         print(f"      ready in {time.perf_counter() - start:.1f} s: gRPC {server.grpc_url}, HTTP {server.http_url}",
               flush=True)
         _step(5, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
+        fresh = sample_episode(model.config, shots, batch=1, seed=seed + FRESH_EPISODE_SEED)
         with RemoteFSSAM(server.grpc_url) as remote:
             served, cache = check_cache(remote, episode)
-        end, failures, vs_inprocess = check_served(model, chosen, served, episode)
+            fresh_served = remote.infer(*fresh)
+        end, failures, vs_inprocess = check_served(model, chosen, served, episode, fresh_served, fresh)
+        eager_failed = any(f.startswith("end_to_end") for f in failures)
         print(f"      logits max abs {end['max_abs']:.2e} (limit {end['limit']:.3g}), mask IoU {end['mask_iou']:.4f} "
-              f"(min {end['min_iou']:.4f}) vs eager fp32: {'PASS' if not failures else 'FAIL'}; vs in-process "
-              f"{chosen.label}: max abs {vs_inprocess:.2e}", flush=True)
+              f"(min {end['min_iou']:.4f}) vs eager fp32: {'FAIL' if eager_failed else 'PASS'}; vs in-process "
+              f"{chosen.label}, this episode and a fresh one: max abs {vs_inprocess['gate_episode']['max_abs']:.2e}, "
+              f"{vs_inprocess['fresh_episode']['max_abs']:.2e} (limit {vs_inprocess['gate_episode']['limit']:.3g}): "
+              f"{'FAIL' if len(failures) > eager_failed else 'PASS'}", flush=True)
         print(f"      same support set again: a response-cache hit on support_encoder (Triton statistics: "
               f"+{cache['hits']} hit, +{cache['misses']} miss), identical logits", flush=True)
 
@@ -314,12 +330,13 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"], "chosen": chosen.label,
         "backend": chosen.backend, "precision": chosen.precision,
         "inprocess": {row.label: results[row.label] for row in rows}, "served": latency,
-        "end_to_end": end, "passed": not failures, "served_vs_inprocess_max_abs": vs_inprocess,
+        "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
         "machine": machine(), "artifacts": artifacts, "repository": repository,
     }
     write_json(os.path.join(out, RESULT_FILE), result)
     if failures:
-        raise ServingError(f"served logits differ from eager PyTorch: {'; '.join(failures)}")
+        raise ServingError(f"served logits differ from eager PyTorch or the same runtime in process: "
+                           f"{'; '.join(failures)}")
     return result
 

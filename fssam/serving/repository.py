@@ -36,7 +36,7 @@ import shutil
 import numpy as np
 
 from fssam.errors import ConfigError, InputError
-from fssam.files import check_replaceable, partial_folder, read_json, replace_folder
+from fssam.files import check_replaceable, make_parents, partial_folder, read_json, replace_folder
 from fssam.runtime.contract import DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT
 from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest
 from fssam.runtime.runners import openvino as ov_runner
@@ -130,10 +130,8 @@ def _repository_owned(out: str) -> tuple[set, set]:
 
 
 def _prepare_out(out: str) -> str:
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise InputError(f"output parent folder {parent!r} does not exist")
+    given, out = out, os.path.abspath(out)
+    make_parents(out, "--out", given)  # mkdir -p
     check_replaceable(out, "an fssam model repository", _repository_owned)
     return out
 
