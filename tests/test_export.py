@@ -117,7 +117,24 @@ def test_compare_command_passes(artifacts, tmp_path):
     assert "deployable graphs" in result.stdout and "query_segmenter" in result.stdout
     report = json.loads(report_path.read_text())
     assert report["passed"] and set(report["stages"]) == set(STAGE_ORDER)
+    assert report["runtime"].startswith("ONNX Runtime fp32 (CPUExecutionProvider")
     assert report["graphs"]["passed"] and set(report["graphs"]["stages"]) == set(GRAPH_ORDER)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs an onnxruntime without its CUDA provider")
+def test_compare_on_a_gpu_provider_this_onnxruntime_lacks_is_refused(artifacts):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has its CUDA provider")
+    out, _ = artifacts
+    for argv, message in ((["--device", "cuda"], "--device cuda: this onnxruntime has no CUDAExecutionProvider"),
+                          (["--backend", "openvino", "--device", "cuda"], "OpenVINO runs on the CPU here")):
+        result = subprocess.run([sys.executable, "-m", "fssam.cli", "compare", "--artifacts", out, *argv],
+                                capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+        assert "PASSED" not in result.stdout
 
 
 def test_fp16_five_shot_gate(tmp_path):

@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     compare.add_argument("--backend", default="onnxruntime", help="a runtime: onnxruntime | openvino | tensorrt")
     compare.add_argument("--precision", help="the runtime's precision (default: the export's); openvino: fp32 | bf16 | int8")
     compare.add_argument("--threads", type=at_least(1), help="CPU threads of the runtime (default: the runtime's own)")
+    compare.add_argument("--device", default="cpu",
+                         help="onnxruntime: cpu (default), cuda or cuda:N (its TensorRT and CUDA providers, "
+                              "IO binding; refused where this onnxruntime has no CUDA provider)")
     compare.add_argument("--batch", type=at_least(1), default=1, help="episodes per call")
     compare.add_argument("--episode-seed", type=int, default=2024)
     compare.add_argument("--json", help="also write the report as JSON here")
@@ -28,6 +31,7 @@ REPORT_FORMAT = "fssam-parity-report/1"  # the --json file: a later compare may 
 
 
 def handle(args) -> int:
+    from fssam.errors import ConfigError
     from fssam.export import ParityError, format_report, load_manifest, parity_report
     from fssam.model import build
     from fssam.runtime import as_torch, open_runner
@@ -42,9 +46,13 @@ def handle(args) -> int:
     cfg = manifest["config"]
     checkpoints = _checkpoints(args, manifest)
     seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
+    runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads,
+                                  **_device_option(args)))
+    if getattr(runner.runner, "note", None):  # asked for a GPU provider it does not have: not a GPU gate
+        raise ConfigError(f"--device {args.device}: {runner.runner.note.split(': ran on')[0]}: nothing to gate "
+                          "on the GPU (pip install onnxruntime-gpu)")
     model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
                   refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
-    runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads))
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
     report = parity_report(model, runner, runner.precision, episode)
     print(format_report(report, manifest["stages"]))
@@ -54,6 +62,8 @@ def handle(args) -> int:
         print("deployable graphs, " + format_report(graphs, manifest["graphs"]))
         report["failures"] = report["failures"] + [f"graphs: {failure}" for failure in graphs["failures"]]
         report["passed"] = report["passed"] and graphs["passed"]
+    report["runtime"] = runner.describe()  # the providers that ran
+    print(f"runtime: {report['runtime']}")
     if args.json:
         from fssam.files import write_json
 
@@ -61,6 +71,17 @@ def handle(args) -> int:
     if not report["passed"]:
         raise ParityError("parity gate failed", report)
     return 0
+
+
+def _device_option(args) -> dict:
+    """open_runner's device option: ONNX Runtime's providers follow it; the other runtimes have one place."""
+    from fssam.errors import ConfigError
+
+    if args.backend == "onnxruntime":
+        return {"device": args.device}
+    if args.device != "cpu" and args.backend == "openvino":
+        raise ConfigError(f"--device {args.device}: OpenVINO runs on the CPU here (--device is for onnxruntime)")
+    return {}
 
 
 def _graph_baseline(manifest: dict, backend: str, precision: str) -> str | None:
