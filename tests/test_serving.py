@@ -789,13 +789,15 @@ def _repository_index_status(http_url: str, headers: dict) -> int:
 def test_serve_command_admin_key_from_the_environment_then_sigterm_stops_cleanly(repository):
     """$FSSAM_ADMIN_KEY opens the model-repository API to requests carrying it (and only those),
     the ready line says so without printing the key; SIGTERM stops fssam serve and tritonserver."""
+    from fssam.serving.server import ADMIN_HEADER
+
     process, ready = _start_serve(repository, env={"FSSAM_ADMIN_KEY": "k3y-from-env"})
     try:
         assert ready.startswith("ready:"), process.stderr.read()
         assert "admin APIs open to the admin key" in ready and "k3y-from-env" not in ready
         http_url = ready.split("HTTP ", 1)[1].split()[0]
-        assert _repository_index_status(http_url, {"fssam-admin-key": "k3y-from-env"}) == 200
-        assert _repository_index_status(http_url, {"fssam-admin-key": "guess"}) == 403
+        assert _repository_index_status(http_url, {ADMIN_HEADER: "k3y-from-env"}) == 200
+        assert _repository_index_status(http_url, {ADMIN_HEADER: "guess"}) == 403
         assert _repository_index_status(http_url, {}) == 403
         children = _children(process.pid)
         process.send_signal(signal.SIGTERM)

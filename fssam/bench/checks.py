@@ -16,25 +16,12 @@ from __future__ import annotations
 import torch
 
 from fssam.runtime.parity import Baseline, check_end_to_end, ieee_fp32
-from fssam.runtime.runner import default_baseline
-
-EAGER = ("eager_fp32", "eager_bf16")
-
-
-def baseline_of(name: str, export_precision: str | None = None) -> str | None:
-    """The parity baseline of a bench mode (None for the eager references)."""
-    if name in EAGER:
-        return None
-    if name in ("openvino_bf16", "openvino_int8"):
-        return "bf16_autocast"
-    if name in ("onnxruntime", "tensorrt", "triton"):
-        return default_baseline(export_precision or "fp32")
-    return "fp32"  # compile, openvino_fp32
 
 
 def check_modes(modes, model, inputs) -> dict:
-    """{mode name: end-to-end check} for every mode but the eager references: each mode has a
-    `baseline` (the rule) and a `logits` method, or an `unchecked` reason ("passed": None)."""
+    """{mode name: end-to-end check} for every mode that declares a `baseline` (the rule: its
+    runner's, "fp32" for torch.compile; `export_precision` too where it is fp16) and has a `logits`
+    method, or an `unchecked` reason ("passed": None). The eager references declare neither."""
     import copy
 
     query, supports, masks = inputs
@@ -45,13 +32,13 @@ def check_modes(modes, model, inputs) -> dict:
     lows = {}
     checks = {}
     for mode in modes:
-        if mode.name in EAGER:
+        if getattr(mode, "unchecked", None):
+            checks[mode.name] = {"passed": None, "reason": mode.unchecked}
             continue
         kind = getattr(mode, "baseline", None)
         if kind is None:
-            checks[mode.name] = {"passed": None, "reason": getattr(mode, "unchecked", "no rule for this mode")}
             continue
-        precision = getattr(mode, "export_precision", None) or ("bf16" if kind == "bf16_autocast" else "fp32")
+        precision = getattr(mode, "export_precision", "fp32")  # fp16 exports name theirs (same_dtype)
         where = torch.device(getattr(mode, "device", "cpu")).type
         key = (kind, precision, where)
         if kind != "fp32" and key not in lows:

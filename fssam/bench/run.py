@@ -16,6 +16,7 @@ from fssam.bench import checks
 from fssam.bench.harness import StageMode, run_interleaved
 from fssam.bench.report import BASELINES, RESULTS_FORMAT, check_results_folder, machine, speedups, write
 from fssam.errors import ConfigError, FSSAMError, InputError
+from fssam.runtime.runner import default_baseline
 
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
          "tensorrt", "triton")
@@ -127,12 +128,16 @@ def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: i
     device = "cuda" if getattr(runner, "io_binding", False) else "cpu"
     if getattr(runner, "note", None):
         print(f"bench: {name}: {runner.note}", file=sys.stderr)
-    mode = StageMode(name, as_torch(runner, device), device=device, runtime=runner.describe())
-    mode.export_precision = runner.manifest["precision"]
-    mode.baseline = checks.baseline_of(name, mode.export_precision)
+    mode = _checked(StageMode(name, as_torch(runner, device), device=device, runtime=runner.describe()), runner)
     if runtime == "onnxruntime":
         mode.report = lambda: {"runtime": runner.describe(), "providers": runner.providers_used(),
                                "io_binding": runner.io_binding}
+    return mode
+
+
+def _checked(mode: StageMode, runner) -> StageMode:
+    """The output check's rule of a runtime mode: its runner's own gate reference (fssam.bench.checks)."""
+    mode.baseline, mode.export_precision = runner.baseline, runner.precision
     return mode
 
 
@@ -148,7 +153,7 @@ def _mode(args, model, name: str, shots: int, progress: bool):
         return StageMode(name, model, context=lambda: torch.autocast(device.type, dtype=torch.bfloat16), device=device)
     if name == "compile":
         mode = StageMode(name, CompiledStages(model), context=ieee_fp32, device=device)
-        mode.baseline = checks.baseline_of(name)
+        mode.baseline, mode.export_precision = "fp32", "fp32"  # the eager fp32 modules, compiled
         return mode
     if name == "onnxruntime":
         return _runtime_mode(args, name, "onnxruntime", None, shots, progress)
@@ -158,10 +163,7 @@ def _mode(args, model, name: str, shots: int, progress: bool):
         from fssam.runtime import open_runner
 
         runner = open_runner("tensorrt", _artifacts_for(args, shots, progress))
-        mode = StageMode(name, runner, device="cuda", runtime=runner.describe())
-        mode.export_precision = runner.manifest["precision"]
-        mode.baseline = checks.baseline_of(name, mode.export_precision)
-        return mode
+        return _checked(StageMode(name, runner, device="cuda", runtime=runner.describe()), runner)
     return _triton_mode(args, shots, progress)
 
 
@@ -233,7 +235,7 @@ def _triton_mode(args, shots: int, progress: bool):
     if precision is None:
         mode.unchecked = "a server given by --url runs what it was set up with, which the bench does not know"
     else:
-        mode.baseline, mode.export_precision = checks.baseline_of("triton", precision), precision
+        mode.baseline, mode.export_precision = default_baseline(precision), precision
     return mode
 
 
