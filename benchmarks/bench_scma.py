@@ -1,15 +1,16 @@
 """SCMA benchmark: fused Triton kernel vs the PyTorch reference vs plain SDPA (no calibration).
 
     python benchmarks/bench_scma.py [--batches 1 4 16] [--shots 1 5] [--dtypes fp16 bf16]
-                                    [--tokens 1024] [--head-dim 256] [--heads 1] [--out benchmarks/results]
+                                    [--tokens 1024] [--head-dim 256] [--heads 1] [--sweep]
+                                    [--out benchmarks/results]
 
 Shapes: q (B, H, N, c), k/v (B, H, K*N + N + P, c) with P = 4 * (K + 1) pointer tokens.
 Rows:
   triton     `fssam.ops.scma.triton_kernel.triton_scma`, what torch.ops.fssam.scma runs on CUDA: the
-             calibration kernel (per-shot similarities, shot-mean keys) then the attention kernel, reading
-             k and v in place
-  triton_split  the same with the key-axis split the heuristic picks (`auto_split=True`; the op's default
-             is one pass, AUTO_SPLIT off): column "chunks", 1 where the heuristic does not split
+             calibration kernels (per-shot similarities, shot-mean keys) then the attention, reading k and
+             v in place (split over the keys where the heuristic splits: AUTO_SPLIT, on)
+  triton_split  the same with `auto_split=True` (the same as triton while AUTO_SPLIT is on): column
+             "chunks", 1 where the heuristic does not split
   torchprep  the calibration inputs in PyTorch (`calibration_inputs`, as the ONNX graph in front of the
              fssam::SCMA node computes them) + the node's kernel `scma_fused`: what the op ran before
   fused      `fssam.ops.scma.triton_kernel.scma_fused` alone (calibration inputs precomputed), split over
@@ -18,6 +19,9 @@ Rows:
   reference  `fssam.ops.scma.reference.scma_reference` (materialises the N x (2N + P) scores)
   sdpa       F.scaled_dot_product_attention on the shot-mean keys/values (2N + P), i.e. the
              same attention without the calibration: a floor for what SCMA can cost.
+--sweep adds a table: the op's GPU time with each autotune candidate of its one-pass attention kernel
+and with the split forced to 2, 4 and 8 key chunks, beside SDPA (what the autotuner and the split
+heuristic choose between).
 Times are the median of CUDA-event timed runs (triton.testing.do_bench: each call launched from
 Python, so host launch overhead shows wherever the GPU work is shorter than it) and, column "graph",
 of the same call replayed as a CUDA graph (triton.testing.do_bench_cudagraph: GPU time alone, as a
@@ -54,7 +58,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement")
     parser.add_argument("--rep", type=int, default=100, help="ms of timed repetitions per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time, as CUDA graphs, every autotune candidate of the op's attention kernel "
+                             f"and the key-axis split at {SWEEP_SPLITS} chunks, per shape (table 'sweep')")
     return parser.parse_args(argv)
+
+
+SWEEP_SPLITS = (2, 4, 8)
 
 
 def make_inputs(batch, shots, tokens, head_dim, heads, dtype, seed=0):
@@ -132,6 +142,52 @@ def graph_time(fn, rep: int):
     except Exception as exc:  # noqa: BLE001  (reported beside the eager time, never as a time)
         torch.cuda.synchronize()
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def sweep(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
+    """GPU time (CUDA graph replay) of the op with each autotune candidate of its one-pass attention
+    kernel, of the split path at SWEEP_SPLITS chunks, and of SDPA, on one shape: what the autotuner
+    and the split heuristic choose between."""
+    from fssam.ops.scma.reference import calibration_inputs, scma_reference
+    from fssam.ops.scma.triton_kernel import autotune_configs, triton_scma
+
+    q, k, v, masks = make_inputs(batch, shots, args.tokens, args.head_dim, args.heads, DTYPES[dtype_name])
+    keys, values, _, _ = calibration_inputs(k, v, masks, args.mode)
+    keys, values = keys.contiguous(), values.contiguous()
+    candidates = {f"m{c['BLOCK_M']}n{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}":
+                  (lambda c=c: triton_scma(q, k, v, masks, args.mode, num_splits=1, config=c))
+                  for c in autotune_configs("scma", args.head_dim, q.dtype)}
+    candidates.update({f"split{n}": (lambda n=n: triton_scma(q, k, v, masks, args.mode, num_splits=n))
+                       for n in SWEEP_SPLITS})
+    candidates["sdpa"] = lambda: F.scaled_dot_product_attention(q, keys, values)
+    scma_exact = scma_reference(q.float(), k.float(), v.float(), masks.float(), args.mode)
+    rows = []
+    for name, fn in candidates.items():
+        error = None if name == "sdpa" else float((fn().float() - scma_exact).abs().max())
+        graph_ms, graph_error = graph_time(fn, args.rep)
+        rows.append(dict(candidate=name, dtype=dtype_name, batch=batch, shots=shots, graph_ms=graph_ms,
+                         graph_error=graph_error, max_abs_err_vs_fp32=error))
+        print(f"  sweep {name:14s} {dtype_name} B={batch:2d} K={shots}: "
+              f"{'n/a' if graph_ms is None else f'{graph_ms:.4f}'} ms as a CUDA graph", file=sys.stderr)
+    return rows
+
+
+def sweep_markdown(rows) -> str:
+    names = list(dict.fromkeys(r["candidate"] for r in rows))
+    shapes = sorted({(r["dtype"], r["batch"], r["shots"]) for r in rows})
+    keyed = {(r["dtype"], r["batch"], r["shots"], r["candidate"]): r for r in rows}
+    lines = ["\nsweep: GPU ms per call (CUDA graph replay, median) of the op per attention config / split:\n",
+             "| dtype | batch | K | " + " | ".join(names) + " | best | best / sdpa |",
+             "|" + "---|" * (len(names) + 5)]
+    for shape in shapes:
+        got = {name: keyed.get((*shape, name), {}).get("graph_ms") for name in names}
+        timed = {n: t for n, t in got.items() if t is not None and n != "sdpa"}
+        best = min(timed, key=timed.get) if timed else None
+        ratio = f"{timed[best] / got['sdpa']:.2f}x" if best and got.get("sdpa") else "n/a"
+        lines.append(f"| {shape[0]} | {shape[1]} | {shape[2]} | "
+                     + " | ".join("n/a" if t is None else f"{t:.4f}" for t in got.values())
+                     + f" | {best} | {ratio} |")
+    return "\n".join(lines)
 
 
 def run(args):
@@ -240,6 +296,13 @@ def main(argv=None) -> int:
           f"mode {args.mode}", file=sys.stderr)
     rows = run(args)
     table = markdown(rows)
+    swept = []
+    if args.sweep:
+        for dtype_name in args.dtypes:
+            for shots in args.shots:
+                for batch in args.batches:
+                    swept += sweep(args, dtype_name, shots, batch)
+        table += "\n" + sweep_markdown(swept)
     print(f"### SCMA on {device} (N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1))\n")
     print(table)
     import triton
@@ -256,7 +319,7 @@ def main(argv=None) -> int:
         autotuned=autotune_choices(),
     )
     json_path = args.out / f"scma_{slug}_{stamp}.json"
-    json_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    json_path.write_text(json.dumps(dict(meta=meta, results=rows, sweep=swept), indent=2) + "\n")
     png_path = json_path.with_suffix(".png")
     plot(rows, png_path, f"SCMA on {device}: N={args.tokens}, c={args.head_dim}")
     print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)

@@ -5,22 +5,40 @@
 #                    TensorRT engines through the parity gate, the fssam::SCMA TensorRT plugin
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
-# Usage: bash scripts/gpu_check.sh [results folder]   (default benchmarks/results/gpu-<date>)
+# Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
+#   --quick: the pipeline bench at 1 shot, eager fp32 and bf16 autocast only, 10 runs (for a short lease)
 # A GPU image with torch and triton but without fssam's other dependencies and no network: run
 # `bash scripts/gpu_deps.sh` here first, carry .gpu-deps/ along, and run this script there with
 # PYTHONPATH=$PWD/.gpu-deps:$PWD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU on this machine: nothing to check here')"
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 out="${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}"
 mkdir -p "$out"
 # the compiled kernels, never the interpreter: tests/conftest.py only sets TRITON_INTERPRET on a
 # machine without CUDA or when FSSAM_TRITON_INTERPRET=1, and test_gpu_kernel_runs_compiled checks it
 unset TRITON_INTERPRET
 export FSSAM_TRITON_INTERPRET=0
-modes=eager_fp32,eager_bf16,compile,onnxruntime
-python -c "import tensorrt" 2>/dev/null && modes="$modes,tensorrt" || echo "gpu_check: tensorrt is not installed: TensorRT tests skip and the bench has no tensorrt mode" >&2
-python -m pytest -q -rs tests/test_kernels.py tests/test_export.py 2>&1 | tee "$out/gpu-tests.log"
-python benchmarks/bench_scma.py --out "$out"
-python -m fssam.cli bench --config small --shots 1,5 --modes "$modes" --iterations 20 --warmup 3 --out "$out/pipeline"
+tests=(tests/test_kernels.py)
+modes=eager_fp32,eager_bf16
+[ "$quick" = 1 ] || modes="$modes,compile"
+if python -c "import tensorrt" 2>/dev/null; then
+    modes="$modes,tensorrt"; tests+=(tests/test_export.py)
+else
+    echo "gpu_check: tensorrt is not installed: no TensorRT tests or bench mode" >&2
+fi
+if python -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
+    modes="$modes,onnxruntime"; [[ " ${tests[*]} " == *test_export.py* ]] || tests+=(tests/test_export.py)
+else
+    echo "gpu_check: this onnxruntime has no CUDA provider: no ONNX Runtime GPU tests or bench mode" >&2
+fi
+# each step runs even when one before it failed; the script fails if any did
+failed=()
+python -m pytest -q -rs "${tests[@]}" 2>&1 | tee "$out/gpu-tests.log" || failed+=(tests)
+python benchmarks/bench_scma.py --sweep --out "$out" || failed+=(bench_scma)
+if [ "$quick" = 1 ]; then pipeline=(--shots 1 --iterations 10 --warmup 2); else pipeline=(--shots 1,5 --iterations 20 --warmup 3); fi
+python -m fssam.cli bench --config small --modes "$modes" "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
+if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi
 echo "gpu_check: results in $out"

@@ -5,13 +5,16 @@ q (B, H, N, c); k, v (B, H, K*N + N + P, c) already rotary-encoded; support_mask
 
 Two entry points, one set of device functions:
   * `triton_scma(q, k, v, support_masks, mode)`, what torch.ops.fssam.scma runs on CUDA, all in
-    Triton with no PyTorch arithmetic in between (two launches, one pass):
-    - `_scma_calibration_kernel`, grid (K x slices + mean tiles, B*H), O(K N c): per shot s the
-      prototype p_s (masked average of the shot's keys), then per slice of the pseudo-query keys
-      their cosines with p_s and the slice's min / max (fp32; up to MAX_SLICES programs per shot
-      side by side, none reading what another wrote); with K > 1 also the shot-mean support
-      keys/values (B, H, N, c). With one shot the support keys are read in place.
-    - `_scma_kernel`: the attention below, reading the support-mean keys from that buffer (or k),
+    Triton with no PyTorch arithmetic in between (two calibration launches, then the attention):
+    - `_scma_prototype_kernel`, grid (K x slices + mean tiles, B*H), O(K N c): per shot and slice
+      of its N support keys the masked sum and mask count (fp32 partials; up to MAX_SLICES
+      programs per shot side by side); with K > 1 also the shot-mean support keys/values
+      (B, H, N, c). With one shot the support keys are read in place.
+    - `_scma_calibration_kernel`, grid (K x slices, B*H): per shot s the prototype p_s (masked
+      average of the shot's keys) from those partials, then per slice of the pseudo-query keys
+      their cosines with p_s and the slice's min / max (fp32; no program reads what another of
+      the same launch wrote).
+    - `_scma_kernel` (one pass) or the split kernels: the attention below, reading the support-mean keys from that buffer (or k),
       the pseudo-query and pointer keys from k itself, and per key tile the K cosines, min-max
       normalised with the per-shot min / max reduced from the slices (`_shot_ranges`, once per
       program) and averaged: w[j] = mean_s a_s[j].
@@ -72,7 +75,7 @@ def interpreting() -> bool:
 @triton.jit
 def _row_min_max(
     q, k_base, stride_kn, lo, hi, offs_n, offs_d, d_mask,
-    SQRT_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """fp32 row min / max of S = q k^T / sqrt(c) over the keys [lo, hi) (the calibration's pass 1)."""
     row_min = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -82,7 +85,7 @@ def _row_min_max(
         valid = cols < hi
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
                      mask=valid[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) / SQRT_C  # fp32 (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * SCALE  # fp32 (BLOCK_M, BLOCK_N)
         row_min = tl.minimum(row_min, tl.min(tl.where(valid[None, :], s, float("inf")), 1))
         row_max = tl.maximum(row_max, tl.max(tl.where(valid[None, :], s, float("-inf")), 1))
     return row_min, row_max
@@ -95,7 +98,7 @@ def _attend_range(
     lo, hi,
     cal_base, cal_origin, stride_cs, shot_low, shot_span, row_min, row_scale,
     offs_n, offs_d, d_mask,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CALIBRATE: tl.constexpr, CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax accumulation over keys [lo, hi) (FlashAttention-2 inner loop). In the
@@ -109,7 +112,7 @@ def _attend_range(
         valid = cols < hi
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
                      mask=valid[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) / SQRT_C  # fp32 (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * SCALE  # fp32 (BLOCK_M, BLOCK_N)
         if CALIBRATE:
             if CAL_SHOTS > 0:
                 shots = tl.arange(0, SHOTS_P2)
@@ -158,7 +161,7 @@ def _attend_keys(
     lo, hi, N,
     cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
     offs_n, offs_d, d_mask,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The keys [lo, hi) of the three ranges: [0, N) support-mean keys from sk/sv, [N, 2N)
@@ -166,15 +169,15 @@ def _attend_keys(
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, sk_base, sv_base, stride_skn, stride_svn,
                                   lo, tl.minimum(hi, N),
                                   cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
+                                  SCALE, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                   tl.maximum(lo, N), tl.minimum(hi, 2 * N),
                                   cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, True, CAL_SHOTS, SHOTS_P2, BLOCK_N)
+                                  SCALE, CAL_SCALE, DOT_PRECISION, True, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
                                   tl.maximum(lo, 2 * N), hi,
                                   cal_base, N, stride_cs, shot_low, shot_span, row_min, row_scale, offs_n, offs_d, d_mask,
-                                  SQRT_C, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
+                                  SCALE, CAL_SCALE, DOT_PRECISION, False, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     return acc, m_i, l_i
 
 
@@ -220,7 +223,7 @@ def _one_pass(
     stride_ob, stride_oh, stride_on,
     H, N, L,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """One program of the one-pass kernels: BLOCK_M queries of one (batch, head), all L keys."""
@@ -236,7 +239,7 @@ def _one_pass(
 
     # loop 1: row min / max of the pseudo-query scores (fp32)
     row_min, row_max = _row_min_max(q, k_base, stride_kn, N, 2 * N, offs_n, offs_d, d_mask,
-                                    SQRT_C, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                    SCALE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     row_scale = 1.0 / (row_max - row_min + EPS)
 
     # loop 2: online softmax over support-mean, calibrated pseudo-query, pointer keys
@@ -248,7 +251,7 @@ def _one_pass(
                                  k_base, v_base, stride_kn, stride_vn, 0, L, N,
                                  cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
                                  offs_n, offs_d, d_mask,
-                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
+                                 SCALE, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -267,7 +270,7 @@ def _scma_fwd_kernel(
     # output
     O,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The fssam::SCMA node's kernel (`scma_fused`, the TensorRT plugin). One program: BLOCK_M
     queries of one (batch, head), all keys. Last dims are contiguous (stride 1); keys/values hold
@@ -282,7 +285,7 @@ def _scma_fwd_kernel(
               stride_cb, stride_ch, 0, 0,
               stride_ob, stride_oh, stride_on,
               H, N, L,
-              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, 0, 1, 1)
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SCALE, CAL_SCALE, EPS, DOT_PRECISION, 0, 1, 1)
 
 
 @triton.jit
@@ -294,10 +297,10 @@ def _scma_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, L, NUM_SLICES,
+    H, N, L, NUM_SLICES, BH_BUCKET,
     O,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """The op's one-pass kernel (`triton_scma`): reads the inputs where they are. Support-mean
@@ -305,7 +308,8 @@ def _scma_kernel(
     from K/V (views starting (K - 1) N keys into k/v, so that key N is the first pseudo-query
     key), and the raw per-shot cosines W (B*H, SHOTS, N) with their per-slice min / max STATS
     (B*H, SHOTS, MAX_SLICES, 2), both fp32, of `_scma_calibration_kernel`: normalised and averaged
-    per key here."""
+    per key here. BH_BUCKET (B*H rounded up to a power of two) is read only by the autotuner: the
+    best tile depends on how many programs there are to fill the SMs."""
     _one_pass(Q, SK, SV, K, V, W, STATS, O,
               stride_qb, stride_qh, stride_qn,
               stride_skb, stride_skh, stride_skn,
@@ -315,30 +319,26 @@ def _scma_kernel(
               H * SHOTS * N, SHOTS * N, N, NUM_SLICES,
               stride_ob, stride_oh, stride_on,
               H, N, L,
-              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SQRT_C, CAL_SCALE, EPS, DOT_PRECISION, SHOTS, SHOTS_P2,
+              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SCALE, CAL_SCALE, EPS, DOT_PRECISION, SHOTS, SHOTS_P2,
               MAX_SLICES)
 
 
 @triton.jit
-def _scma_calibration_kernel(
-    K, V, MASKS, W, STATS, SK, SV,
+def _scma_prototype_kernel(
+    K, V, MASKS, PROTO_PART, COUNT_PART, SK, SV,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mk,
     stride_sb, stride_sh, stride_sn,
     H, N, NUM_SHOTS, NUM_SLICES, SLICE,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAX_SLICES: tl.constexpr,
-    PROTO_EPS: tl.constexpr, EPS: tl.constexpr,
 ):
-    """The calibration inputs of the op (the reference's `calibration_inputs`) in one launch,
-    grid (NUM_SHOTS * NUM_SLICES + mean tiles, B*H), every program writing only (no program reads
-    what another, or itself, wrote):
-      * program s * NUM_SLICES + p: the prototype of shot s, p_s = sum_j m_s[j] k_s[j] / (sum_j
-        m_s[j] + 5e-4) over the shot's N keys (each slice program of a shot sweeps them all: the
-        sweeps run side by side), then for the pseudo-query keys [p SLICE, (p + 1) SLICE) of the
-        N (k rows NUM_SHOTS N + j) the cosine with p_s into W (B*H, NUM_SHOTS, N) and its min / max
-        over the slice into STATS (B*H, NUM_SHOTS, MAX_SLICES, 2), all fp32. The attention kernels
-        take the min / max over the slices and normalise (`_attend_range`);
+    """Calibration, launch 1 of 2, grid (NUM_SHOTS * NUM_SLICES + mean tiles, B*H), every program
+    writing only:
+      * program s * NUM_SLICES + p: over the support keys [p SLICE, (p + 1) SLICE) of shot s, the
+        masked sum sum_j m_s[j] k_s[j] into PROTO_PART (B*H, NUM_SHOTS, MAX_SLICES, HEAD_DIM) and
+        sum_j m_s[j] into COUNT_PART (B*H, NUM_SHOTS, MAX_SLICES), fp32, accumulated element-wise
+        over the tiles and reduced once at the end;
       * program NUM_SHOTS * NUM_SLICES + t (launched only when NUM_SHOTS > 1): keys/values
         t*BLOCK_T.. of the shot mean into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
     MASKS (B, >= NUM_SHOTS, N) fp32, unit stride along N."""
@@ -354,36 +354,21 @@ def _scma_calibration_kernel(
         shot = pid // NUM_SLICES
         part = pid % NUM_SLICES
         mask_base = MASKS + b * stride_mb + shot * stride_mk
-        proto = tl.zeros([BLOCK_D], tl.float32)
+        weighted = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         count = tl.zeros([BLOCK_T], tl.float32)
-        for start in range(0, N, BLOCK_T):
-            rows = start + offs_t
-            valid = rows < N
-            m = tl.load(mask_base + rows, mask=valid, other=0.0)
-            f = tl.load(k_base + (shot * N + rows)[:, None] * stride_kn + offs_d[None, :],
-                        mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            proto += tl.sum(f * m[:, None], 0)
-            count += m
-        proto = proto / (tl.sum(count, 0) + PROTO_EPS)
-        proto_norm = tl.sqrt(tl.sum(proto * proto, 0))
-        w_base = W + (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * N
-        low = tl.full([BLOCK_T], float("inf"), tl.float32)
-        high = tl.full([BLOCK_T], float("-inf"), tl.float32)
         first = part * SLICE
         last = tl.minimum(first + SLICE, N)
         for start in range(first, last, BLOCK_T):
             rows = start + offs_t
             valid = rows < last
-            f = tl.load(k_base + (NUM_SHOTS * N + rows)[:, None] * stride_kn + offs_d[None, :],
+            m = tl.load(mask_base + rows, mask=valid, other=0.0)
+            f = tl.load(k_base + (shot * N + rows)[:, None] * stride_kn + offs_d[None, :],
                         mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            dots = tl.sum(f * proto[None, :], 1)
-            cosine = dots / (proto_norm * tl.sqrt(tl.sum(f * f, 1)) + EPS)
-            low = tl.minimum(low, tl.where(valid, cosine, float("inf")))
-            high = tl.maximum(high, tl.where(valid, cosine, float("-inf")))
-            tl.store(w_base + rows, cosine, mask=valid)
-        stats = STATS + ((pid_bh.to(tl.int64) * NUM_SHOTS + shot) * MAX_SLICES + part) * 2
-        tl.store(stats, tl.min(low, 0))
-        tl.store(stats + 1, tl.max(high, 0))
+            weighted += f * m[:, None]
+            count += m
+        slot = (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * MAX_SLICES + part
+        tl.store(PROTO_PART + slot * HEAD_DIM + offs_d, tl.sum(weighted, 0), mask=d_mask)
+        tl.store(COUNT_PART + slot, tl.sum(count, 0))
     else:
         rows = (pid - NUM_SHOTS * NUM_SLICES) * BLOCK_T + offs_t
         valid = rows < N
@@ -402,13 +387,66 @@ def _scma_calibration_kernel(
 
 
 @triton.jit
+def _scma_calibration_kernel(
+    K, PROTO_PART, COUNT_PART, W, STATS,
+    stride_kb, stride_kh, stride_kn,
+    H, N, NUM_SHOTS, NUM_SLICES, SLICE,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAX_SLICES: tl.constexpr,
+    PROTO_EPS: tl.constexpr, EPS: tl.constexpr,
+):
+    """Calibration, launch 2 of 2 (the reference's `calibration_inputs`), grid (NUM_SHOTS *
+    NUM_SLICES, B*H): program s * NUM_SLICES + p sums shot s's NUM_SLICES partials of
+    `_scma_prototype_kernel` into its prototype p_s = sum_j m_s[j] k_s[j] / (sum_j m_s[j] + 5e-4),
+    then for the pseudo-query keys [p SLICE, (p + 1) SLICE) of the N (k rows NUM_SHOTS N + j) writes
+    the cosine with p_s into W (B*H, NUM_SHOTS, N) and its min / max over the slice into STATS
+    (B*H, NUM_SHOTS, MAX_SLICES, 2), all fp32. The attention kernels take the min / max over the
+    slices and normalise (`_attend_range`)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    shot = pid // NUM_SLICES
+    part = pid % NUM_SLICES
+    slices = tl.arange(0, MAX_SLICES)
+    written = slices < NUM_SLICES
+    shot_slots = (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * MAX_SLICES
+    partial = tl.load(PROTO_PART + (shot_slots + slices)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=written[:, None] & d_mask[None, :], other=0.0)  # (MAX_SLICES, BLOCK_D)
+    count = tl.sum(tl.load(COUNT_PART + shot_slots + slices, mask=written, other=0.0), 0)
+    proto = tl.sum(partial, 0) / (count + PROTO_EPS)
+    proto_norm = tl.sqrt(tl.sum(proto * proto, 0))
+    w_base = W + (pid_bh.to(tl.int64) * NUM_SHOTS + shot) * N
+    low = tl.full([BLOCK_T], float("inf"), tl.float32)
+    high = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    first = part * SLICE
+    last = tl.minimum(first + SLICE, N)
+    for start in range(first, last, BLOCK_T):
+        rows = start + offs_t
+        valid = rows < last
+        f = tl.load(k_base + (NUM_SHOTS * N + rows)[:, None] * stride_kn + offs_d[None, :],
+                    mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        dots = tl.sum(f * proto[None, :], 1)
+        cosine = dots / (proto_norm * tl.sqrt(tl.sum(f * f, 1)) + EPS)
+        low = tl.minimum(low, tl.where(valid, cosine, float("inf")))
+        high = tl.maximum(high, tl.where(valid, cosine, float("-inf")))
+        tl.store(w_base + rows, cosine, mask=valid)
+    stats = STATS + (shot_slots + part) * 2
+    tl.store(stats, tl.min(low, 0))
+    tl.store(stats + 1, tl.max(high, 0))
+
+
+@triton.jit
 def _scma_stats_kernel(
     Q, K, ROW_MIN, ROW_MAX,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     H, N, CHUNK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SQRT_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split path, pass 1. Program (query tile, batch*head, slice s): the row min / max of the
     pseudo-query scores over keys [N + s CHUNK, N + (s + 1) CHUNK) into ROW_MIN / ROW_MAX
@@ -431,7 +469,7 @@ def _scma_stats_kernel(
     lo = N + pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, 2 * N)
     row_min, row_max = _row_min_max(q, k_base, stride_kn, lo, hi, offs_n, offs_d, d_mask,
-                                    SQRT_C, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                    SCALE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * N
     tl.store(ROW_MIN + part + offs_m, row_min, mask=m_mask)
     tl.store(ROW_MAX + part + offs_m, row_max, mask=m_mask)
@@ -448,7 +486,7 @@ def _scma_split_kernel(
     stride_cb, stride_ch, stride_cs, NUM_SLICES,
     H, N, L, CHUNK, NUM_STAT_SLICES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SQRT_C: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, CAL_SCALE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAL_SHOTS: tl.constexpr, SHOTS_P2: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
     """Split path, pass 2. Program (query tile, batch*head, chunk s): online softmax over keys
@@ -487,7 +525,7 @@ def _scma_split_kernel(
                                  k_base, v_base, stride_kn, stride_vn, lo, hi, N,
                                  cal_base, stride_cs, shot_low, shot_span, row_min, row_scale,
                                  offs_n, offs_d, d_mask,
-                                 SQRT_C, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
+                                 SCALE, CAL_SCALE, DOT_PRECISION, CAL_SHOTS, SHOTS_P2, BLOCK_N)
     part = pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s
     o_part = O_PART + part * N * HEAD_DIM
     tl.store(o_part + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
@@ -532,7 +570,8 @@ def _scma_combine_kernel(
 # ----------------------------------------------------------------------------- launch configs
 
 KERNELS = ("fwd", "scma", "stats", "split")  # the autotuned kernels (calibration and combine: one fixed config)
-# the table each autotuned kernel takes its candidates from: the op's one-pass kernel shares the node's
+# the table an autotuned kernel takes its candidates from where it has no entry of its own: the op's
+# one-pass kernel shares the node's except at the serving shape (c = 256, 16-bit), where it has its own
 TABLE_OF = {"fwd": "fwd", "scma": "fwd", "stats": "stats", "split": "split"}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and BLOCK_D class ("fwd" also serves
@@ -542,14 +581,22 @@ TABLE_OF = {"fwd": "fwd", "scma": "fwd", "stats": "stats", "split": "split"}
 # Triton 3.6.0 (the lent H200 image's; its spills failed six fp32 entries of an earlier table):
 #   pip install --no-deps --target /tmp/triton36 triton==3.6.0
 #   PYTHONPATH=/tmp/triton36 python -m pytest tests/test_kernels.py -k sm90
-# BLOCK_M <= 64 everywhere (the split decision counts query tiles of NOMINAL_BLOCK_M) and
-# BLOCK_N divides SPLIT_ALIGN (so the split chunks are whole key tiles).
+# BLOCK_M <= 64 in the split path's tables (the split decision counts query tiles of NOMINAL_BLOCK_M),
+# up to 128 in the one-pass kernels' ("fwd", "scma"), and BLOCK_N divides SPLIT_ALIGN everywhere (so the
+# split chunks are whole key tiles).
 AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ...]] = {
     # fp16 / bf16: tensor-core dots (wgmma on sm_90). c = 256 is the serving head dim (SAM 2's memory
     # attention: one head of 256); 64 / 128 keep one or two candidates.
-    ("fwd", "16bit", 64): ((64, 64, 4, 2), (32, 64, 4, 2)),
+    ("fwd", "16bit", 64): ((64, 64, 4, 2), (32, 64, 8, 2)),
     ("fwd", "16bit", 128): ((64, 64, 8, 2), (64, 32, 4, 3)),
-    ("fwd", "16bit", 256): ((64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)),
+    # (the two 128-row entries won at batch 16 for the op's kernel, same attention code; not yet timed here.
+    # The first entry is the TensorRT AOT plugin's fixed config)
+    ("fwd", "16bit", 256): ((64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)),
+    # the op's kernel at the serving shape: the batch is part of its autotune key (BH_BUCKET), so small
+    # tiles (more programs) can win at batch 1 and large ones at batch 16
+    # (benchmarks/results/gpu-h200-20261126b, sweep: m16n64w4s2 was fastest at batch 1, m64n32w4s2 at 4,
+    # m128n64w8s2 at 16, m128n32w8s3 second there; the other four candidates swept lost everywhere)
+    ("scma", "16bit", 256): ((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)),
     ("stats", "16bit", 64): ((64, 64, 4, 2),),
     ("stats", "16bit", 128): ((64, 64, 4, 2),),
     ("stats", "16bit", 256): ((64, 64, 4, 2), (64, 32, 4, 2)),
@@ -558,7 +605,7 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
     ("split", "16bit", 256): ((64, 32, 8, 2), (32, 32, 8, 2)),
     # fp32: FMA dots (input_precision="ieee"), twice the registers per element: 4-warp tiles of 32 x 32
     # and up spill at c >= 128 (with Triton 3.6's ptxas also at c = 64), so 8 warps and small tiles there
-    ("fwd", "fp32", 64): ((64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fwd", "fp32", 64): ((64, 32, 8, 2), (32, 32, 8, 2)),
     ("fwd", "fp32", 128): ((32, 16, 8, 2), (16, 16, 8, 2)),
     ("fwd", "fp32", 256): ((16, 32, 8, 2), (16, 16, 8, 2)),
     ("stats", "fp32", 64): ((32, 32, 4, 2),),
@@ -594,7 +641,8 @@ def _head_dim_class(block_d: int) -> int:
 
 def autotune_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[dict]:
     """The autotune candidates of `kernel` (one of KERNELS) for this head dim and dtype."""
-    table = AUTOTUNE_CONFIGS[(TABLE_OF[kernel], dtype_class(dtype), _head_dim_class(block_d_for(head_dim)))]
+    klass, dim = dtype_class(dtype), _head_dim_class(block_d_for(head_dim))
+    table = AUTOTUNE_CONFIGS.get((kernel, klass, dim)) or AUTOTUNE_CONFIGS[(TABLE_OF[kernel], klass, dim)]
     return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
@@ -603,10 +651,11 @@ def combine_config(head_dim: int) -> dict:
 
 
 def calibration_config(head_dim: int, dtype: torch.dtype = torch.float16, interpret: bool | None = None) -> dict:
-    """`_scma_calibration_kernel`'s one config. Its shot programs are serial sweeps over the N keys, bound
-    by how many bytes one SM has in flight: the largest tiles that fit, BLOCK_T x BLOCK_D = 16384
-    elements with 16 warps for fp16 / bf16 (32 KiB a step), 8192 with 8 warps for fp32 (16384 spills
-    at c = 256); 32 fp32 registers per thread and tile. Small tiles in the interpreter."""
+    """The one config of `_scma_prototype_kernel` and `_scma_calibration_kernel`: streaming sweeps over
+    slices of the keys, bound by how many bytes one SM has in flight: the largest tiles that fit,
+    BLOCK_T x BLOCK_D = 16384 elements with 16 warps for fp16 / bf16 (32 KiB a step), 8192 with 8 warps
+    for fp32 (16384 spills at c = 256); 32 fp32 registers per thread and tile. Small tiles in the
+    interpreter."""
     interpret = interpreting() if interpret is None else interpret
     block_d = block_d_for(head_dim)
     if interpret:
@@ -638,7 +687,7 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
     values = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d_for(head_dim),
-        SQRT_C=math.sqrt(head_dim),
+        SCALE=1.0 / math.sqrt(head_dim),
         CAL_SCALE=CALIBRATION_SCALE,
         EPS=COSINE_EPS,
         PROTO_EPS=PROTOTYPE_EPS,
@@ -653,7 +702,8 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
     return {name: value for name, value in values.items() if name in kernel.arg_names and value is not None}
 
 
-_FP32_POINTERS = ("CAL", "W", "STATS", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART")
+_FP32_POINTERS = ("CAL", "W", "STATS", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART", "PROTO_PART",
+                  "COUNT_PART")
 _DATA_POINTERS = ("Q", "K", "V", "O", "SK", "SV")
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -689,7 +739,7 @@ def _prune(kernel: str):
 
 
 def _autotuned(kernel: str, fn, key: list[str]):
-    union = sorted({entry for (name, _, _), table in AUTOTUNE_CONFIGS.items() if name == TABLE_OF[kernel]
+    union = sorted({entry for (name, _, _), table in AUTOTUNE_CONFIGS.items() if name in (kernel, TABLE_OF[kernel])
                     for entry in table})
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in union]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
@@ -698,13 +748,13 @@ def _autotuned(kernel: str, fn, key: list[str]):
 # autotune keys: the shapes that change the best tile (the dtypes are added by triton itself)
 _AUTOTUNED = {
     "fwd": _autotuned("fwd", _scma_fwd_kernel, ["N", "L", "HEAD_DIM"]),
-    "scma": _autotuned("scma", _scma_kernel, ["N", "L", "HEAD_DIM"]),
+    "scma": _autotuned("scma", _scma_kernel, ["N", "L", "HEAD_DIM", "BH_BUCKET"]),
     "stats": _autotuned("stats", _scma_stats_kernel, ["N", "CHUNK", "HEAD_DIM"]),
     "split": _autotuned("split", _scma_split_kernel, ["N", "L", "CHUNK", "HEAD_DIM"]),
 }
 KERNEL_FUNCTIONS = {"fwd": _scma_fwd_kernel, "scma": _scma_kernel, "stats": _scma_stats_kernel,
                     "split": _scma_split_kernel, "combine": _scma_combine_kernel,
-                    "calibration": _scma_calibration_kernel}
+                    "prototype": _scma_prototype_kernel, "calibration": _scma_calibration_kernel}
 
 
 # ----------------------------------------------------------------------------- split decision
@@ -718,10 +768,14 @@ class SplitPlan:
     stat_chunk: int  # pseudo-query keys per slice
 
 
-# Measured on an NVIDIA H200 (benchmarks/results/gpu-h200-20261126, N=1024, c=256): the split
-# kernels (0.17-0.43 ms) were slower than the one-pass kernel (0.13 ms) at batch 1, 4 and 16, so the
-# heuristic split is off until a faster split kernel is measured; `auto=True` or num_splits use it.
-AUTO_SPLIT = False
+# Whether the heuristic may split (`auto=None`). Measured on an NVIDIA H200 (benchmarks/results/
+# gpu-h200-20261126b, N=1024, c=256, fp16, GPU time of CUDA-graph replays): the op took 0.055 ms split
+# (11 chunks) against 0.159 ms in one pass at batch 1, K=1 (0.111 against 0.188 at batch 4, 5 chunks); the
+# node's kernel 0.040 against 0.110 ms. Launched from Python, the op's five launches (prototype,
+# calibration, stats, split, combine) took 0.35-0.38 ms of host time per call at batch 1, against 0.18 ms
+# for the earlier two-launch one-pass op: a launch-bound eager model pays that; CUDA graphs,
+# torch.compile's graph modes and TensorRT see the GPU time.
+AUTO_SPLIT = True
 
 
 def split_plan(batch_heads: int, num_tokens: int, num_keys: int, sm_count: int | None,
@@ -731,7 +785,7 @@ def split_plan(batch_heads: int, num_tokens: int, num_keys: int, sm_count: int |
     `sm_count` busy); then aim at PROGRAMS_PER_SM programs per SM with chunks of at least
     MIN_CHUNK keys rounded to SPLIT_ALIGN, at most MAX_SPLITS. No SM count (CPU, interpreter):
     no split. num_splits forces the number of chunks (tests): chunks rounded to 16 keys only.
-    `auto` (default AUTO_SPLIT, off): whether the heuristic may split at all."""
+    `auto` (default AUTO_SPLIT, on): whether the heuristic may split at all."""
     one_pass = SplitPlan(1, num_keys, 1, num_tokens)
     if num_splits is None:
         if not sm_count or not (AUTO_SPLIT if auto is None else auto):
@@ -848,7 +902,7 @@ def scma_fused(
     in fp32. Returns (B, H, N, c) in q's dtype (written into `out` when given: same shape and dtype
     as q, last dim contiguous). block_m / block_n: fixed tiles instead of autotuning; num_splits:
     force the split path with that many key chunks; auto_split: let `split_plan`'s heuristic split
-    on CUDA (default AUTO_SPLIT: off); one pass on CPU."""
+    on CUDA (default AUTO_SPLIT: on); one pass on CPU."""
     if q.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError(f"scma: q, keys, values must be 4-D (B, H, T, c), got {tuple(q.shape)}, "
                          f"{tuple(keys.shape)}, {tuple(values.shape)}")
@@ -895,13 +949,15 @@ def calibration_slices(num_tokens: int, block_t: int) -> tuple[int, int]:
 
 
 def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int):
-    """`_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N, c, last dims contiguous)
-    and fp32 masks (B, >= shots, N): (cosines (B*H, shots, N), stats (B*H, shots, MAX_SLICES, 2) of
-    which `num_slices` are written, num_slices, support-mean keys, values). With one shot the
-    support-mean keys/values are k and v themselves (their first N rows)."""
+    """`_scma_prototype_kernel` then `_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N,
+    c, last dims contiguous) and fp32 masks (B, >= shots, N): (cosines (B*H, shots, N), stats (B*H,
+    shots, MAX_SLICES, 2) of which `num_slices` are written, num_slices, support-mean keys, values).
+    With one shot the support-mean keys/values are k and v themselves (their first N rows)."""
     b, h, _, c = k.shape
     config = calibration_config(c, k.dtype)
     num_slices, per_slice = calibration_slices(num_tokens, config["BLOCK_T"])
+    proto_part = torch.empty((b * h, shots, MAX_SLICES, c), dtype=torch.float32, device=k.device)
+    count_part = torch.empty((b * h, shots, MAX_SLICES), dtype=torch.float32, device=k.device)
     cosines = torch.empty((b * h, shots, num_tokens), dtype=torch.float32, device=k.device)
     stats = torch.empty((b * h, shots, MAX_SLICES, 2), dtype=torch.float32, device=k.device)
     if shots > 1:
@@ -910,9 +966,12 @@ def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, sho
     else:
         sk, sv = k, v
     mean_tiles = triton.cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
-    _launch("calibration", (shots * num_slices + mean_tiles, b * h),
-            (k, v, masks, cosines, stats, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2), *_strides(sk),
-             h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config)
+    _launch("prototype", (shots * num_slices + mean_tiles, b * h),
+            (k, v, masks, proto_part, count_part, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2),
+             *_strides(sk), h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config)
+    _launch("calibration", (shots * num_slices, b * h),
+            (k, proto_part, count_part, cosines, stats, *_strides(k), h, num_tokens, shots, num_slices, per_slice),
+            c, k.dtype, config)
     return cosines, stats, num_slices, sk, sv
 
 
@@ -927,12 +986,14 @@ def triton_scma(
     block_n: int | None = None,
     num_splits: int | None = None,
     auto_split: bool | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """Drop-in replacement of `scma_reference`, all in Triton: `_scma_calibration_kernel` (the
-    calibration inputs: per-shot normalised similarities and, with several shots, the shot-mean
-    support keys/values), then the attention (`_scma_kernel`, or the split path), reading k and v
+    """Drop-in replacement of `scma_reference`, all in Triton: `_scma_prototype_kernel` and
+    `_scma_calibration_kernel` (the calibration inputs: per-shot cosines with their min / max and,
+    with several shots, the shot-mean support keys/values), then the attention (`_scma_kernel`, or the split path), reading k and v
     in place: no concatenated key tensor and no PyTorch arithmetic in between. block_m, block_n,
-    num_splits, auto_split: as `scma_fused`."""
+    num_splits, auto_split: as `scma_fused`; config: one whole launch config of the attention
+    kernels (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning (bench_scma.py --sweep)."""
     if mode not in ("paper", "official"):
         raise ValueError(f"scma mode {mode!r}: expected 'paper' or 'official'")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or support_masks.dim() != 3:
@@ -958,14 +1019,15 @@ def triton_scma(
     shift = (shots - 1) * n  # k[:, :, shift:] starts N keys before the pseudo-query block
     kc, vc = (k[:, :, shift:], v[:, :, shift:]) if shift else (k, v)
     length = total - shift
-    config = _tile_config(c, q.dtype, n, block_m, block_n)
+    config = dict(config) if config is not None else _tile_config(c, q.dtype, n, block_m, block_n)
     plan = split_plan(b * h, n, length, sm_count(q.device), num_splits, auto_split)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         cosines, stats, num_slices, sk, sv = _calibration_pass(k, v, masks, shots, n)
         if plan.num_chunks == 1:
             _launch("scma", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
                     (q, sk, sv, kc, vc, cosines, stats, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
-                     *_strides(vc), *_strides(out), h, n, length, num_slices, out), c, q.dtype, config, shots)
+                     *_strides(vc), *_strides(out), h, n, length, num_slices, triton.next_power_of_2(b * h), out),
+                    c, q.dtype, config, shots)
         else:
             cal = (cosines, stats, h * shots * n, shots * n, n, num_slices)
             _split_pass(plan, q, sk, sv, kc, vc, cal, length, out, config, shots=shots)
