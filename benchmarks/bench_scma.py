@@ -27,7 +27,8 @@ Python, so host launch overhead shows wherever the GPU work is shorter than it) 
 of the same call replayed as a CUDA graph (triton.testing.do_bench_cudagraph: GPU time alone, as a
 TensorRT engine or a CUDA-graph-captured model launches it). Memory is the peak
 allocated during one call minus what was allocated before it. Writes a markdown table to
-stdout, JSON (with the device name) and a PNG plot under --out. Needs a CUDA GPU: on a machine
+stdout, JSON (with the device name; rewritten after every shape, "complete": false until the end)
+and a PNG plot under --out. Needs a CUDA GPU: on a machine
 without one it exits with a message and writes nothing (no CPU numbers are passed off as GPU ones).
 """
 
@@ -190,16 +191,6 @@ def sweep_markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def run(args):
-    rows = []
-    for dtype_name in args.dtypes:
-        for shots in args.shots:
-            for batch in args.batches:
-                rows += measure(args, dtype_name, shots, batch)
-                torch.cuda.empty_cache()
-    return rows
-
-
 def autotune_choices() -> dict:
     """The config each autotuned kernel picked, per autotune key (shapes and dtypes)."""
     from fssam.ops.scma.triton_kernel import _AUTOTUNED
@@ -284,6 +275,10 @@ def plot(rows, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def shapes(args):
+    return [(dtype_name, shots, batch) for dtype_name in args.dtypes for shots in args.shots for batch in args.batches]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -291,35 +286,45 @@ def main(argv=None) -> int:
             "bench_scma: no CUDA GPU on this machine. The benchmark times GPU kernels and reports "
             "nothing without one (run it on a GPU machine)."
         )
+    import triton
+
     device = torch.cuda.get_device_name()
     print(f"SCMA benchmark on {device}: N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1), "
           f"mode {args.mode}", file=sys.stderr)
-    rows = run(args)
-    table = markdown(rows)
-    swept = []
-    if args.sweep:
-        for dtype_name in args.dtypes:
-            for shots in args.shots:
-                for batch in args.batches:
-                    swept += sweep(args, dtype_name, shots, batch)
-        table += "\n" + sweep_markdown(swept)
-    print(f"### SCMA on {device} (N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1))\n")
-    print(table)
-    import triton
-
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
-    meta = dict(
-        device=device, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
-        triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(), date=stamp,
-        tokens=args.tokens, head_dim=args.head_dim, heads=args.heads, mode=args.mode,
-        timing="triton.testing.do_bench median, CUDA events; graph_ms: do_bench_cudagraph median", memory="peak allocated during one call minus baseline",
-        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
-        autotuned=autotune_choices(),
-    )
     json_path = args.out / f"scma_{slug}_{stamp}.json"
-    json_path.write_text(json.dumps(dict(meta=meta, results=rows, sweep=swept), indent=2) + "\n")
+    rows, swept = [], []
+
+    def save(complete: bool) -> None:
+        """(Re)write the JSON after every shape, by rename (never half-written): a run cut short, by a
+        lease's time limit say, keeps what it measured, marked "complete": false."""
+        meta = dict(
+            device=device, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
+            triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(), date=stamp,
+            tokens=args.tokens, head_dim=args.head_dim, heads=args.heads, mode=args.mode,
+            timing="triton.testing.do_bench median, CUDA events; graph_ms: do_bench_cudagraph median",
+            memory="peak allocated during one call minus baseline",
+            sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+            autotuned=autotune_choices(), complete=complete,
+        )
+        partial = json_path.with_name(json_path.name + ".partial")
+        partial.write_text(json.dumps(dict(meta=meta, results=rows, sweep=swept), indent=2) + "\n")
+        partial.replace(json_path)
+
+    for shape in shapes(args):
+        rows += measure(args, *shape)
+        torch.cuda.empty_cache()
+        save(complete=False)
+    if args.sweep:
+        for shape in shapes(args):
+            swept += sweep(args, *shape)
+            save(complete=False)
+    save(complete=True)
+    table = markdown(rows) + ("\n" + sweep_markdown(swept) if swept else "")
+    print(f"### SCMA on {device} (N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1))\n")
+    print(table)
     png_path = json_path.with_suffix(".png")
     plot(rows, png_path, f"SCMA on {device}: N={args.tokens}, c={args.head_dim}")
     print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)

@@ -6,7 +6,9 @@
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
 # Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
-#   --quick: the pipeline bench at 1 shot, eager fp32 and bf16 autocast only, 10 runs (for a short lease)
+#   --quick (for a short lease): bench_scma in fp16 only; the pipeline bench at 1 shot, eager fp32 and bf16
+#   autocast only, 10 runs. On the lent H200 (Triton 3.6, cold kernel cache) the GPU tests took 285 s and a
+#   full bench_scma --sweep over 235 s; bench_scma runs first and rewrites its JSON after every shape.
 # A GPU image with torch and triton but without fssam's other dependencies and no network: run
 # `bash scripts/gpu_deps.sh` here first, carry .gpu-deps/ along, and run this script there with
 # PYTHONPATH=$PWD/.gpu-deps:$PWD.
@@ -36,8 +38,9 @@ else
 fi
 # each step runs even when one before it failed; the script fails if any did
 failed=()
+if [ "$quick" = 1 ]; then dtypes=(fp16); else dtypes=(fp16 bf16); fi
+python benchmarks/bench_scma.py --sweep --dtypes "${dtypes[@]}" --out "$out" || failed+=(bench_scma)
 python -m pytest -q -rs "${tests[@]}" 2>&1 | tee "$out/gpu-tests.log" || failed+=(tests)
-python benchmarks/bench_scma.py --sweep --out "$out" || failed+=(bench_scma)
 if [ "$quick" = 1 ]; then pipeline=(--shots 1 --iterations 10 --warmup 2); else pipeline=(--shots 1,5 --iterations 20 --warmup 3); fi
 python -m fssam.cli bench --config small --modes "$modes" "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi
