@@ -6,8 +6,8 @@
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
 # Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
-#   --quick (for a short lease): bench_scma in fp16 only; the pipeline bench at 1 shot, eager fp32 and bf16
-#   autocast only, 10 runs. On the lent H200 (Triton 3.6, cold kernel cache) the GPU tests took 285 s and a
+#   --quick (first argument; for a short lease): bench_scma in fp16 only; the pipeline bench at 1 shot, 10
+#   runs, without torch.compile (eager fp32, bf16 autocast, and TensorRT / ONNX Runtime GPU where installed). On the lent H200 (Triton 3.6, cold kernel cache) the GPU tests took 285 s and a
 #   full bench_scma --sweep over 235 s; bench_scma runs first and rewrites its JSON after every shape.
 # A GPU image with torch and triton but without fssam's other dependencies and no network: run
 # `bash scripts/gpu_deps.sh` here first, carry .gpu-deps/ along, and run this script there with

@@ -288,7 +288,7 @@ def _scma_fwd_kernel(
               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SCALE, CAL_SCALE, EPS, DOT_PRECISION, 0, 1, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH_BUCKET"])  # an autotune key only: no recompile per batch size class
 def _scma_kernel(
     Q, SK, SV, K, V, W, STATS,
     stride_qb, stride_qh, stride_qn,
@@ -569,7 +569,7 @@ def _scma_combine_kernel(
 
 # ----------------------------------------------------------------------------- launch configs
 
-KERNELS = ("fwd", "scma", "stats", "split")  # the autotuned kernels (calibration and combine: one fixed config)
+KERNELS = ("fwd", "scma", "stats", "split")  # the autotuned kernels (prototype, calibration, combine: one fixed config)
 # the table an autotuned kernel takes its candidates from where it has no entry of its own: the op's
 # one-pass kernel shares the node's except at the serving shape (c = 256, 16-bit), where it has its own
 TABLE_OF = {"fwd": "fwd", "scma": "fwd", "stats": "stats", "split": "split"}
@@ -587,6 +587,7 @@ TABLE_OF = {"fwd": "fwd", "scma": "fwd", "stats": "stats", "split": "split"}
 AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ...]] = {
     # fp16 / bf16: tensor-core dots (wgmma on sm_90). c = 256 is the serving head dim (SAM 2's memory
     # attention: one head of 256); 64 / 128 keep one or two candidates.
+    # (c = 64: the 4-warp 32-row entries spilled a word once the scale became a multiply; 8 warps do not)
     ("fwd", "16bit", 64): ((64, 64, 4, 2), (32, 64, 8, 2)),
     ("fwd", "16bit", 128): ((64, 64, 8, 2), (64, 32, 4, 3)),
     # (the two 128-row entries won at batch 16 for the op's kernel, same attention code; not yet timed here.
@@ -620,7 +621,7 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
 # for sm_90 without spills.
 DOCUMENTED_SPILLS: dict[str, int] = {}
 NOMINAL_BLOCK_M = 64  # query tile the split decision counts programs with
-MAX_SLICES = 16  # slices of the pseudo-query keys per shot in the calibration kernel, at most
+MAX_SLICES = 16  # slices per shot of the support keys (prototype kernel) and pseudo-query keys (calibration), at most
 SPLIT_ALIGN = 64  # split chunks are multiples of this many keys (every autotuned BLOCK_N divides it)
 MIN_CHUNK = 128  # keys per chunk / pseudo-query keys per stats slice, at least
 MAX_SPLITS = 16
@@ -769,12 +770,14 @@ class SplitPlan:
 
 
 # Whether the heuristic may split (`auto=None`). Measured on an NVIDIA H200 (benchmarks/results/
-# gpu-h200-20261126b, N=1024, c=256, fp16, GPU time of CUDA-graph replays): the op took 0.055 ms split
-# (11 chunks) against 0.159 ms in one pass at batch 1, K=1 (0.111 against 0.188 at batch 4, 5 chunks); the
-# node's kernel 0.040 against 0.110 ms. Launched from Python, the op's five launches (prototype,
-# calibration, stats, split, combine) took 0.35-0.38 ms of host time per call at batch 1, against 0.18 ms
-# for the earlier two-launch one-pass op: a launch-bound eager model pays that; CUDA graphs,
-# torch.compile's graph modes and TensorRT see the GPU time.
+# gpu-h200-20261126b, N=1024, c=256, fp16, GPU time of CUDA-graph replays), with the earlier one-launch
+# calibration (run 2): at batch 1, K=1 the op took 0.116 ms split in 8 chunks against 0.160 ms in one
+# pass with the best tile (0.162 in 2 chunks against 0.179 at batch 4); the node's kernel 0.040 (11
+# chunks) against 0.109 ms. With the committed calibration (run 3) the split op took 0.055 ms at batch 1.
+# The split's workspace raises the peak memory at batch 1 from 0.5 to 11.6 MiB. Launched from Python,
+# its five launches (prototype, calibration, stats, split, combine) took 0.35-0.38 ms of host time per op
+# call at batch 1, against 0.18 ms for the earlier two-launch one-pass op: a launch-bound eager model
+# pays that; CUDA graphs, torch.compile's graph modes and TensorRT see the GPU time.
 AUTO_SPLIT = True
 
 
@@ -941,7 +944,8 @@ def scma_fused(
 
 
 def calibration_slices(num_tokens: int, block_t: int) -> tuple[int, int]:
-    """(slices, keys per slice) of the pseudo-query keys per shot in the calibration kernel: up to
+    """(slices, keys per slice) of a shot's N keys, the same for its support keys in
+    `_scma_prototype_kernel` and for the pseudo-query keys in `_scma_calibration_kernel`: up to
     MAX_SLICES programs per shot, each a whole number of BLOCK_T tiles."""
     tiles = triton.cdiv(num_tokens, block_t)
     per_slice = triton.cdiv(tiles, min(MAX_SLICES, tiles)) * block_t
@@ -992,8 +996,9 @@ def triton_scma(
     `_scma_calibration_kernel` (the calibration inputs: per-shot cosines with their min / max and,
     with several shots, the shot-mean support keys/values), then the attention (`_scma_kernel`, or the split path), reading k and v
     in place: no concatenated key tensor and no PyTorch arithmetic in between. block_m, block_n,
-    num_splits, auto_split: as `scma_fused`; config: one whole launch config of the attention
-    kernels (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning (bench_scma.py --sweep)."""
+    num_splits, auto_split: as `scma_fused`; config: one whole launch config of the one-pass
+    attention kernel (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning, with
+    num_splits=1 only (bench_scma.py --sweep)."""
     if mode not in ("paper", "official"):
         raise ValueError(f"scma mode {mode!r}: expected 'paper' or 'official'")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or support_masks.dim() != 3:
@@ -1007,6 +1012,8 @@ def triton_scma(
     if k.shape[:2] != (b, h) or k.shape[-1] != c or v.shape != k.shape or total < (shots + 1) * n:
         raise ValueError(f"scma: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} with {shots} shot(s) "
                          "(expected (B, H, K*N + N + P, c))")
+    if config is not None and num_splits != 1:
+        raise ValueError("scma: config= fixes the one-pass kernel's launch: pass num_splits=1 with it")
     _check_device(q, k, v, support_masks)
     q = _last_dim_contiguous(q)
     k = _last_dim_contiguous(k.to(q.dtype))
