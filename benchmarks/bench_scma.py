@@ -143,7 +143,12 @@ def graph_time(fn, rep: int):
         return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"), None
     except Exception as exc:  # noqa: BLE001  (reported beside the eager time, never as a time)
         torch.cuda.synchronize()
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return None, why(exc)
+
+
+def why(exc: Exception) -> str:
+    """One line for a failure that is recorded instead of a time."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
 def sweep(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
@@ -180,7 +185,7 @@ def sweep(args, dtype_name: str, shots: int, batch: int) -> list[dict]:
             graph_ms, graph_error = graph_time(fn, args.rep)
         except Exception as exc:  # noqa: BLE001  (a candidate that fails to compile or run is recorded as such)
             torch.cuda.synchronize()
-            graph_ms, graph_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            graph_ms, graph_error = None, why(exc)
         rows.append(dict(candidate=name, dtype=dtype_name, batch=batch, shots=shots, graph_ms=graph_ms,
                          graph_error=graph_error, max_abs_err_vs_fp32=error, error_allowed=allowed,
                          within_rule=within))

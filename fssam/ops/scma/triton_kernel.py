@@ -324,6 +324,18 @@ def _scma_kernel(
 
 
 @triton.jit
+def _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """What both calibration kernels start with: program ids, the (batch, head), k's base for it, and
+    the row / head-dim offsets of a BLOCK_T-row tile with its head-dim mask."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid, pid_bh, b, h, K + b * stride_kb + h * stride_kh, tl.arange(0, BLOCK_T), offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _scma_prototype_kernel(
     K, V, MASKS, PROTO_PART, COUNT_PART, SK, SV,
     stride_kb, stride_kh, stride_kn,
@@ -342,14 +354,8 @@ def _scma_prototype_kernel(
       * program NUM_SHOTS * NUM_SLICES + t (launched only when NUM_SHOTS > 1): keys/values
         t*BLOCK_T.. of the shot mean into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
     MASKS (B, >= NUM_SHOTS, N) fp32, unit stride along N."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    k_base = K + b * stride_kb + h * stride_kh
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
+    pid, pid_bh, b, h, k_base, offs_t, offs_d, d_mask = _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM, BLOCK_D,
+                                                                    BLOCK_T)
     if pid < NUM_SHOTS * NUM_SLICES:
         shot = pid // NUM_SLICES
         part = pid % NUM_SLICES
@@ -401,14 +407,8 @@ def _scma_calibration_kernel(
     the cosine with p_s into W (B*H, NUM_SHOTS, N) and its min / max over the slice into STATS
     (B*H, NUM_SHOTS, MAX_SLICES, 2), all fp32. The attention kernels take the min / max over the
     slices and normalise (`_attend_range`)."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    k_base = K + b * stride_kb + h * stride_kh
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
+    pid, pid_bh, b, h, k_base, offs_t, offs_d, d_mask = _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM, BLOCK_D,
+                                                                    BLOCK_T)
     shot = pid // NUM_SLICES
     part = pid % NUM_SLICES
     slices = tl.arange(0, MAX_SLICES)
