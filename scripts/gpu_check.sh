@@ -3,6 +3,7 @@
 # plus `pip install tensorrt` for the TensorRT parts). Writes everything under one results folder:
 #   gpu-tests.log    the GPU tests: compiled Triton kernel (fp16/fp32/bf16, one-pass and split), custom op on CUDA,
 #                    TensorRT engines through the parity gate, the fssam::SCMA TensorRT plugin
+#   gpu-tests-onnxruntime.log  (an onnxruntime with the CUDA provider) its runner and bench mode with IO binding
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
 # Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
@@ -33,6 +34,7 @@ else
 fi
 if python -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
     modes="$modes,onnxruntime"; [[ " ${tests[*]} " == *test_export.py* ]] || tests+=(tests/test_export.py)
+    ort_gpu_tests=1
 else
     echo "gpu_check: this onnxruntime has no CUDA provider: no ONNX Runtime GPU tests or bench mode" >&2
 fi
@@ -41,6 +43,10 @@ failed=()
 if [ "$quick" = 1 ]; then dtypes=(fp16); else dtypes=(fp16 bf16); fi
 python benchmarks/bench_scma.py --sweep --dtypes "${dtypes[@]}" --out "$out" || failed+=(bench_scma)
 python -m pytest -q -rs "${tests[@]}" 2>&1 | tee "$out/gpu-tests.log" || failed+=(tests)
+if [ "${ort_gpu_tests:-0}" = 1 ]; then  # the CUDA provider with IO binding: runner, bench mode, TensorRT provider fallback
+    python -m pytest -q -rs tests/test_runtime.py tests/test_bench.py -k "gpu or io_binding or tensorrt_provider" 2>&1 \
+        | tee "$out/gpu-tests-onnxruntime.log" || failed+=(onnxruntime-tests)
+fi
 if [ "$quick" = 1 ]; then pipeline=(--shots 1 --iterations 10 --warmup 2); else pipeline=(--shots 1,5 --iterations 20 --warmup 3); fi
 python -m fssam.cli bench --config small --modes "$modes" "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi

@@ -353,9 +353,11 @@ def test_head_exports_with_custom_scma_nodes(tmp_path):
         export("tiny", out=str(tmp_path / "x"), scma_node="custom")
 
 
-def test_custom_scma_export_keeps_a_decomposed_head_for_onnx_runtime(tmp_path, monkeypatch):
-    """--scma-node custom: head.onnx stays runnable in ONNX Runtime (gate, python-ort serving) and
-    head.scma.onnx (fssam::SCMA nodes, listed with its sha256) is what the head engine is built from.
+def test_custom_scma_export_keeps_decomposed_graphs_for_onnx_runtime(tmp_path, monkeypatch):
+    """--scma-node custom: head.onnx and query_segmenter.onnx stay runnable in ONNX Runtime (gate,
+    python-ort serving); head.scma.onnx and query_segmenter.scma.onnx (fssam::SCMA nodes with the AOT
+    attribute, listed with their sha256) are what the head stage's and the served query graph's
+    engines are built from, so Triton's TensorRT backend serves the fused kernel (#13 item 4).
     TensorRT itself is stubbed here (no GPU): the engine builder only records its sources."""
     import fssam.export.tensorrt as trt_export
     from fssam.export import load_manifest
@@ -371,17 +373,20 @@ def test_custom_scma_export_keeps_a_decomposed_head_for_onnx_runtime(tmp_path, m
     monkeypatch.setattr(trt_export, "build_engines", fake_build_engines)
     out = tmp_path / "custom"
     manifest = export("tiny", out=str(out), tensorrt=True, scma_node="custom", progress=False)
-    assert manifest["parity"]["onnxruntime"]["passed"]
-    assert built["head"] == "head.scma.onnx" and built["prior"] == "prior.onnx"
-    assert built["query_segmenter"] == "query_segmenter.onnx"  # the graphs: decomposed SCMA (see #13 item 4)
-    assert load_manifest(str(out))["stages"]["head"]["tensorrt_onnx"]["file"] == "head.scma.onnx"
-    decomposed = [n for n in onnx.load(str(out / "head.onnx")).graph.node if n.domain == "fssam"]
-    custom = onnx.load(str(out / "head.scma.onnx"))
-    nodes = [n for n in custom.graph.node if n.domain == "fssam"] + [
-        n for f in custom.functions for n in f.node if n.domain == "fssam"]
-    assert not decomposed and len(nodes) == manifest["config"]["memory_attention_layers"]
-    (out / "head.scma.onnx").write_bytes(b"tampered")
-    with pytest.raises(InputError, match="head.scma.onnx.*sha256"):
+    assert manifest["parity"]["onnxruntime"]["passed"] and manifest["graph_parity"]["onnxruntime"]["passed"]
+    assert built == {**{name: f"{name}.onnx" for name in (*STAGE_ORDER, *GRAPH_ORDER)},
+                     "head": "head.scma.onnx", "query_segmenter": "query_segmenter.scma.onnx"}
+    for name, group in (("head", "stages"), ("query_segmenter", "graphs")):
+        assert load_manifest(str(out))[group][name]["tensorrt_onnx"]["file"] == f"{name}.scma.onnx"
+        decomposed = onnx.load(str(out / f"{name}.onnx"))
+        custom = onnx.load(str(out / f"{name}.scma.onnx"))
+        fssam_nodes = [[n for n in m.graph.node if n.domain == "fssam"]
+                       + [n for f in m.functions for n in f.node if n.domain == "fssam"] for m in (decomposed, custom)]
+        assert not fssam_nodes[0] and len(fssam_nodes[1]) == manifest["config"]["memory_attention_layers"], name
+        assert trt_export.plugin_kind(str(out / f"{name}.scma.onnx")) == "aot", name
+    assert trt_export.plugin_kind(str(out / "support_encoder.onnx")) is None
+    (out / "query_segmenter.scma.onnx").write_bytes(b"tampered")
+    with pytest.raises(InputError, match="query_segmenter.scma.onnx.*sha256"):
         load_manifest(str(out))
 
 
@@ -494,6 +499,44 @@ def test_tensorrt_profiles_come_from_the_export_limit(monkeypatch):
                                                                                   [20, 3, 64, 64]))]
 
 
+def test_build_engines_takes_each_profile_from_the_manifest_limit(tmp_path, monkeypatch):
+    """What build_engines itself asks for, from a 5-shot manifest with max_batch 4: (1, 5, 20) images
+    for the per-image stages, (1, 1, 4) episodes for the others and the graphs. The per-engine builder
+    is a recorder (no GPU here); the run stops where build_engines next needs TensorRT."""
+    from fssam.export import tensorrt as trt_export
+    from fssam.model import get_config
+    from fssam.runtime.contract import PER_IMAGE_STAGES, graph_specs, stage_specs
+
+    class Stop(Exception):
+        pass
+
+    config = get_config("tiny")
+    empty = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    entries = {}
+    for name, spec in {**stage_specs(config, 5), **graph_specs(config, 5)}.items():
+        onnx.save(empty, str(tmp_path / f"{name}.onnx"))
+        entries[name] = {"file": f"{name}.onnx", **spec.to_dict()}
+    manifest = {"stages": {name: entries[name] for name in STAGE_ORDER},
+                "graphs": {name: entries[name] for name in GRAPH_ORDER},
+                "shots": 5, "max_batch": 4, "precision": "fp16", "scma_node": "decomposed"}
+    built = {}
+
+    def record(onnx_path, engine_path, precision, batch):
+        built[os.path.basename(onnx_path)] = (precision, batch)
+        return {"seconds": 0.0, "bytes": 0}
+
+    def stop():
+        raise Stop
+
+    monkeypatch.setattr(trt_export, "build_engine", record)
+    monkeypatch.setattr(trt_export, "require_tensorrt", stop)
+    with pytest.raises(Stop):
+        trt_export.build_engines(str(tmp_path), manifest, model=None)
+    assert built == {f"{name}.onnx": ("fp16", (1, 5, 20) if name in PER_IMAGE_STAGES else (1, 1, 4))
+                     for name in (*STAGE_ORDER, *GRAPH_ORDER)}
+    assert built["prior_backbone.onnx"][1][2] == 20
+
+
 def test_the_limit_is_recorded_and_runners_refuse_a_batch_over_it(artifacts):
     """Default --max-batch 8 (1-shot): 8 episodes, 16 images for the per-image stages; a larger
     batch is a clear error before anything runs."""
@@ -558,6 +601,8 @@ def test_bf16_export_passes_the_checker_and_its_gate_says_what_it_ran(tmp_path):
         assert bool(bf16_matmuls) == (name not in ("prior", "refine")), name
         has_bf16 = bf16_type in types.values()
         assert entry["onnxruntime_cpu"].startswith("does not load: " if has_bf16 else "loads"), name
+        assert entry["computes"] == ("bf16" if has_bf16 else "fp32"), name  # the manifest says which are not bf16
+        assert (name in bf16["bf16_units"], name in bf16["fp32_units"]) == (has_bf16, not has_bf16), name
         for tensor in (i.name for i in model.graph.input if i.type.tensor_type.elem_type == uint8):
             casts = [n for n in model.graph.node if tensor in n.input and n.op_type == "Cast"]
             assert [n.attribute[0].i for n in casts] == [fp32], tensor

@@ -1,7 +1,9 @@
 """The runtime layer and its OpenVINO runner on the tiny config: contract, registry, parity with
 eager fp32, bf16 (where the CPU has it) and its refusal, int8 export and the gate's ladder."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -379,6 +381,49 @@ def test_onnxruntime_cuda_provider_that_cannot_start_is_refused(tiny_artifacts):
     assert runner.io_binding
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="could not start its CUDAExecutionProvider"):
         runner.session("prior_backbone")
+
+
+def test_onnxruntime_tensorrt_provider_that_cannot_start_is_dropped_keeping_the_options(tiny_artifacts, tmp_path,
+                                                                                      monkeypatch):
+    """onnxruntime-gpu lists the TensorRT provider even where TensorRT is not installed; when it cannot
+    start, ONNX Runtime's own fallback would reopen the session on CUDA + CPU with no provider options
+    (GPU 0, TF32 on). The runner turns that fallback off, drops TensorRT itself, reopens with the same
+    device and TF32 options, runs a bf16 export as its fp32-arithmetic copy (the CUDA provider lacks
+    bf16 kernels) and says so. The session class is a stand-in (no GPU here); the real one is given
+    enable_fallback=0 by every CPU test."""
+    import onnxruntime as ort
+
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_artifacts[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, precision="bf16")))
+    opened = []
+
+    class Session:
+        def __init__(self, model, sess_options=None, providers=None, provider_options=None, **kwargs):
+            opened.append((model, list(providers), provider_options, kwargs))
+            if trt in providers:
+                raise RuntimeError("TensorRT EP could not be created: libnvinfer.so.10: cannot open shared object file")
+            self.providers = list(providers)
+
+        def get_providers(self):
+            return self.providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [trt, cuda, cpu])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setenv("FSSAM_ORT_TENSORRT_CACHE", str(tmp_path / "cache"))
+    runner = open_runner("onnxruntime", str(folder), device="cuda:1", verify=False)
+    assert runner.providers == [trt, cuda, cpu] and not runner.bf16_emulated
+    runner.session("prior_backbone")
+    (first, first_providers, _, first_kwargs), (second, providers, options, kwargs) = opened
+    assert first_providers == [trt, cuda, cpu] and first_kwargs == kwargs == {"enable_fallback": 0}
+    assert isinstance(first, str) and isinstance(second, bytes)  # the file, then its fp32-arithmetic copy
+    assert providers == [cuda, cpu] and options == [{"device_id": "1", "use_tf32": "0"}, {}]
+    assert runner.bf16_emulated and runner.providers_used() == [cuda, cpu]
+    assert "TensorrtExecutionProvider could not start (TensorRT EP could not be created" in runner.describe()
+    runner.session("image_encoder")  # later sessions go straight to what is left
+    assert opened[2][1] == [cuda, cpu] and len(opened) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="IO binding on the GPU needs a CUDA device; this machine has none")

@@ -876,6 +876,30 @@ def test_tensorrt_backend_serves_aot_plugin_engines_and_refuses_jit_ones(tmp_pat
     assert not (tmp_path / "jit").exists() and not (tmp_path / "older").exists()
 
 
+def test_warmup_episode_of_a_bf16_export_opens_no_onnx_runtime(tiny_artifacts, monkeypatch):
+    """model_warmup's support tensors: the real support_encoder graph's outputs (ONNX Runtime) for an
+    fp32 / fp16 export; for a bf16 one (TensorRT serves it; ONNX Runtime would run only its slow
+    fp32-arithmetic copy) values of the graph's output shapes and dtype, and no ONNX Runtime at all."""
+    import fssam.runtime as runtime
+    from fssam.serving.repository import _warmup_episode
+
+    folder, manifest = tiny_artifacts
+    real = _warmup_episode(folder, manifest)
+    runner = runtime.open_runner("onnxruntime", folder, verify=False)
+    expected = runner.support_encoder(real["support_images"], real["support_masks"])
+    for name, value in zip(("support_features", "support_memory", "support_pointers"), expected):
+        np.testing.assert_array_equal(real[name], value)
+
+    def no_runner(*args, **kwargs):
+        raise AssertionError("a bf16 warm-up opened a runner")
+
+    monkeypatch.setattr(runtime, "open_runner", no_runner)
+    bf16 = _warmup_episode(folder, dict(manifest, precision="bf16"))
+    for name in ("support_features", "support_memory", "support_pointers"):
+        assert bf16[name].shape == real[name].shape and bf16[name].dtype == np.float32, name
+    assert set(bf16) == set(real)
+
+
 def test_repository_max_batch_is_bounded_by_the_exports_limit(tmp_path, tiny_artifacts):
     """--max-batch may not exceed what the export admits (manifest["max_batch"], shared with its
     ONNX files, TensorRT profiles and runners); an export that predates the record keeps the old

@@ -81,6 +81,9 @@ def handle(args) -> int:
                             for name, ops in bf16["fp32_ops"].items()) or "none"
         print(f"bf16 at opset {bf16['opset']}, traced under autocast; operators cast to fp32 (no bf16 in their ONNX "
               f"schema, or a bf16 input beside fp32 weights): {islands}")
+        if bf16["fp32_units"]:
+            print(f"computing in fp32 throughout (autocast lowers none of their operators, as in eager): "
+                  f"{', '.join(bf16['fp32_units'])}")
         print(f"note: ONNX Runtime's CPU provider {bf16['onnxruntime_cpu']}; its gate ran {bf16['gate']['onnxruntime']}",
               file=sys.stderr)
     if "note" in weights:

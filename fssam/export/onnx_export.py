@@ -51,7 +51,13 @@ log = logging.getLogger("fssam")
 OPSET = 18
 EXPORT_BATCH = 2  # example batch for tracing: 1 would be specialised as a constant
 MAX_BATCH = MAX_BATCH_LIMIT  # the largest --max-batch
-CUSTOM_HEAD_FILE = "head.scma.onnx"  # --scma-node custom: the head with fssam::SCMA nodes, for TensorRT
+# --scma-node custom: the units holding SCMA (the head stage and the query_segmenter graph that serves
+# it) get a second file, <name>.scma.onnx, with one fssam::SCMA node per layer, for TensorRT
+SCMA_UNITS = ("head", "query_segmenter")
+
+
+def custom_file(name: str) -> str:
+    return f"{name}.scma.onnx"
 
 
 class ExportError(FSSAMError):
@@ -219,12 +225,19 @@ def _examples(model, shots: int, dtype) -> dict[str, tuple]:
     return examples
 
 
-def _bf16_entry(dtype, fp32_ops: dict, onnxruntime_cpu: str | None) -> dict:
-    """A stage's or graph's bf16 facts for the manifest (nothing for fp32 / fp16): the operators
-    that run in fp32 inside the bf16 graph, and whether ONNX Runtime's CPU provider loads the file."""
+def _bf16_entry(dtype, path: str, fp32_ops: dict, onnxruntime_cpu: str | None) -> dict:
+    """A stage's or graph's bf16 facts for the manifest (nothing for fp32 / fp16): whether the file
+    computes in bf16 at all ("computes": "bf16", or "fp32" where autocast leaves every operator of it in
+    fp32, as eager autocast does), the operators that run in fp32
+    inside a bf16 graph, and whether ONNX Runtime's CPU provider loads the file."""
     if dtype != torch.bfloat16:
         return {}
-    return {"precision": "bf16", "fp32_ops": fp32_ops, "onnxruntime_cpu": onnxruntime_cpu}
+    import onnx
+
+    from fssam.runtime.bf16 import is_bf16
+
+    computes = "bf16" if is_bf16(onnx.load(path, load_external_data=False)) else "fp32"
+    return {"precision": "bf16", "computes": computes, "fp32_ops": fp32_ops, "onnxruntime_cpu": onnxruntime_cpu}
 
 
 def _bf16_summary(stages: dict, graphs: dict) -> dict:
@@ -235,7 +248,9 @@ def _bf16_summary(stages: dict, graphs: dict) -> dict:
     return {
         "opset": BF16_OPSET,
         "interface": "float32",  # tensors between stages; inside, autocast's bf16 weights and products
-        "bf16_units": unloadable,  # the files holding bf16 tensors (the others compute in fp32 throughout)
+        "bf16_units": sorted(name for name, entry in units.items() if entry["computes"] == "bf16"),
+        # no bf16 tensor at all: autocast keeps every operator of these in fp32 (eager does the same)
+        "fp32_units": sorted(name for name, entry in units.items() if entry["computes"] == "fp32"),
         "fp32_ops": fp32_ops,  # no bf16 in their ONNX schema, or bf16 beside fp32 weights: cast to fp32 and back
         "onnxruntime_cpu": ("loads every file" if not unloadable else
                             f"cannot load {', '.join(unloadable)} (no bf16 kernels)"),
@@ -347,15 +362,16 @@ def export(
             limit = batch_limit(name, max_batch, shots)
             fp32_ops = export_stage(export_model, name, examples[name], specs[name], path, limit, bf16)
             entry = {"file": f"{name}.onnx", "sha256": file_sha256(path), **specs[name].to_dict(),
-                     "max_batch": limit, **_bf16_entry(dtype, fp32_ops, _check_onnx(path))}
-            if scma_node == "custom" and name == "head":
-                # TensorRT's head: one fssam::SCMA node per layer (the plugin); head.onnx stays the
-                # decomposed graph that ONNX Runtime, the gate and the python-ort server run
-                custom = os.path.join(tmp, CUSTOM_HEAD_FILE)
+                     "max_batch": limit, **_bf16_entry(dtype, path, fp32_ops, _check_onnx(path))}
+            if scma_node == "custom" and name in SCMA_UNITS:
+                # TensorRT's head and served query graph: one fssam::SCMA node per layer (the plugin);
+                # <name>.onnx stays the decomposed graph that ONNX Runtime, the gate and the python-ort
+                # server run
+                custom = os.path.join(tmp, custom_file(name))
                 with onnx_custom_node(True):
                     export_stage(export_model, name, examples[name], specs[name], custom, limit, bf16)
                 _check_onnx(custom, runnable=False)
-                entry["tensorrt_onnx"] = {"file": CUSTOM_HEAD_FILE, "sha256": file_sha256(custom)}
+                entry["tensorrt_onnx"] = {"file": custom_file(name), "sha256": file_sha256(custom)}
             bar.update()
             return entry
 

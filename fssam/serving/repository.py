@@ -295,10 +295,11 @@ def _warmup_episode(artifacts: str, manifest: dict) -> dict:
     arrays = {"query": rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8),
               "support_images": rng.integers(0, 256, (1, shots, 3, size, size), dtype=np.uint8),
               "support_masks": masks}
-    if manifest["dtype"] != "bfloat16":
+    if manifest["precision"] != "bf16":
         runner = open_runner("onnxruntime", artifacts, verify=False)
         features, memory, pointers = runner.support_encoder(arrays["support_images"], masks)
-    else:  # TensorRT bf16 graphs: values of the right shape (numpy has no bfloat16)
+    else:  # bf16 (served by TensorRT): ONNX Runtime would run only the slow fp32-arithmetic copy on the
+        # CPU; a warm-up needs values of the right shape and dtype (fp32 between the graphs), not these
         specs = {e["name"]: e for e in manifest["graphs"]["support_encoder"]["outputs"]}
         features, memory, pointers = (rng.standard_normal((1, *specs[n]["shape"][1:])).astype(np.float32)
                                       for n in ("support_features", "support_memory", "support_pointers"))

@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -66,7 +67,17 @@ LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels run in Triton's interpreter. Triton decides that when `triton.jit`
+    decorates them (TRITON_INTERPRET at import), so this reads the kernels, not today's environment."""
+    return _INTERPRETED
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter module: its environment switch
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return isinstance(kernel, InterpretedFunction)
 
 
 # ----------------------------------------------------------------------------- device code
@@ -353,7 +364,7 @@ def _scma_prototype_kernel(
         over the tiles and reduced once at the end;
       * program NUM_SHOTS * NUM_SLICES + t (launched only when NUM_SHOTS > 1): keys/values
         t*BLOCK_T.. of the shot mean into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
-    MASKS (B, >= NUM_SHOTS, N) fp32, unit stride along N."""
+    MASKS (B, >= NUM_SHOTS, N) fp32, fp16 or bf16 (read as fp32: exact), unit stride along N."""
     pid, pid_bh, b, h, k_base, offs_t, offs_d, d_mask = _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM, BLOCK_D,
                                                                     BLOCK_T)
     if pid < NUM_SHOTS * NUM_SLICES:
@@ -367,7 +378,7 @@ def _scma_prototype_kernel(
         for start in range(first, last, BLOCK_T):
             rows = start + offs_t
             valid = rows < last
-            m = tl.load(mask_base + rows, mask=valid, other=0.0)
+            m = tl.load(mask_base + rows, mask=valid, other=0.0).to(tl.float32)
             f = tl.load(k_base + (shot * N + rows)[:, None] * stride_kn + offs_d[None, :],
                         mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             weighted += f * m[:, None]
@@ -567,6 +578,8 @@ def _scma_combine_kernel(
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
 
 
+_INTERPRETED = _is_interpreted(_scma_fwd_kernel)
+
 # ----------------------------------------------------------------------------- launch configs
 
 KERNELS = ("fwd", "scma", "stats", "split")  # the autotuned kernels (prototype, calibration, combine: one fixed config)
@@ -628,12 +641,22 @@ MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # the split path aims at this many programs per SM
 
 
+# Host-side integer helpers: triton.cdiv / next_power_of_2 are constexpr functions in Triton 3.6+, a
+# couple of microseconds a call, and the launch path of one op call makes some twenty of them.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def block_d_for(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _next_pow2(head_dim))
 
 
 def _head_dim_class(block_d: int) -> int:
@@ -667,7 +690,7 @@ def calibration_config(head_dim: int, dtype: torch.dtype = torch.float16, interp
 
 def interpreter_config(num_tokens: int) -> dict:
     """The interpreter pays per block op: few, mid-sized tiles; no autotuning."""
-    block = max(16, min(32, triton.next_power_of_2(num_tokens)))
+    block = max(16, min(32, _next_pow2(num_tokens)))
     return dict(BLOCK_M=block, BLOCK_N=block, num_warps=1, num_stages=1)
 
 
@@ -683,8 +706,16 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
                shots: int = 0) -> dict:
     """The constexpr arguments of a kernel (default `_scma_fwd_kernel`): BLOCK_M / BLOCK_N / BLOCK_T
     from `config` (left out when None: the autotuner supplies them); shots: SHOTS / CAL_SHOTS, the
-    shots of the op's per-shot similarities (0: the split kernel reads the node's term)."""
+    shots of the op's per-shot similarities (0: the split kernel reads the node's term). A new dict
+    each call, built once per distinct arguments (the launch path asks five times per op call)."""
     kernel = _scma_fwd_kernel if kernel is None else kernel
+    tiles = (None, None, None) if config is None else (config.get("BLOCK_M"), config.get("BLOCK_N"),
+                                                       config.get("BLOCK_T"))
+    return dict(_constexprs(int(head_dim), dtype, tiles, kernel, int(shots)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _constexprs(head_dim: int, dtype: torch.dtype, tiles: tuple, kernel, shots: int) -> dict:
     values = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d_for(head_dim),
@@ -693,24 +724,23 @@ def constexprs(head_dim: int, dtype: torch.dtype, config: dict | None = None, ke
         EPS=COSINE_EPS,
         PROTO_EPS=PROTOTYPE_EPS,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        SHOTS=int(shots),
-        CAL_SHOTS=int(shots),
-        SHOTS_P2=triton.next_power_of_2(max(1, int(shots))),
+        SHOTS=shots,
+        CAL_SHOTS=shots,
+        SHOTS_P2=_next_pow2(max(1, shots)),
         MAX_SLICES=MAX_SLICES,
     )
-    if config is not None:
-        values.update(BLOCK_M=config.get("BLOCK_M"), BLOCK_N=config.get("BLOCK_N"), BLOCK_T=config.get("BLOCK_T"))
+    values.update(zip(("BLOCK_M", "BLOCK_N", "BLOCK_T"), tiles))
     return {name: value for name, value in values.items() if name in kernel.arg_names and value is not None}
 
 
-_FP32_POINTERS = ("CAL", "W", "STATS", "MASKS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART", "PROTO_PART",
+_FP32_POINTERS = ("CAL", "W", "STATS", "ROW_MIN", "ROW_MAX", "O_PART", "LSE_PART", "PROTO_PART",
                   "COUNT_PART")
-_DATA_POINTERS = ("Q", "K", "V", "O", "SK", "SV")
+_DATA_POINTERS = ("Q", "K", "V", "O", "SK", "SV", "MASKS")  # masks in the features' dtype, as the model passes them
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def kernel_signature(kernel, dtype: torch.dtype, consts: dict) -> dict:
-    """Triton compile signature: data tensors of `dtype`, masks, workspaces and CAL / W fp32, int32 scalars."""
+    """Triton compile signature: data tensors and masks of `dtype`, workspaces and CAL / W fp32, int32 scalars."""
     return {name: "constexpr" if name in consts else "*fp32" if name in _FP32_POINTERS
             else "*" + _TRITON_TYPE[dtype] if name in _DATA_POINTERS else "i32" for name in kernel.arg_names}
 
@@ -746,16 +776,21 @@ def _autotuned(kernel: str, fn, key: list[str]):
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
 
-# autotune keys: the shapes that change the best tile (the dtypes are added by triton itself)
-_AUTOTUNED = {
-    "fwd": _autotuned("fwd", _scma_fwd_kernel, ["N", "L", "HEAD_DIM"]),
-    "scma": _autotuned("scma", _scma_kernel, ["N", "L", "HEAD_DIM", "BH_BUCKET"]),
-    "stats": _autotuned("stats", _scma_stats_kernel, ["N", "CHUNK", "HEAD_DIM"]),
-    "split": _autotuned("split", _scma_split_kernel, ["N", "L", "CHUNK", "HEAD_DIM"]),
-}
 KERNEL_FUNCTIONS = {"fwd": _scma_fwd_kernel, "scma": _scma_kernel, "stats": _scma_stats_kernel,
                     "split": _scma_split_kernel, "combine": _scma_combine_kernel,
                     "prototype": _scma_prototype_kernel, "calibration": _scma_calibration_kernel}
+# autotune keys: the shapes that change the best tile (the dtypes are added by triton itself)
+AUTOTUNE_KEYS = {"fwd": ("N", "L", "HEAD_DIM"), "scma": ("N", "L", "HEAD_DIM", "BH_BUCKET"),
+                 "stats": ("N", "CHUNK", "HEAD_DIM"), "split": ("N", "L", "CHUNK", "HEAD_DIM")}
+_AUTOTUNED = {name: _autotuned(name, KERNEL_FUNCTIONS[name], list(keys)) for name, keys in AUTOTUNE_KEYS.items()}
+# where each kernel's positional autotune key arguments are (HEAD_DIM is a constexpr: keyed separately)
+_KEY_POSITIONS = {name: tuple(KERNEL_FUNCTIONS[name].arg_names.index(key) for key in keys if key != "HEAD_DIM")
+                  for name, keys in AUTOTUNE_KEYS.items()}
+# The autotuner's pick per (kernel, dtype, head dim, shots, key values), read from it after its first
+# launch of that key; later launches go to the kernel with that config directly, skipping
+# Autotuner.run's per-call key building (about 18 us of host time per launch, two per split op call).
+_PICKED: dict[tuple, triton.Config] = {}
+_PICK_LOCK = threading.Lock()  # best_config is the autotuner's last pick: read it under the launch that set it
 
 
 # ----------------------------------------------------------------------------- split decision
@@ -777,7 +812,10 @@ class SplitPlan:
 # The split's workspace raises the peak memory at batch 1 from 0.5 to 11.6 MiB. Launched from Python,
 # its five launches (prototype, calibration, stats, split, combine) took 0.35-0.38 ms of host time per op
 # call at batch 1, against 0.18 ms for the earlier two-launch one-pass op: a launch-bound eager model
-# pays that; CUDA graphs, torch.compile's graph modes and TensorRT see the GPU time.
+# pays that; CUDA graphs, torch.compile's graph modes and TensorRT see the GPU time. Since then the
+# op's own Python per call fell from 166 to 78 us at batch 1 (split; one pass 106 to 45 us), measured
+# without a GPU by benchmarks/bench_scma_host.py (Triton's launcher stubbed: no C launcher, no CUDA
+# allocations): host integer maths, cached constexprs, the autotuner's pick reused, masks not cast.
 AUTO_SPLIT = True
 
 
@@ -793,10 +831,10 @@ def split_plan(batch_heads: int, num_tokens: int, num_keys: int, sm_count: int |
     if num_splits is None:
         if not sm_count or not (AUTO_SPLIT if auto is None else auto):
             return one_pass
-        programs = batch_heads * triton.cdiv(num_tokens, NOMINAL_BLOCK_M)
+        programs = batch_heads * _cdiv(num_tokens, NOMINAL_BLOCK_M)
         if 2 * programs > sm_count:
             return one_pass
-        target = min(MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sm_count, programs))
+        target = min(MAX_SPLITS, _cdiv(PROGRAMS_PER_SM * sm_count, programs))
         align, least = SPLIT_ALIGN, MIN_CHUNK
     else:
         if num_splits < 1:
@@ -804,12 +842,12 @@ def split_plan(batch_heads: int, num_tokens: int, num_keys: int, sm_count: int |
         target, align, least = num_splits, 16, 16
     if target <= 1:
         return one_pass
-    chunk = max(least, triton.cdiv(triton.cdiv(num_keys, target), align) * align)
-    stat_chunk = max(least, triton.cdiv(triton.cdiv(num_tokens, target), align) * align)
-    num_chunks = triton.cdiv(num_keys, chunk)
+    chunk = max(least, _cdiv(_cdiv(num_keys, target), align) * align)
+    stat_chunk = max(least, _cdiv(_cdiv(num_tokens, target), align) * align)
+    num_chunks = _cdiv(num_keys, chunk)
     if num_chunks == 1 and num_splits is None:
         return one_pass
-    return SplitPlan(num_chunks, chunk, triton.cdiv(num_tokens, stat_chunk), stat_chunk)
+    return SplitPlan(num_chunks, chunk, _cdiv(num_tokens, stat_chunk), stat_chunk)
 
 
 @functools.lru_cache(maxsize=None)
@@ -836,7 +874,15 @@ def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, c
     """Launch `kernel` with an explicit config, or autotuned when `config` is None."""
     fn = KERNEL_FUNCTIONS[kernel]
     if config is None:
-        _AUTOTUNED[kernel][grid](*args, **constexprs(head_dim, dtype, None, fn, shots))
+        key = (kernel, dtype, head_dim, shots, *(args[i] for i in _KEY_POSITIONS[kernel]))
+        picked = _PICKED.get(key)
+        if picked is None:
+            tuner = _AUTOTUNED[kernel]
+            with _PICK_LOCK:
+                tuner[grid](*args, **constexprs(head_dim, dtype, None, fn, shots))
+                _PICKED[key] = tuner.best_config
+        else:
+            fn[grid](*args, **constexprs(head_dim, dtype, None, fn, shots), **picked.all_kwargs())
     else:
         grid_args = grid(config) if callable(grid) else grid
         fn[grid_args](*args, **constexprs(head_dim, dtype, config, fn, shots),
@@ -844,7 +890,7 @@ def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, c
 
 
 def _strides(x: torch.Tensor, dims: int = 3) -> tuple:
-    return tuple(x.stride(i) for i in range(dims))
+    return x.stride()[:dims]
 
 
 def _tile_config(head_dim: int, dtype: torch.dtype, num_tokens: int, block_m, block_n) -> dict | None:
@@ -877,14 +923,14 @@ def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal: tuple, length: int, out, 
     row_max = torch.empty_like(row_min)
     o_part = torch.empty((b * h, plan.num_chunks, n, c), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b * h, plan.num_chunks, n), dtype=torch.float32, device=q.device)
-    _launch("stats", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
+    _launch("stats", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
             (q, k, row_min, row_max, *_strides(q), *_strides(k), h, n, plan.stat_chunk), c, q.dtype, config)
-    _launch("split", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
+    _launch("split", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
             (q, sk, sv, k, v, *cal[:2], row_min, row_max, o_part, lse_part, *_strides(q), *_strides(sk),
              *_strides(sv), *_strides(k), *_strides(v), *cal[2:], h, n, length, plan.chunk, plan.num_stat_slices),
             c, q.dtype, config, shots)
     combine = combine_config(c)
-    _launch("combine", (triton.cdiv(n, combine["BLOCK_M"]), b * h),
+    _launch("combine", (_cdiv(n, combine["BLOCK_M"]), b * h),
             (o_part, lse_part, *_strides(out), h, n, plan.num_chunks, out), c, q.dtype, combine)
 
 
@@ -934,7 +980,7 @@ def scma_fused(
     # Triton launches on the current CUDA device, not on the tensors' one: make them the same
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if plan.num_chunks == 1:
-            _launch("fwd", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
+            _launch("fwd", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h),
                     (q, keys, values, cal, *_strides(q), *_strides(keys), *_strides(values), *_strides(cal, 2),
                      *_strides(out), h, n, total, out), c, q.dtype, config)
         else:
@@ -947,14 +993,14 @@ def calibration_slices(num_tokens: int, block_t: int) -> tuple[int, int]:
     """(slices, keys per slice) of a shot's N keys, the same for its support keys in
     `_scma_prototype_kernel` and for the pseudo-query keys in `_scma_calibration_kernel`: up to
     MAX_SLICES programs per shot, each a whole number of BLOCK_T tiles."""
-    tiles = triton.cdiv(num_tokens, block_t)
-    per_slice = triton.cdiv(tiles, min(MAX_SLICES, tiles)) * block_t
-    return triton.cdiv(num_tokens, per_slice), per_slice
+    tiles = _cdiv(num_tokens, block_t)
+    per_slice = _cdiv(tiles, min(MAX_SLICES, tiles)) * block_t
+    return _cdiv(num_tokens, per_slice), per_slice
 
 
 def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int):
     """`_scma_prototype_kernel` then `_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N,
-    c, last dims contiguous) and fp32 masks (B, >= shots, N): (cosines (B*H, shots, N), stats (B*H,
+    c, last dims contiguous) and masks (B, >= shots, N; fp32, fp16 or bf16): (cosines (B*H, shots, N), stats (B*H,
     shots, MAX_SLICES, 2) of which `num_slices` are written, num_slices, support-mean keys, values).
     With one shot the support-mean keys/values are k and v themselves (their first N rows)."""
     b, h, _, c = k.shape
@@ -969,7 +1015,7 @@ def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, sho
         sv = torch.empty_like(sk)
     else:
         sk, sv = k, v
-    mean_tiles = triton.cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
+    mean_tiles = _cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
     _launch("prototype", (shots * num_slices + mean_tiles, b * h),
             (k, v, masks, proto_part, count_part, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2),
              *_strides(sk), h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config)
@@ -1018,7 +1064,8 @@ def triton_scma(
     q = _last_dim_contiguous(q)
     k = _last_dim_contiguous(k.to(q.dtype))
     v = _last_dim_contiguous(v.to(q.dtype))
-    masks = support_masks if support_masks.dtype == torch.float32 else support_masks.float()
+    # fp32 / fp16 / bf16 masks are read as they are (the kernel widens them, exactly); others as fp32
+    masks = support_masks if support_masks.dtype in SUPPORTED_DTYPES else support_masks.float()
     masks = _last_dim_contiguous(masks)
     out = torch.empty((b, h, n, c), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -1031,9 +1078,9 @@ def triton_scma(
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         cosines, stats, num_slices, sk, sv = _calibration_pass(k, v, masks, shots, n)
         if plan.num_chunks == 1:
-            _launch("scma", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
+            _launch("scma", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h),
                     (q, sk, sv, kc, vc, cosines, stats, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
-                     *_strides(vc), *_strides(out), h, n, length, num_slices, triton.next_power_of_2(b * h), out),
+                     *_strides(vc), *_strides(out), h, n, length, num_slices, _next_pow2(b * h), out),
                     c, q.dtype, config, shots)
         else:
             cal = (cosines, stats, h * shots * n, shots * n, n, num_slices)

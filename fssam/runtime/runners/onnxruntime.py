@@ -13,7 +13,10 @@ Where it runs (`select_providers`):
   rebuilds inside a run) and an engine cache of its own per export and precision (its engine ids
   do not see the weights, so a cache shared by two exports would hand one the other's engines).
   A bf16 export without the TensorRT provider runs as its fp32-arithmetic copy (the CUDA provider
-  lacks bf16 kernels for several operators), and says so.
+  lacks bf16 kernels for several operators), and says so. ONNX Runtime's own fallback is off: when
+  a provider fails to start it would retry on CUDA + CPU without any provider options (GPU 0, TF32
+  on); here a TensorRT provider that cannot start (onnxruntime-gpu lists it even without TensorRT
+  installed) is dropped with a note, and the session is opened again with the same options.
 `providers_used()` names the providers the open sessions really got.
 """
 
@@ -120,11 +123,14 @@ class OnnxRuntimeRunner(StageRunner):
                 raise ConfigError(f"onnxruntime {ort.__version__} is too old for the GPU path (IO binding of bf16 / "
                                   f"uint8 tensors needs {'.'.join(map(str, MIN_GPU_VERSION))} or newer): "
                                   "pip install -U onnxruntime-gpu")
-        # the CPU provider has no bf16 kernels, nor has the CUDA provider for several operators: without
-        # TensorRT a bf16 export runs as its fp32-arithmetic copy (bf16 rounding after every operator)
-        self.bf16_emulated = self.manifest["precision"] == "bf16" and TENSORRT not in self.providers
         self.options = options
         self.sessions = {}  # opened on first use: the stages or the graphs, whichever is run
+
+    @property
+    def bf16_emulated(self) -> bool:
+        """The CPU provider has no bf16 kernels, nor has the CUDA provider for several operators: without
+        TensorRT a bf16 export runs as its fp32-arithmetic copy (bf16 rounding after every operator)."""
+        return self.manifest["precision"] == "bf16" and TENSORRT not in self.providers
 
     def tensorrt_cache(self) -> str:
         """This export's engine cache of the TensorRT provider: <base>/<manifest digest>-<precision>.
@@ -153,22 +159,35 @@ class OnnxRuntimeRunner(StageRunner):
 
         return [options(provider) for provider in self.providers]
 
+    def _open(self, name: str):
+        import onnxruntime as ort
+
+        path = os.path.join(self.artifacts, self.specs[name]["file"])
+        model = path
+        if self.bf16_emulated:
+            import onnx
+
+            from fssam.runtime.bf16 import fp32_arithmetic
+
+            model = fp32_arithmetic(onnx.load(path)).SerializeToString()
+        if TENSORRT in self.providers:
+            os.makedirs(self.tensorrt_cache(), exist_ok=True)
+        return ort.InferenceSession(model, sess_options=self.options, providers=self.providers,
+                                    provider_options=self._provider_options(name), enable_fallback=0)
+
     def session(self, name: str):
         if name not in self.sessions:
-            import onnxruntime as ort
-
-            path = os.path.join(self.artifacts, self.specs[name]["file"])
-            model = path
-            if self.bf16_emulated:
-                import onnx
-
-                from fssam.runtime.bf16 import fp32_arithmetic
-
-                model = fp32_arithmetic(onnx.load(path)).SerializeToString()
-            if TENSORRT in self.providers:
-                os.makedirs(self.tensorrt_cache(), exist_ok=True)
-            session = ort.InferenceSession(model, sess_options=self.options, providers=self.providers,
-                                           provider_options=self._provider_options(name))
+            try:
+                session = self._open(name)
+            except (RuntimeError, ValueError) as error:
+                if TENSORRT not in self.providers or self.sessions:
+                    raise
+                # the TensorRT provider could not start: the rest, with their own options (a bf16
+                # export then runs as its fp32-arithmetic copy); stages opened later follow suit
+                self.providers = [p for p in self.providers if p != TENSORRT]
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                self.note = f"{TENSORRT} could not start ({first_line[:200]}): ran without it"
+                session = self._open(name)
             if self.io_binding and CUDA not in session.get_providers():
                 raise ConfigError(f"ONNX Runtime could not start its {CUDA} (got {', '.join(session.get_providers())}; "
                                   "are the CUDA and cuDNN libraries onnxruntime-gpu needs installed?): run with "
