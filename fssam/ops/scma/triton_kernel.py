@@ -813,9 +813,10 @@ class SplitPlan:
 # its five launches (prototype, calibration, stats, split, combine) took 0.35-0.38 ms of host time per op
 # call at batch 1, against 0.18 ms for the earlier two-launch one-pass op: a launch-bound eager model
 # pays that; CUDA graphs, torch.compile's graph modes and TensorRT see the GPU time. Since then the
-# op's own Python per call fell from 166 to 78 us at batch 1 (split; one pass 106 to 45 us), measured
+# op's own Python per call fell from 169 to 74 us at batch 1, K=1 (split; one pass 104 to 47 us), measured
 # without a GPU by benchmarks/bench_scma_host.py (Triton's launcher stubbed: no C launcher, no CUDA
-# allocations): host integer maths, cached constexprs, the autotuner's pick reused, masks not cast.
+# allocations; benchmarks/results/cpu-scma-host): host integer maths, cached constexprs, the
+# autotuner's pick reused, masks not cast.
 AUTO_SPLIT = True
 
 
