@@ -5,14 +5,17 @@
 
 A model launched from Python (eager PyTorch, no CUDA graph) pays this on every SCMA call; at batch 1
 the GPU work (about 0.055 ms on an H200) is shorter than it, so it sets the op's time there.
-What runs: the op's own host code for real (shape checks, launch plan, workspace allocations,
-autotuner dispatch), on CPU tensors of the serving shape (fp16, N=1024, c=256, one head), with
+What runs: the op's own host code (shape checks, launch plan, workspace allocations, autotuner
+dispatch), on CPU tensors of the serving shape (fp16, N=1024, c=256, one head), with
   * each Triton launch replaced by what `JITFunction.run` does before its C launcher: argument
     binding and the kernel cache key, for an sm_90 target (Triton's own binder);
-  * the autotuner's one-time benchmark replaced by a fixed pick, and the SM count set to 132
-    (H100 / H200), so the split heuristic decides as it does there.
-So the figures leave out the C launcher and cuLaunchKernel (a few microseconds a launch), CUDA
-allocations (the CPU allocator stands in) and any GPU time. Rows: `default` (what torch.ops.fssam.scma
+  * the autotuner's one-time benchmark replaced by a fixed pick (not written to Triton's disk
+    cache), the SM count set to 132 (H100 / H200, so the split heuristic decides as it does
+    there) and the device check skipped (CPU tensors stand in for CUDA ones).
+So the figures leave out, per call: the C launcher and cuLaunchKernel, JITFunction.run's current
+device / stream queries and kernel cache lookup (together a few microseconds a launch), the
+`torch.cuda.device` switch, CUDA allocations (the CPU allocator stands in) and any GPU time. They
+compare host code paths with each other; a real CUDA call costs more. Rows: `default` (what torch.ops.fssam.scma
 runs: the key-axis split where the heuristic splits) and `one_pass` (auto_split=False). `--repo`
 times another checkout of fssam (e.g. a git worktree of an older commit) in the same way.
 Prints a markdown table, writes JSON (CPU model, Triton version, git commit) and a PNG under --out.
@@ -73,14 +76,22 @@ def stubbed_launches(triton_kernel):
             grid(bound)
 
     saved = (JITFunction.run, Autotuner._bench, triton_kernel.sm_count, triton_kernel._check_device)
+    tuners = list(triton_kernel._AUTOTUNED.values())
+    disk_cache = [tuner.cache_results for tuner in tuners]
     JITFunction.run = run
     Autotuner._bench = lambda self, *args, config, **meta: [float(config.kwargs["BLOCK_M"])]  # a fixed pick
     triton_kernel.sm_count = lambda device: SM_COUNT
     triton_kernel._check_device = lambda *tensors: None  # CPU tensors stand in for CUDA ones
+    for tuner in tuners:
+        tuner.cache_results = False  # the fixed picks never reach Triton's disk cache
     try:
         yield launches
     finally:
         JITFunction.run, Autotuner._bench, triton_kernel.sm_count, triton_kernel._check_device = saved
+        for tuner, cached in zip(tuners, disk_cache):
+            tuner.cache_results = cached
+            tuner.cache.clear()  # nor stay in this process: real launches autotune afresh
+        triton_kernel._PICKED.clear()
 
 
 def best_microseconds(call, calls: int) -> float:

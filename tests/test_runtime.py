@@ -383,14 +383,18 @@ def test_onnxruntime_cuda_provider_that_cannot_start_is_refused(tiny_artifacts):
         runner.session("prior_backbone")
 
 
+@pytest.mark.parametrize("onnxruntime_behaviour", ["raises", "falls_back_itself"])
 def test_onnxruntime_tensorrt_provider_that_cannot_start_is_dropped_keeping_the_options(tiny_artifacts, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch,
+                                                                                      onnxruntime_behaviour):
     """onnxruntime-gpu lists the TensorRT provider even where TensorRT is not installed; when it cannot
     start, ONNX Runtime's own fallback would reopen the session on CUDA + CPU with no provider options
     (GPU 0, TF32 on). The runner turns that fallback off, drops TensorRT itself, reopens with the same
     device and TF32 options, runs a bf16 export as its fp32-arithmetic copy (the CUDA provider lacks
-    bf16 kernels) and says so. The session class is a stand-in (no GPU here); the real one is given
-    enable_fallback=0 by every CPU test."""
+    bf16 kernels) and says so. onnxruntime >= 1.23 raises (enable_fallback=0); older versions ignore
+    that switch and come back on CUDA + CPU with default options, which is treated the same. The
+    session class is a stand-in (no GPU here); the real one is given enable_fallback=0 by every CPU
+    test."""
     import onnxruntime as ort
 
     trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -403,9 +407,12 @@ def test_onnxruntime_tensorrt_provider_that_cannot_start_is_dropped_keeping_the_
     class Session:
         def __init__(self, model, sess_options=None, providers=None, provider_options=None, **kwargs):
             opened.append((model, list(providers), provider_options, kwargs))
-            if trt in providers:
-                raise RuntimeError("TensorRT EP could not be created: libnvinfer.so.10: cannot open shared object file")
             self.providers = list(providers)
+            if trt in providers:
+                if onnxruntime_behaviour == "raises":
+                    raise RuntimeError("TensorRT EP could not be created: libnvinfer.so.10: cannot open shared "
+                                       "object file")
+                self.providers = [cuda, cpu]  # its own fallback: no provider options
 
         def get_providers(self):
             return self.providers
@@ -421,7 +428,8 @@ def test_onnxruntime_tensorrt_provider_that_cannot_start_is_dropped_keeping_the_
     assert isinstance(first, str) and isinstance(second, bytes)  # the file, then its fp32-arithmetic copy
     assert providers == [cuda, cpu] and options == [{"device_id": "1", "use_tf32": "0"}, {}]
     assert runner.bf16_emulated and runner.providers_used() == [cuda, cpu]
-    assert "TensorrtExecutionProvider could not start (TensorRT EP could not be created" in runner.describe()
+    why = "TensorRT EP could not be created" if onnxruntime_behaviour == "raises" else "ONNX Runtime dropped it"
+    assert f"TensorrtExecutionProvider could not start ({why}" in runner.describe()
     runner.session("image_encoder")  # later sessions go straight to what is left
     assert opened[2][1] == [cuda, cpu] and len(opened) == 3
 

@@ -16,7 +16,9 @@ Where it runs (`select_providers`):
   lacks bf16 kernels for several operators), and says so. ONNX Runtime's own fallback is off: when
   a provider fails to start it would retry on CUDA + CPU without any provider options (GPU 0, TF32
   on); here a TensorRT provider that cannot start (onnxruntime-gpu lists it even without TensorRT
-  installed) is dropped with a note, and the session is opened again with the same options.
+  installed) is dropped with a note, and the session is opened again with the same options. Before
+  1.23 ONNX Runtime ignores that switch and falls back by itself: a session that came back without
+  the TensorRT provider is treated the same way.
 `providers_used()` names the providers the open sessions really got.
 """
 
@@ -177,16 +179,24 @@ class OnnxRuntimeRunner(StageRunner):
 
     def session(self, name: str):
         if name not in self.sessions:
+            why = None
             try:
                 session = self._open(name)
             except (RuntimeError, ValueError) as error:
                 if TENSORRT not in self.providers or self.sessions:
                     raise
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                why = first_line[:200]
+            else:
+                if TENSORRT in self.providers and TENSORRT not in session.get_providers():
+                    # onnxruntime < 1.23 ignores enable_fallback: it reopened on CUDA + CPU itself, with
+                    # default options (GPU 0, TF32 on); or it skipped the provider with a warning
+                    why = "ONNX Runtime dropped it"
+            if why is not None:
                 # the TensorRT provider could not start: the rest, with their own options (a bf16
                 # export then runs as its fp32-arithmetic copy); stages opened later follow suit
                 self.providers = [p for p in self.providers if p != TENSORRT]
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                self.note = f"{TENSORRT} could not start ({first_line[:200]}): ran without it"
+                self.note = f"{TENSORRT} could not start ({why}): ran without it"
                 session = self._open(name)
             if self.io_binding and CUDA not in session.get_providers():
                 raise ConfigError(f"ONNX Runtime could not start its {CUDA} (got {', '.join(session.get_providers())}; "
@@ -221,11 +231,12 @@ class OnnxRuntimeRunner(StageRunner):
         if self.io_binding:
             return self._run_bound(name, arrays)
         specs = self.specs[name]
+        session = self.session(name)  # first: opening it decides bf16_emulated (a TensorRT provider may drop out)
         feeds = {}
         for array, entry in zip(arrays, specs["inputs"]):
             dtype = "float32" if self.bf16_emulated and entry["dtype"] == "bfloat16" else entry["dtype"]
             feeds[entry["name"]] = np.asarray(array).astype(_numpy_dtype(dtype), copy=False)
-        outputs = self.session(name).run(None, feeds)
+        outputs = session.run(None, feeds)
         if self.bf16_emulated:  # float32 holding bf16 values: back to the export's dtype (exact)
             outputs = [out.astype(_numpy_dtype(entry["dtype"])) for out, entry in zip(outputs, specs["outputs"])]
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
