@@ -864,6 +864,45 @@ def test_tensorrt_plugin_matches_reference(aot):
     assert (out.float().cpu() - exact).abs().max().item() <= 2 * torch_error + 1e-3
 
 
+@pytest.mark.skipif(not tensorrt_plugin.available(), reason="needs a CUDA GPU and the tensorrt package")
+def test_tensorrt_aot_engine_runs_where_the_plugin_was_never_registered(tmp_path):
+    """What the serving configs rely on (docs/serving.md, repository.AOT_NOTE): an engine built from
+    AOT fssam::SCMA nodes carries its kernel, so a process that never registers the plugin (no
+    tensorrt.plugin definition, no plugin library, as Triton's TensorRT backend) deserializes and
+    runs it with the same result."""
+    import tensorrt as trt
+
+    from fssam.export.tensorrt import serialize_network
+
+    q, k, v, masks = make_inputs(1, 2, 64, 64, 2, 8, dtype=torch.float16, device="cpu", seed=9)
+    with onnx_custom_node(aot=True):
+        model = _export("paper", (q, k, v, masks))
+    tensorrt_plugin.register()
+    (tmp_path / "scma.engine").write_bytes(serialize_network(model.SerializeToString(), "fp16"))
+    torch.save({"q": q, "k": k, "v": v, "support_masks": masks}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        """
+        import sys, tensorrt as trt, torch
+        from fssam.runtime.runners.tensorrt import execute  # the runner's I/O helper; registers nothing
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(open("scma.engine", "rb").read())
+        assert engine is not None, "the engine did not deserialize without the plugin"
+        inputs = torch.load("inputs.pt", weights_only=True)
+        (out,) = execute(trt, engine, engine.create_execution_context(), inputs, torch.cuda.Stream()).values()
+        assert not any(name.startswith("fssam.ops") for name in sys.modules), sorted(sys.modules)
+        torch.save(out.cpu(), "out.pt")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FSSAM_TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    exact = 2.0 * scma_reference(q.float(), k.float(), v.float(), masks, "paper")
+    torch_error = (2.0 * scma_reference(q, k, v, masks, "paper").float() - exact).abs().max().item()
+    assert (out.float() - exact).abs().max().item() <= 2 * torch_error + 1e-3
+
+
 _FAKE_TENSORRT_PLUGIN = '''
 import sys, types
 
