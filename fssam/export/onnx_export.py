@@ -227,9 +227,9 @@ def _examples(model, shots: int, dtype) -> dict[str, tuple]:
 
 def _bf16_entry(dtype, path: str, fp32_ops: dict, onnxruntime_cpu: str | None) -> dict:
     """A stage's or graph's bf16 facts for the manifest (nothing for fp32 / fp16): whether the file
-    computes in bf16 at all ("computes": "bf16", or "fp32" where autocast leaves every operator of it in
-    fp32, as eager autocast does), the operators that run in fp32
-    inside a bf16 graph, and whether ONNX Runtime's CPU provider loads the file."""
+    computes in bf16 at all ("computes": "bf16", or "fp32" where autocast leaves every operator of it
+    in fp32, as eager autocast does), the operators that run in fp32 inside a bf16 graph, and whether
+    ONNX Runtime's CPU provider loads the file."""
     if dtype != torch.bfloat16:
         return {}
     import onnx

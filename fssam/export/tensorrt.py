@@ -127,7 +127,7 @@ def build_engines(folder: str, manifest: dict, model, progress=None) -> dict:
         if progress is not None:
             progress.set_postfix_str(f"{name} -> TensorRT")
         engine_file = f"{name}.engine"
-        source = entry.get("tensorrt_onnx", entry)["file"]  # fssam::SCMA nodes (head, query_segmenter) with --scma-node custom
+        source = entry.get("tensorrt_onnx", entry)["file"]  # --scma-node custom: <name>.scma.onnx (fssam::SCMA)
         batch = batch_profile(name, max_batch, manifest["shots"])
         info = build_engine(os.path.join(folder, source), os.path.join(folder, engine_file), manifest["precision"],
                             batch)
