@@ -649,6 +649,18 @@ def test_custom_op_backward_matches_reference():
         torch.testing.assert_close(got.grad, expected.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_custom_op_takes_k_and_v_in_another_dtype_on_every_device():
+    """k, v in fp16 beside an fp32 q: the CPU kernel reads them in q's dtype as the CUDA kernel does
+    (it used to raise there), and the gradients come back in k's and v's own dtype."""
+    q, k, v, masks = make_inputs(1, 2, 16, 16, 2, 4, device="cpu", seed=3)
+    leaves = [q.clone().requires_grad_(True), k.half().requires_grad_(True), v.half().requires_grad_(True)]
+    out = torch.ops.fssam.scma(*leaves, masks, "paper")
+    expected = scma_reference(q, k.half().float(), v.half().float(), masks, "paper")
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    out.sum().backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32, torch.float16, torch.float16]
+
+
 def test_model_forward_goes_through_custom_op(op_calls, monkeypatch):
     """The model, built on the device under test, calls torch.ops.fssam.scma: the Triton kernel on
     CUDA, the reference on CPU (and, under the interpreter, the Triton kernel inside

@@ -53,13 +53,19 @@ def _run_triton(q, k, v, support_masks, mode):
     return triton_kernel.triton_scma(q, k, v, support_masks, mode)
 
 
+def _reference(q, k, v, support_masks, mode):
+    """The reference with k and v in q's dtype, as the Triton kernel reads them (so every device takes
+    the same mixed-dtype inputs; the casts are differentiable, so gradients keep k's and v's dtypes)."""
+    return scma_reference(q, k.to(q.dtype), v.to(q.dtype), support_masks, mode)
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def scma_op(q: Tensor, k: Tensor, v: Tensor, support_masks: Tensor, mode: str) -> Tensor:
     """Support-Calibrated Memory Attention: (B, H, N, c). Default (CPU) kernel: the reference."""
     _check_mode(mode)
     if q.device.type == "cpu" and _triton_on_cpu.get():
         return _run_triton(q, k, v, support_masks, mode)
-    return scma_reference(q, k, v, support_masks, mode).contiguous()
+    return _reference(q, k, v, support_masks, mode).contiguous()
 
 
 @scma_op.register_kernel("cuda")
@@ -86,7 +92,7 @@ def _backward(ctx, grad_out):
     wanted = ctx.needs_input_grad[:3]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), wanted)]
-        out = scma_reference(*leaves, support_masks, ctx.mode)
+        out = _reference(*leaves, support_masks, ctx.mode)
         targets = [t for t, need in zip(leaves, wanted) if need]
         grads = iter(torch.autograd.grad(out, targets, grad_out, allow_unused=True)) if targets else iter(())
     result = [next(grads) if need else None for need in wanted]
