@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -311,6 +310,8 @@ def main(argv=None) -> int:
         )
     import triton
 
+    from fssam.files import write_json
+
     device = torch.cuda.get_device_name()
     print(f"SCMA benchmark on {device}: N={args.tokens}, c={args.head_dim}, H={args.heads}, P=4(K+1), "
           f"mode {args.mode}", file=sys.stderr)
@@ -332,9 +333,7 @@ def main(argv=None) -> int:
             sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
             autotuned=autotune_choices(), complete=complete,
         )
-        partial = json_path.with_name(json_path.name + ".partial")
-        partial.write_text(json.dumps(dict(meta=meta, results=rows, sweep=swept), indent=2) + "\n")
-        partial.replace(json_path)
+        write_json(str(json_path), dict(meta=meta, results=rows, sweep=swept))
 
     for shape in shapes(args):
         rows += measure(args, *shape)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -178,6 +177,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(repo))
     import triton
 
+    from fssam.files import write_json
     from fssam.ops.scma import triton_kernel
     from fssam.runtime.cpu import cpu_info
 
@@ -195,9 +195,7 @@ def main(argv=None) -> int:
                 repo=str(repo), date=stamp, tokens=TOKENS, head_dim=HEAD_DIM, dtype="fp16", heads=1,
                 sm_count=SM_COUNT, timing=f"best of 5 timings of {args.calls} calls (perf_counter)",
                 stub="Triton launches: binder + cache key for sm_90, no C launcher; autotuner benchmark: fixed pick")
-    partial = json_path.with_name(json_path.name + ".partial")
-    partial.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    partial.replace(json_path)
+    write_json(str(json_path), dict(meta=meta, results=rows))
     print(f"### SCMA host cost per call, {commit} ({cpu}, Triton {triton.__version__})\n")
     print(markdown(rows))
     png_path = json_path.with_suffix(".png")

@@ -874,20 +874,20 @@ def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, c
             shots: int = 0):
     """Launch `kernel` with an explicit config, or autotuned when `config` is None."""
     fn = KERNEL_FUNCTIONS[kernel]
+    consts = constexprs(head_dim, dtype, config, fn, shots)
     if config is None:
         key = (kernel, dtype, head_dim, shots, *(args[i] for i in _KEY_POSITIONS[kernel]))
         picked = _PICKED.get(key)
         if picked is None:
             tuner = _AUTOTUNED[kernel]
             with _PICK_LOCK:
-                tuner[grid](*args, **constexprs(head_dim, dtype, None, fn, shots))
+                tuner[grid](*args, **consts)
                 _PICKED[key] = tuner.best_config
         else:
-            fn[grid](*args, **constexprs(head_dim, dtype, None, fn, shots), **picked.all_kwargs())
+            fn[grid](*args, **consts, **picked.all_kwargs())
     else:
         grid_args = grid(config) if callable(grid) else grid
-        fn[grid_args](*args, **constexprs(head_dim, dtype, config, fn, shots),
-                      num_warps=config["num_warps"], num_stages=config["num_stages"])
+        fn[grid_args](*args, **consts, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 def _strides(x: torch.Tensor, dims: int = 3) -> tuple:
