@@ -2,7 +2,10 @@
 
     python benchmarks/bench_scma.py [--batches 1 4 16] [--shots 1 5] [--dtypes fp16 bf16]
                                     [--tokens 1024] [--head-dim 256] [--heads 1] [--sweep]
-                                    [--out benchmarks/results]
+                                    [--mode paper|official] [--out benchmarks/results]
+
+--mode (default paper, as the committed GPU runs): the SCMA calibration of every shot; the model's
+default is official (the released code's: the first shot only), the same arithmetic at one shot.
 
 Shapes: q (B, H, N, c), k/v (B, H, K*N + N + P, c) with P = 4 * (K + 1) pointer tokens.
 Rows:

@@ -44,7 +44,7 @@ def main(folder):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print("usage: make_episode.py DIR (an existing folder; writes support.jpg, support.png, query.jpg)",
+        print("usage: make_episode.py DIR (made if missing, its parent must exist; writes support.jpg, support.png, query.jpg)",
               file=sys.stderr)
         sys.exit(2)
     try:

@@ -98,12 +98,19 @@ def test_each_shot_uses_its_own_mask():
     torch.testing.assert_close(scma_reference(q, k, v, masks, "official"), scma_reference(q, k, v, changed, "official"))
 
 
-def test_constant_scores_and_empty_mask_stay_finite():
-    q, k, v, masks = _inputs(1, 1, 1, 4)
+@pytest.mark.parametrize("shots", [1, 5])
+def test_constant_scores_and_empty_mask_match_literal_formula(shots):
+    """Degenerate inputs: every score row constant (max == min, so the normalised block is 0/1e-7)
+    and no support foreground (the prototype is 0 / 5e-4 = 0, every cosine 0): finite, and the
+    literal formula's values, not only finite ones."""
+    q, k, v, masks = _inputs(1, 1, shots, 4)
     q = torch.zeros_like(q)  # every score row constant: max == min
     masks = torch.zeros_like(masks)  # no support foreground
     out = scma_reference(q, k, v, masks)
+    side = int(math.isqrt(q.shape[2]))
     assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, literal_scma(q, k, v, masks.reshape(shots, 1, side, side), shots),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_mode_is_an_error():

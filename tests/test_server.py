@@ -179,6 +179,7 @@ def test_server_environment_has_no_path_to_fssam(monkeypatch):
     assert server_environment(None)["PYTHONPATH"] == "/opt/extra"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SOURCE_ROOT), "."]))
     assert "PYTHONPATH" not in server_environment(None)
+    assert server_environment(None)["PYTHONDONTWRITEBYTECODE"] == "1"  # the stubs write nothing into the repository
 
 
 def test_stub_cannot_import_fssam_through_our_environment(server, repository):

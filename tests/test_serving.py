@@ -575,6 +575,8 @@ def test_repository_copied_alone_serves_without_fssam_or_torch(tmp_path, reposit
     finally:
         _stop(triton)
     assert "must not be imported" not in open(triton.log_path).read()
+    # serving wrote nothing into the repository (no stub bytecode naming this machine's paths)
+    assert not [path for path in copy.rglob("*") if path.name == "__pycache__"]
 
 
 def test_sigterm_under_load_gives_only_correct_results_or_errors(tmp_path, repository):

@@ -62,8 +62,8 @@ def register(subparsers) -> None:
                        "not for triton")
     model.add_argument("--url", help="triton: server address, e.g. localhost:8000")
     model.add_argument("--protocol", default="http", choices=("http", "grpc"), help="triton protocol")
-    model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="eager / onnx: where to run (auto: cuda when available)")
+    model.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                       help="eager / onnx: where to run (default auto: cuda when available); not for triton")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None,
                      help="result JSON (default: eval_<dataset>_fold<F>_<K>shot_<backend>.json here)")
@@ -101,7 +101,7 @@ def handle(args) -> int:
     specs = sample_episodes(fold, shot=args.shots, episodes=args.episodes, seed=args.episode_seed,
                             workers=args.workers)
     backend = make_backend(args.backend, config=args.config, shots=args.shots, artifacts=args.artifacts, url=args.url,
-                           protocol=args.protocol, precision=args.precision, device=args.device,
+                           protocol=args.protocol, precision=args.precision, device=args.device or "auto",
                            **model_options(args))
     print(backend.weights, file=sys.stderr)
     result, masks = run_eval(backend, specs, fold.classes, fold.root, args.dataset, progress=not args.no_progress)
@@ -143,6 +143,9 @@ def _check_args(args) -> None:
             raise ConfigError(f"--precision is for the eager, {', '.join(RUNTIMES)} backends, not {args.backend} "
                               f"(the server's model is fixed when it is exported)")
         check_eager_precision(args.precision)
+    if args.device is not None and args.backend == "triton":
+        raise ConfigError(f"--device is for the eager, {', '.join(RUNTIMES)} backends, not triton "
+                          f"(the server runs where it was started)")
     overrides = [flag for flag, value in (("--num-refine", args.num_refine), ("--refine-version", args.refine_version),
                                           ("--scma-mode", args.scma_mode)) if value is not None]
     if overrides and args.backend != "eager":

@@ -134,10 +134,12 @@ def _source_root() -> str:
 
 
 def server_environment(wheel_root: str | None, extra: dict | None = None) -> dict:
-    """os.environ updated with `extra`, for tritonserver: libraries for the wheel's stub, and no
-    path to fssam or the working directory on PYTHONPATH."""
+    """os.environ updated with `extra`, for tritonserver: libraries for the wheel's stub, no path
+    to fssam or the working directory on PYTHONPATH, and no bytecode written by the Python stubs
+    (a __pycache__ in the repository would name this machine's paths and change its files)."""
     env = dict(os.environ)
     env.update(extra or {})
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     paths = []
     if wheel_root:
         libdir = sysconfig.get_config_var("LIBDIR")  # this interpreter's libpython, before the system one

@@ -633,7 +633,12 @@ AUTOTUNE_CONFIGS: dict[tuple[str, str, int], tuple[tuple[int, int, int, int], ..
 # tests/test_kernels.py::test_config_fits_sm90, each with its reason. None today: every config compiles
 # for sm_90 without spills.
 DOCUMENTED_SPILLS: dict[str, int] = {}
-NOMINAL_BLOCK_M = 64  # query tile the split decision counts programs with
+# The query tile the split decision counts programs with. Not the autotuner's pick (unknown before the
+# launch; the op's c = 256 16-bit table also has 16-row tiles): a calibrated threshold. In the H200
+# sweep (benchmarks/results/gpu-h200-20261126b, fp16, N = 1024, H = 1) the split won at batch 1
+# (16 nominal tiles) and 4 (64) and lost at 16 (256 > 132 SMs), which this count reproduces, while
+# counting 16-row tiles would not split at batch 4 (256 tiles).
+NOMINAL_BLOCK_M = 64
 MAX_SLICES = 16  # slices per shot of the support keys (prototype kernel) and pseudo-query keys (calibration), at most
 SPLIT_ALIGN = 64  # split chunks are multiples of this many keys (every autotuned BLOCK_N divides it)
 MIN_CHUNK = 128  # keys per chunk / pseudo-query keys per stats slice, at least
