@@ -130,6 +130,33 @@ def _listing(items: list[str]) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
 
 
+def written_files(folder: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The relative paths of every file under `folder` (a finished output, still in its temporary
+    folder), but `exclude` and the run's owner file, and of its empty folders (ending in "/"): what the
+    output's description lists as its own, so that a later run replaces exactly those and refuses
+    anything someone added."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        for name in names:
+            rel = os.path.normpath(os.path.relpath(os.path.join(root, name), folder))
+            if rel not in exclude and rel != OWNER:
+                found.append(rel)
+        if not dirs and not names and root != folder:  # an empty folder it made (a model version folder)
+            found.append(os.path.relpath(root, folder) + "/")
+    return sorted(found)
+
+
+def _bytecode_cache(path: str) -> bool:
+    """A __pycache__ folder holding only .pyc files: what Python writes beside the model.py files of
+    a repository a server ran (Triton's Python stub writes it whatever PYTHONDONTWRITEBYTECODE says);
+    derived from fssam's own files."""
+    if os.path.basename(path) != "__pycache__" or os.path.islink(path):
+        return False
+    entries = os.listdir(path)
+    return all(name.endswith(".pyc") and os.path.isfile(os.path.join(path, name))
+               and not os.path.islink(os.path.join(path, name)) for name in entries)
+
+
 def check_replaceable(
     out: str,
     what: str,
@@ -139,7 +166,8 @@ def check_replaceable(
     """Refuse (raise `error`, touching nothing) unless `out` is absent, an empty folder, or a complete
     earlier output. `what`: e.g. "an fssam export folder". `owned(out)` returns (files, trees): the
     relative paths of the files that output consists of and the top-level folders it owns whole; it
-    raises ValueError with the reason when `out` is not such an output at all."""
+    raises ValueError with the reason when `out` is not such an output at all. Python's bytecode
+    caches (`__pycache__` of .pyc files) in a folder of listed files count as the output's."""
     if not os.path.lexists(out):
         return
     if os.path.islink(out) or not os.path.isdir(out):
@@ -151,8 +179,9 @@ def check_replaceable(
         files, trees = owned(out)
     except ValueError as reason:
         raise error(f"{out!r} exists and is not {what} ({reason}): refusing to replace it; nothing in it was touched") from None
-    files = {os.path.normpath(f) for f in files}
-    folders = {os.path.dirname(f) for f in files}  # the folders listed files are in, and theirs
+    made = {os.path.normpath(f) for f in files if f.endswith("/")}  # empty folders it made (written_files)
+    files = {os.path.normpath(f) for f in files if not f.endswith("/")}
+    folders = {os.path.dirname(f) for f in files} | made  # the folders listed files are in, and theirs
     for folder in list(folders):
         while folder:
             folder = os.path.dirname(folder)
@@ -167,6 +196,8 @@ def check_replaceable(
                 continue  # owned whole
             if path in folders and not os.path.islink(os.path.join(root, name)):
                 walk.append(name)
+            elif os.path.dirname(path) in folders and _bytecode_cache(os.path.join(root, name)):
+                continue  # Python's cache of a listed model.py
             else:
                 extra.append(path)  # a folder of someone else's (links are never followed)
         dirs[:] = walk

@@ -190,3 +190,26 @@ def test_a_tensor_of_the_wrong_rank_is_one_error(tmp_path, source):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="dino_bad.pth.*wrong shape or kind"):
         build("tiny", checkpoint=[str(path)])
+
+
+@pytest.mark.parametrize("layout", ["fssam", "sam2"])
+def test_non_floating_tensors_for_floating_parameters_are_refused(tmp_path, source, layout):
+    """Right shapes but int64 / bool values where the model has float weights: load_state_dict would
+    cast them silently into meaningless weights; one CheckpointError names the keys and dtypes."""
+    path = str(tmp_path / "ints.pth")
+    if layout == "fssam":
+        state = fssam_file(source, path, prefix="")
+        prefix = "sam2."
+    else:
+        state = {k: v.clone() for k, v in source.sam2.state_dict().items()}
+        prefix = ""
+    state[prefix + "no_obj_ptr"] = state[prefix + "no_obj_ptr"].round().long()
+    state[prefix + "maskmem_tpos_enc"] = state[prefix + "maskmem_tpos_enc"] > 0
+    torch.save({"state_dict": state} if layout == "fssam" else {"model": state}, path)
+    with pytest.raises(CheckpointError, match=r"non-floating tensors for floating parameters: "
+                       r"sam2\.maskmem_tpos_enc: file bool vs model float32, sam2\.no_obj_ptr: file int64 vs model float32$"):
+        build("tiny", checkpoint=path)
+    state[prefix + "no_obj_ptr"] = state[prefix + "no_obj_ptr"].half()  # another floating dtype is converted
+    state[prefix + "maskmem_tpos_enc"] = state[prefix + "maskmem_tpos_enc"].double()
+    torch.save({"state_dict": state} if layout == "fssam" else {"model": state}, path)
+    assert build("tiny", checkpoint=path).sam2.no_obj_ptr.dtype == torch.float32

@@ -4,6 +4,7 @@ result JSON, clear errors for missing data, mismatched artifacts and unavailable
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,9 @@ def test_result_json_is_well_formed(runs, artifacts):
         assert result["fbiou"] == pytest.approx(float(np.mean(inter / (union + 1e-10))))
         class_iou = []
         for c in range(1, 6):
+            if not result["classes"][str(c)]["episodes"]:  # not drawn in these episodes: no IoU, not in mIoU
+                assert result["classes"][str(c)]["iou"] is None
+                continue
             ci = sum(e["intersection"][1] for e in result["per_episode"] if e["class"] == c)
             cu = sum(e["union"][1] for e in result["per_episode"] if e["class"] == c)
             class_iou.append(ci / (cu + 1e-10))
@@ -242,3 +246,133 @@ def test_default_scma_mode_is_official():
     from fssam.model import get_config
 
     assert get_config("tiny").scma_mode == "official"
+
+
+# ---------------------------------------------------------------- --save-masks, classes without episodes, errors
+
+
+def _no_backend(monkeypatch):
+    """Any model work fails the test: the checks must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(evaluation, "make_backend", refuse)
+
+
+def test_save_masks_replaces_only_its_own_file(pascal, tmp_path, monkeypatch):
+    """The masks path is checked before the run, as --out: a user's file or a folder of that name, or a
+    folder eval cannot write, is one ConfigError naming it; a re-run over its own npz is allowed."""
+    out = tmp_path / "r.json"
+    assert eval_command.handle(eval_args(pascal, out, "--episodes", "3", "--save-masks", str(tmp_path))) == 0
+    mine = tmp_path / "r_masks.npz"
+    assert evaluation.load_masks(str(mine))[1] == json.loads(out.read_text())["episodes_sha256"]
+    assert eval_command.handle(eval_args(pascal, out, "--episodes", "3", "--save-masks", str(tmp_path))) == 0
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r_masks.npz"]  # replaced, no temporary file left
+    _no_backend(monkeypatch)
+    users = tmp_path / "user"
+    users.mkdir()
+    (users / "r_masks.npz").write_bytes(b"my own data")
+    with pytest.raises(ConfigError, match=f"--save-masks '{users}/r_masks.npz' exists and is not a file fssam wrote"):
+        eval_command.handle(eval_args(pascal, out, "--save-masks", str(users)))
+    np.savez(users / "x_masks.npz", bits=np.zeros(3, np.uint8))  # an npz, but not one eval wrote
+    with pytest.raises(ConfigError, match="x_masks.npz' exists and is not a file fssam wrote"):
+        eval_command.handle(eval_args(pascal, tmp_path / "x.json", "--save-masks", str(users)))
+    assert (users / "r_masks.npz").read_bytes() == b"my own data"
+    (tmp_path / "dirs" / "r_masks.npz").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"--save-masks '{tmp_path}/dirs/r_masks.npz' is a folder"):
+        eval_command.handle(eval_args(pascal, out, "--save-masks", str(tmp_path / "dirs")))
+    assert os.listdir(tmp_path / "dirs") == ["r_masks.npz"]
+
+
+def test_save_masks_refuses_an_unwritable_folder(pascal, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: let os.access answer as it does for a user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            not (mode & os.W_OK and os.path.abspath(path) == str(locked))) and real(path, mode, **kw))
+    _no_backend(monkeypatch)
+    try:
+        with pytest.raises(ConfigError, match=f"'{locked}/r_masks.npz': folder '{locked}' is not writable"):
+            eval_command.handle(eval_args(pascal, tmp_path / "r.json", "--save-masks", str(locked)))
+    finally:
+        locked.chmod(0o755)
+    assert os.listdir(locked) == [] and not (tmp_path / "r.json").exists()
+
+
+def test_masks_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """An interrupted write (Ctrl-C; SIGTERM is turned into it) leaves no temporary file and no half
+    npz; a finished one carries the format entry the --save-masks check reads."""
+    from fssam.eval import agreement
+
+    masks = [np.ones((4, 6), np.uint8), np.zeros((3, 5), np.uint8)]
+    result = {"per_episode": [{"index": 0}, {"index": 1}], "episodes_sha256": "abc"}
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agreement.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.save_masks(str(tmp_path), "r", masks, result)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    path = evaluation.save_masks(str(tmp_path), "r", masks, result)
+    assert os.listdir(tmp_path) == ["r_masks.npz"] and agreement.is_masks_file(path)
+    loaded, fingerprint = evaluation.load_masks(path)
+    assert fingerprint == "abc" and [m.tolist() for m in loaded] == [m.tolist() for m in masks]
+
+
+def test_classes_without_episodes_have_no_iou(pascal, tmp_path, capsys):
+    """3 episodes draw class 1 only: the other classes have no IoU (null, "-"), mIoU is class 1's,
+    a note says so; FB-IoU is over all episodes as before; --compare-with takes the nulls."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert eval_command.handle(eval_args(pascal, first, "--episodes", "3")) == 0
+    printed = capsys.readouterr()
+    result = json.loads(first.read_text())
+    classes = result["classes"]
+    assert [classes[c]["episodes"] for c in "12345"] == [3, 0, 0, 0, 0]
+    assert [classes[c]["iou"] for c in "2345"] == [None] * 4
+    assert result["miou"] == pytest.approx(classes["1"]["iou"]) and result["miou"] > 0
+    inter = np.sum([e["intersection"] for e in result["per_episode"]], axis=0)
+    union = np.sum([e["union"] for e in result["per_episode"]], axis=0)
+    assert result["fbiou"] == pytest.approx(float(np.mean(inter / (union + 1e-10))))
+    rows = {line.split()[1]: line.split()[-1] for line in printed.out.splitlines()[1:6]}
+    assert rows["aeroplane"] == f"{100 * classes['1']['iou']:.2f}" and rows["bottle"] == "-"
+    assert f"mIoU {100 * classes['1']['iou']:.2f} " in printed.out
+    notes = [line for line in printed.err.splitlines() if "no episodes" in line]
+    assert len(notes) == 1 and "2 bicycle, 3 bird, 4 boat, 5 bottle" in notes[0] and "mIoU covers only" in notes[0]
+    assert eval_command.handle(eval_args(pascal, second, "--episodes", "3", "--compare-with", str(first))) == 0
+    assert json.loads(second.read_text())["agreement"]["class_iou_delta_max"] == 0.0
+    # a result written before (a class without episodes as IoU 0) still compares, over the measured classes
+    old = dict(result, classes={c: dict(v, iou=v["iou"] or 0.0) for c, v in classes.items()})
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert eval_command.handle(eval_args(pascal, second, "--episodes", "3", "--compare-with",
+                                         str(tmp_path / "old.json"))) == 0
+    assert json.loads(second.read_text())["agreement"]["class_iou_delta_max"] == 0.0
+
+
+def test_foreign_list_prefix_names_the_cli_flag(pascal, tmp_path):
+    """Lists written with another prefix: the error names the flag that fixes it, and that flag does."""
+    root, lists = pascal
+    moved = tmp_path / "lists"
+    shutil.copytree(lists, moved)
+    for name in ("data_list_0.txt", "sub_class_file_list_0.txt"):
+        listed = moved / "fss_list" / "val" / name
+        listed.write_text(listed.read_text().replace("../data/VOCdevkit2012/VOC2012/", "voc2012/"))
+    with pytest.raises(DataError, match="does not start with '../data/VOCdevkit2012/VOC2012/': give the prefix "
+                                        "the list uses with --list-prefix PREFIX"):
+        eval_command.handle(eval_args(pascal, tmp_path / "r.json", "--list-root", str(moved)))
+    assert eval_command.handle(eval_args(pascal, tmp_path / "r.json", "--list-root", str(moved), "--episodes", "3",
+                                         "--list-prefix", "voc2012")) == 0
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(2**63), "-1"])
+def test_episode_seed_out_of_range_is_one_line_at_parsing(seed, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse("--dataset", "pascal", "--root", "r", "--episode-seed", seed)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fssam eval: error: argument --episode-seed: {seed}: "
+        "expected a whole number 0 <= seed < 2**63")
+    assert parse("--dataset", "pascal", "--root", "r", "--episode-seed", str(2**63 - 1)).episode_seed == 2**63 - 1

@@ -116,6 +116,32 @@ def test_repository_replaces_only_its_own_repository(tiny_artifacts, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["repo"]
 
 
+def test_repository_refuses_a_user_file_inside_one_of_its_model_folders(tiny_artifacts, tmp_path):
+    """The marker lists every file the repository wrote: a file (or version folder) someone added inside
+    a model folder is not the repository's, so a re-run refuses instead of deleting it. Python's bytecode
+    cache beside a model.py (a server that ran it without PYTHONDONTWRITEBYTECODE) is replaced."""
+    out = tmp_path / "repo"
+    description = _repository(tiny_artifacts, out)
+    assert "support_encoder/1/model.py" in description["files"] and MARKER not in description["files"]
+    cache = out / "support_encoder" / "1" / "__pycache__"
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"bytecode")
+    _repository(tiny_artifacts, out)  # replaced, the cache with it
+    assert not cache.exists()
+    (out / "fssam" / "9").mkdir()
+    (out / "fssam" / "9" / "user.txt").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=r"it also holds fssam/9, "):
+        _repository(tiny_artifacts, out)
+    assert _snapshot(out) == before
+    marker = json.loads((out / MARKER).read_text())
+    del marker["files"]  # an older fssam's marker: it cannot say what it wrote, so nothing is deleted
+    os.remove(out / "fssam" / "9" / "user.txt")
+    (out / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(InputError, match="does not list the files it wrote"):
+        _repository(tiny_artifacts, out)
+
+
 def test_repository_keeps_the_umask(tiny_artifacts, tmp_path):
     previous = os.umask(0o027)
     try:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fssam.errors import ConfigError, InputError
-from fssam.export import export, load_manifest
+from fssam.export import ExportError, export, load_manifest
 from fssam.model import build
 from fssam.runtime import as_torch, cpu, open_runner, runtimes
 from fssam.runtime.contract import run_episode
@@ -37,6 +37,25 @@ def int8_artifacts(tmp_path_factory):
     finally:
         patch.undo()
     return out, manifest
+
+
+def test_export_refuses_a_user_file_inside_its_openvino_folders(int8_artifacts, tmp_path):
+    """An OpenVINO export's calibration/ and openvino/ folders are its own file by file
+    (manifest["written_files"]): a file someone added there makes the export not replaceable (it
+    was deleted with the folder before). Here, where OpenVINO is loaded anyway: tests/test_files.py
+    sends itself signals, which OpenVINO's threads do not survive."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(int8_artifacts[0], out)
+    written = load_manifest(out)["written_files"]
+    assert "manifest.json" not in written
+    assert any(f.startswith("calibration" + os.sep) for f in written) and any(f.startswith("openvino" + os.sep) for f in written)
+    for folder in ("calibration", "openvino"):
+        with open(os.path.join(out, folder, "notes.txt"), "w") as handle:
+            handle.write("mine")
+        with pytest.raises(ExportError, match=rf"it also holds {folder}/notes\.txt"):
+            export("tiny", out=out, progress=False)
+        assert open(os.path.join(out, folder, "notes.txt")).read() == "mine"
+        os.remove(os.path.join(out, folder, "notes.txt"))
 
 
 def test_contract_imports_no_heavy_module():
@@ -127,9 +146,11 @@ def test_openvino_bf16_runs_only_its_gated_plan(tiny_artifacts, tmp_path):
         hint = str(runner.compile(name).get_property("INFERENCE_PRECISION_HINT")).lower()
         assert ("bfloat16" in hint) == (stage["precision"] == "bf16"), (name, hint)
     model = build("tiny", seed=0)
-    # the plan as the runner loads it, on the gate's episode (export seed 0 + 7)
-    report = parity_report(model, as_torch(runner), "bf16", sample_episode(model.config, 1, seed=7))
-    assert report["baseline"] == "bf16_autocast" and report["passed"], report["failures"]
+    # the plan as the runner loads it, on the gate's episode (export seed 0 + 7) and on episodes the
+    # gate never saw (a plan that only fits its gate episode fails there)
+    for seed in (7, 21, 22):
+        report = parity_report(model, as_torch(runner), "bf16", sample_episode(model.config, 1, seed=seed))
+        assert report["baseline"] == "bf16_autocast" and report["passed"], (seed, report["failures"])
 
 
 def test_bf16_refused_on_a_cpu_without_it(tiny_artifacts, tmp_path, monkeypatch):
@@ -211,7 +232,7 @@ def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
     files["bf16"] = files["fp32"]
     files["int8"] = {n: e for n, e in manifest["openvino"]["int8"]["stages"].items() if e["precision"] == "int8"}
     episode = sample_episode(model.config, 1, seed=4)
-    result = ov_export.plan_precision(out, manifest, model, "int8", files, episode, None)
+    result = ov_export.plan_precision(out, manifest, model, "int8", files, [episode], None)
     assert result["stages"]["head"]["precision"] == "fp32"
     assert not result["stages"]["head"]["tried"][next(iter(result["stages"]["head"]["tried"]))]["passed"]
 
@@ -224,8 +245,22 @@ def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
         return end, failures + (["forced"] if len(calls) == 1 else [])
 
     monkeypatch.setattr(ov_export, "check_end_to_end", fail_once)
-    result = ov_export.plan_precision(out, manifest, model, "int8", files, episode, None)
+    result = ov_export.plan_precision(out, manifest, model, "int8", files, [episode], None)
     assert any("stepped_down" in entry for entry in result["stages"].values()) and result["parity"]["passed"]
+
+    # every gate episode counts: an end-to-end failure on the second episode only steps a stage down too
+    calls.clear()
+
+    def fail_second_episode_once(*args):
+        end, failures = real_end(*args)
+        calls.append(1)
+        return end, failures + (["forced"] if len(calls) == 2 else [])
+
+    monkeypatch.setattr(ov_export, "check_end_to_end", fail_second_episode_once)
+    second = sample_episode(model.config, 1, seed=5)
+    result = ov_export.plan_precision(out, manifest, model, "int8", files, [episode, second], None)
+    assert len(calls) == 4 and any("stepped_down" in entry for entry in result["stages"].values())
+    assert result["parity"]["passed"] and result["parity"]["end_to_end"]["episodes"] == 2
 
     monkeypatch.setattr(ov_export, "check_end_to_end", lambda *args: (real_end(*args)[0], ["forced"]))
     with pytest.raises(ParityError, match="OpenVINO"):
@@ -239,7 +274,7 @@ def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
         return outputs, failures + (["prior forced to fail"] if name == "prior" else [])
 
     monkeypatch.setattr(ov_export, "check_stage", prior_fails_everywhere)
-    result = ov_export.plan_precision(out, manifest, model, "fp32", files, episode, None)
+    result = ov_export.plan_precision(out, manifest, model, "fp32", files, [episode], None)
     assert not result["parity"]["passed"]  # the only failure is the stage's: the end to end passed
     assert result["parity"]["failures"] == ["prior forced to fail [OpenVINO fp32]"]
 

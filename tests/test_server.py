@@ -179,7 +179,6 @@ def test_server_environment_has_no_path_to_fssam(monkeypatch):
     assert server_environment(None)["PYTHONPATH"] == "/opt/extra"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SOURCE_ROOT), "."]))
     assert "PYTHONPATH" not in server_environment(None)
-    assert server_environment(None)["PYTHONDONTWRITEBYTECODE"] == "1"  # the stubs write nothing into the repository
 
 
 def test_stub_cannot_import_fssam_through_our_environment(server, repository):
@@ -213,6 +212,43 @@ def test_port_in_use_is_an_error_before_start(repository, flag):
             triton.start(timeout=60)
         assert triton.process is None and not triton.ready()
     check_port("127.0.0.1", port, flag)  # free again once our socket is closed
+
+
+BAD_HOSTS = [("no such host!", r"--host 'no such host!' cannot be resolved \(.+\): expected an IPv4 address"),
+             ("", r"--host '' cannot be resolved"),
+             ("::1", r"--host '::1' is IPv6 only, which fssam serve does not support")]
+
+
+@pytest.mark.parametrize("host,message", BAD_HOSTS, ids=["unresolvable", "empty", "ipv6"])
+def test_an_unresolvable_or_ipv6_host_is_one_error_before_anything_starts(repository, host, message):
+    with pytest.raises(ServingError, match=message):
+        TritonServer(repository[0], host=host, http_port=0, grpc_port=0)  # port 0: a free port is drawn on host
+
+
+def _serve(tmp_path, *argv):
+    """`fssam serve` on a folder holding only an fssam repository marker: enough for the option checks,
+    which all come before tritonserver is started (nothing here could be served)."""
+    from fssam.serving.repository import MARKER, REPOSITORY_FORMAT
+
+    folder = tmp_path / "fssam-repository"
+    folder.mkdir(exist_ok=True)
+    (folder / MARKER).write_text(json.dumps({"format": REPOSITORY_FORMAT}))
+    return subprocess.run([sys.executable, "-m", "fssam.cli", "serve", "--repository", str(folder), *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv,message", [
+    *((["--host", host], message) for host, message in BAD_HOSTS),
+    (["--http-port", "8123", "--grpc-port", "8123"], r"--http-port 8123 and --grpc-port 8123 must differ$"),
+    (["--http-port", "0", "--grpc-port", "8124", "--metrics-port", "8124"],
+     r"--grpc-port 8124 and --metrics-port 8124 must differ$"),
+], ids=["unresolvable", "empty", "ipv6", "http-grpc", "grpc-metrics"])
+def test_serve_option_errors_are_one_line(tmp_path, argv, message):
+    result = _serve(tmp_path, *argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert re.match(r"fssam serve: error: " + message, lines[0]) and "None" not in lines[0], lines[0]
+    assert "starting tritonserver" not in result.stdout
 
 
 def test_restricted_apis_closed_without_admin_key(server):

@@ -475,6 +475,8 @@ def test_cli_predict_url_matches_eager(server, tmp_path, tiny_model):
         assert result.returncode == 0, result.stderr
         outputs[label] = np.asarray(Image.open(out))
         assert (tmp_path / f"{label}_overlay.png").exists()
+        # both say their weights are random (the served ones from the ensemble's config parameter)
+        assert "RANDOM-INIT model (seed 0)" in result.stderr, (label, result.stderr)
     assert outputs["eager"].shape == outputs["served"].shape == (70, 90)
     query, supports, masks, query_rgb = load_episode([paths["support"]], [str(tmp_path / "support.png")],
                                                      paths["query"], SIZE)
@@ -511,6 +513,8 @@ def test_eval_through_the_server_matches_eager(server, pascal, tmp_path):
     assert served.returncode == 0, served.stderr
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["backend"] == "triton" and result["episodes"] == 6
+    # the server says which weights it serves (the ensemble's config parameter): random, and recorded so
+    assert result["random_init"] is True and result["weights"].startswith("RANDOM-INIT model (seed 0)")
     agreement = result["agreement"]
     # the server takes UINT8 pixels, so its resized images are rounded where eager keeps them in float
     # (as for predict --url above): a few edge pixels differ, the scores do not
@@ -575,8 +579,11 @@ def test_repository_copied_alone_serves_without_fssam_or_torch(tmp_path, reposit
     finally:
         _stop(triton)
     assert "must not be imported" not in open(triton.log_path).read()
-    # serving wrote nothing into the repository (no stub bytecode naming this machine's paths)
-    assert not [path for path in copy.rglob("*") if path.name == "__pycache__"]
+    # what serving added to the repository is Python's bytecode of its model.py files, nothing else (the
+    # stub ignores PYTHONDONTWRITEBYTECODE); `fssam repository` replaces those too (tests/test_files.py)
+    added = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()} - {
+        path.relative_to(repository) for path in repository.rglob("*") if path.is_file()}
+    assert all(path.parent.name == "__pycache__" and path.suffix == ".pyc" for path in added), added
 
 
 def test_sigterm_under_load_gives_only_correct_results_or_errors(tmp_path, repository):
@@ -645,6 +652,23 @@ def test_deploy_tiny_end_to_end(tmp_path):
     for name in ("gate_episode", "fresh_episode"):  # the same runtime served and in process
         same = figures["served_vs_inprocess"][name]
         assert same["max_abs"] <= same["limit"] < 1e-3, (name, same)
+    # a second run into the same folder that fails in its export: the earlier run's deploy.json and
+    # repository are gone before anything is replaced, its complete export stays; nothing describes
+    # a model that is not there
+    from fssam.export import load_manifest
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    before = load_manifest(str(tmp_path / "d" / "artifacts"))
+    again = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--out", str(tmp_path / "d"),
+                            "--checkpoint", str(bad), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 1 and "bad.pt" in again.stderr, again.stderr
+    assert sorted(os.listdir(tmp_path / "d")) == ["artifacts"]
+    assert load_manifest(str(tmp_path / "d" / "artifacts")) == before
+    # a first run that fails before writing anything leaves no --out folder
+    fresh = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--out", str(tmp_path / "e"),
+                            "--checkpoint", str(bad), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert fresh.returncode == 1 and not (tmp_path / "e").exists(), fresh.stderr
 
 
 def test_deploy_choice_and_its_reason(monkeypatch, tmp_path, capsys):

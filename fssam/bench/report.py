@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 
@@ -137,6 +138,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_names(shots) -> tuple[str, str]:
+    """The file names of the two plots of a `shots`-shot run."""
+    return f"latency_stages_{shots}shot.png", f"throughput_{shots}shot.png"
+
+
 def plots(result: dict, folder: str) -> list[str]:
     import matplotlib
 
@@ -145,6 +151,7 @@ def plots(result: dict, folder: str) -> list[str]:
 
     written = []
     for shots, runs in result["runs"].items():
+        latency_name, throughput_name = plot_names(shots)
         staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
         fig, ax = plt.subplots(figsize=(10, 4.5))
         width = 0.8 / max(1, len(staged))
@@ -156,7 +163,7 @@ def plots(result: dict, folder: str) -> list[str]:
         ax.set_yscale("log")
         ax.set_title(f"FSSAM {result['config']} {shots}-shot: latency per stage ({result['machine']['cpu_model']})")
         ax.legend()
-        written.append(_save(fig, os.path.join(folder, f"latency_stages_{shots}shot.png")))
+        written.append(_save(fig, os.path.join(folder, latency_name)))
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if runs.get("concurrency"):
@@ -176,7 +183,7 @@ def plots(result: dict, folder: str) -> list[str]:
             ax.set_title(f"Throughput at batch 1 ({shots}-shot)")
         ax.set_ylabel("episodes / s")
         ax.legend()
-        written.append(_save(fig, os.path.join(folder, f"throughput_{shots}shot.png")))
+        written.append(_save(fig, os.path.join(folder, throughput_name)))
     return written
 
 
@@ -200,10 +207,38 @@ def check_results_folder(folder: str, what: str = "--out") -> None:
     check_output_folder(folder, "results.json", json_with("format", RESULTS_FORMAT), what, LEFTOVERS)
 
 
+OWN_FILES = r"results\.(json|md)|(latency_stages|throughput)_\d+shot\.png"  # what `write` may remove again
+
+
+def recorded_files(folder: str) -> list[str]:
+    """The report files an earlier run recorded in `folder`/results.json ("written_files"): only
+    plain names of the kinds `write` writes, so that nothing else is ever taken for its own."""
+    from fssam.files import read_json
+
+    try:
+        listed = read_json(os.path.join(folder, "results.json"), RESULTS_FORMAT).get("written_files", [])
+    except ValueError:
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [name for name in listed if isinstance(name, str) and re.fullmatch(OWN_FILES, name)]
+
+
 def write(result: dict, folder: str) -> dict:
+    """results.json (listing the files written, so a later run into this folder knows them), results.md
+    and the plots; then the report files an earlier run wrote here that this one did not rewrite
+    (e.g. the plots of shot counts it did not run) are removed."""
     os.makedirs(folder, exist_ok=True)
     from fssam.files import write_json, write_text
 
+    earlier = recorded_files(folder)
+    result["written_files"] = ["results.json", "results.md",
+                               *(name for shots in result["runs"] for name in plot_names(shots))]
     write_json(os.path.join(folder, "results.json"), result)
     write_text(os.path.join(folder, "results.md"), markdown(result))
-    return {"json": os.path.join(folder, "results.json"), "markdown": os.path.join(folder, "results.md"), "plots": plots(result, folder)}
+    written = plots(result, folder)
+    for name in sorted(set(earlier) - set(result["written_files"])):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    return {"json": os.path.join(folder, "results.json"), "markdown": os.path.join(folder, "results.md"), "plots": written}

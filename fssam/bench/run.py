@@ -70,12 +70,32 @@ def _lacks(manifest: dict, modes) -> str | None:
 
 
 def check_artifacts(args) -> None:
-    """--artifacts has what the modes need (before any model is built)."""
+    """--artifacts has what the modes need, and fits the one shot count asked (before any model is
+    built or --out made)."""
     from fssam.export import load_manifest
 
-    lack = _lacks(load_manifest(args.artifacts), args.mode_list) if args.artifacts else None
+    if not args.artifacts:
+        return
+    manifest = load_manifest(args.artifacts)
+    lack = _lacks(manifest, args.mode_list)
     if lack:
         raise InputError(f"--artifacts {args.artifacts!r} has {lack}, or leave --artifacts out")
+    if len(args.shot_list) == 1 and not _fits(manifest, args, args.shot_list[0]):
+        raise _misfit(args, manifest, args.shot_list[0])
+
+
+def _fits(manifest: dict, args, shots: int) -> bool:
+    """Whether an export is the one the bench asks for at `shots` (config, shots, overrides)."""
+    return manifest["shots"] == shots and manifest["config"]["name"] == args.config and _carries(manifest, args)
+
+
+def _misfit(args, manifest: dict, shots: int) -> InputError:
+    asked = _overrides(args)
+    return InputError(
+        f"--artifacts {args.artifacts!r} holds {manifest['config']['name']} {manifest['shots']}-shot graphs"
+        f"{_settings(manifest['config'], asked)}, but the bench asks for {args.config} {shots}-shot"
+        f"{_settings(asked, asked)}"
+    )
 
 
 def _export_options(args) -> dict:
@@ -96,15 +116,10 @@ def _artifacts_for(args, shots: int, progress: bool) -> str:
 
     if args.artifacts:
         manifest = load_manifest(args.artifacts)
-        if manifest["shots"] == shots and manifest["config"]["name"] == args.config and _carries(manifest, args):
+        if _fits(manifest, args, shots):
             return args.artifacts
         if len(args.shot_list) == 1:
-            asked = _overrides(args)
-            raise InputError(
-                f"--artifacts {args.artifacts!r} holds {manifest['config']['name']} {manifest['shots']}-shot graphs"
-                f"{_settings(manifest['config'], asked)}, but the bench asks for {args.config} {shots}-shot"
-                f"{_settings(asked, asked)}"
-            )
+            raise _misfit(args, manifest, shots)
     folder = os.path.join(args.out, f"artifacts-{shots}shot")
     manifest_path = os.path.join(folder, "manifest.json")
     cached = load_manifest(folder, verify=False) if os.path.isfile(manifest_path) else None
@@ -191,6 +206,9 @@ def plan_modes(args) -> None:
     """args.mode_list: the baselines (added when missing) and the asked modes this machine can run;
     args.skipped: {mode: reason} for the others. Fails when none of the asked modes can run."""
     asked = list(dict.fromkeys(args.mode_list))
+    if not asked:
+        raise ConfigError(f"--modes {getattr(args, 'modes', '')!r} names no mode: expected a comma list of some of "
+                          f"{', '.join(MODES)}")
     unknown = [m for m in asked if m not in MODES]
     if unknown:
         raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}: expected some of {', '.join(MODES)}")
@@ -240,18 +258,49 @@ def _triton_mode(args, shots: int, progress: bool):
 
 
 def run_bench(args) -> dict:
-    from fssam.runtime.parity import sample_episode
-    from fssam.model import build, describe_weights
-
+    """Check every option (modes, artifacts, config, device, --out) before --out is made, then run the
+    bench; a failed run removes the --out folder it made while that is still empty."""
     from fssam.device import resolve_device
+    from fssam.model import get_config
 
     plan_modes(args)
     check_artifacts(args)
-
+    get_config(args.config, **{key: getattr(args, key, None) for key in OVERRIDES})  # before --out is made
     args.device_resolved = resolve_device(args.device)
-    progress = not args.no_progress
+    made = _missing_folders(args.out)
     check_results_folder(args.out)
     os.makedirs(args.out, exist_ok=True)
+    try:
+        return _bench(args)
+    except BaseException:
+        _remove_empty(made)  # a failed run leaves no empty --out (nor the parents it made) behind
+        raise
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what this run makes."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove the folders this run made, deepest first, as long as they are empty (rmdir: never their content)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _bench(args) -> dict:
+    """Every shot count on every mode, into the checked --out folder; the results written there."""
+    from fssam.runtime.parity import sample_episode
+    from fssam.model import build, describe_weights
+
+    progress = not args.no_progress
     model = build(args.config, **_model_options(args)).to(args.device_resolved)
     result = {
         "format": RESULTS_FORMAT,

@@ -38,6 +38,12 @@ def port(text: str) -> int:
     return _integer(text, 0, 65535, "a port number 0..65535")
 
 
+def seed(text: str) -> int:
+    """argparse type: a seed torch's generator takes, 0 <= seed < 2**63 (a larger one would be a
+    traceback from torch.manual_seed, a negative one is not a seed this project records)."""
+    return _integer(text, 0, 2**63 - 1, "a seed, 0 <= seed < 2**63")
+
+
 def positive_seconds(text: str) -> float:
     """argparse type: a number of seconds > 0."""
     try:
@@ -66,7 +72,7 @@ def add_model_options(parser) -> None:
         help="official FSSAM training file, or SAM 2 and DINOv2 files (repeat the flag); "
         "without it the model is a seeded random init and says so",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init when no checkpoint covers a part")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random init when no checkpoint covers a part")
     parser.add_argument("--num-refine", type=int, default=None, help="IMR rounds (default: the config's; 3 for small, base_plus, large)")
     parser.add_argument("--refine-version", default=None, help="v1 (official default) or v2")
     parser.add_argument("--scma-mode", default=None, help="official (default; the released 5-shot code) or paper "

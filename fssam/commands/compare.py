@@ -5,8 +5,9 @@ and, where the export has them, the two deployable graphs a server runs."""
 from __future__ import annotations
 
 import os
+import sys
 
-from fssam.commands.common import at_least
+from fssam.commands.common import at_least, seed
 
 
 def register(subparsers) -> None:
@@ -19,7 +20,7 @@ def register(subparsers) -> None:
                          help="onnxruntime: cpu (default), cuda or cuda:N (its TensorRT and CUDA providers, "
                               "IO binding; refused where this onnxruntime has no CUDA provider)")
     compare.add_argument("--batch", type=at_least(1), default=1, help="episodes per call")
-    compare.add_argument("--episode-seed", type=int, default=2024)
+    compare.add_argument("--episode-seed", type=seed, default=2024, help="seed of the synthetic episode, 0 <= seed < 2**63")
     compare.add_argument("--json", help="also write the report as JSON here")
     compare.add_argument("--checkpoint", action="append",
                          help="a checkpoint the export was made from (repeat the flag); its sha256 must match the "
@@ -36,6 +37,7 @@ def handle(args) -> int:
     from fssam.model import build
     from fssam.runtime import as_torch, open_runner
     from fssam.runtime.contract import GRAPH_ORDER
+    from fssam.runtime.manifest import weights_line
     from fssam.runtime.parity import sample_episode
 
     if args.json:
@@ -45,13 +47,15 @@ def handle(args) -> int:
     manifest = load_manifest(args.artifacts)
     cfg = manifest["config"]
     checkpoints = _checkpoints(args, manifest)
-    seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
+    weights = weights_line(manifest)  # never presented as trained when random
+    print(weights, file=sys.stderr)
+    init_seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
     runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads,
                                   **_device_option(args)))
     if getattr(runner.runner, "note", None):  # asked for a GPU provider it does not have: not a GPU gate
         raise ConfigError(f"--device {args.device}: {runner.runner.note.split(': ran on')[0]}: nothing to gate "
                           "on the GPU (pip install onnxruntime-gpu)")
-    model = build(cfg["name"], checkpoint=checkpoints or None, seed=seed, num_refine=cfg["num_refine"],
+    model = build(cfg["name"], checkpoint=checkpoints or None, seed=init_seed, num_refine=cfg["num_refine"],
                   refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
     report = parity_report(model, runner, runner.precision, episode)
@@ -63,6 +67,7 @@ def handle(args) -> int:
         report["failures"] = report["failures"] + [f"graphs: {failure}" for failure in graphs["failures"]]
         report["passed"] = report["passed"] and graphs["passed"]
     report["runtime"] = runner.describe()  # the providers that ran
+    report["weights"] = weights
     print(f"runtime: {report['runtime']}")
     if args.json:
         from fssam.files import write_json

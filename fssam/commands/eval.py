@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from fssam.commands.common import add_model_options, model_options
+from fssam.commands.common import add_model_options, install_sigterm, model_options
 from fssam.errors import ConfigError
 
 
@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     data.add_argument("--fold", type=int, default=0, help="the official split, 0..3")
     data.add_argument("--shots", type=int, default=1, help="support images per episode (K)")
     data.add_argument("--episodes", type=int, default=EPISODES, help=f"episodes (official: {EPISODES})")
-    data.add_argument("--episode-seed", type=int, default=VAL_SEED, help=f"episode seed (official: {VAL_SEED})")
+    data.add_argument("--episode-seed", type=_episode_seed, default=VAL_SEED,
+                      help=f"episode seed, 0 <= seed < 2**63 (official: {VAL_SEED})")
     data.add_argument("--workers", type=int, default=WORKERS,
                       help=f"DataLoader workers whose draws are replayed (official configs: {WORKERS}); "
                       "it changes which episodes are drawn, not the speed")
@@ -75,6 +76,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=handle, config=None)  # config: small (eager, triton) or the artifacts' (onnx, ...)
 
 
+def _episode_seed(text: str) -> int:
+    """argparse type of --episode-seed: a whole number torch's generator takes (0 <= seed < 2**63),
+    refused at parsing in one line rather than as a traceback from the sampler."""
+    expected = "a whole number 0 <= seed < 2**63"
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
+    return seed
+
+
 class _RenamedSeed(argparse.Action):
     """--init-seed, the old name of --seed (the random-init seed) in eval: still read, with a note."""
 
@@ -91,9 +105,10 @@ def handle(args) -> int:
     from fssam.data import load_fold, sample_episodes
     from fssam.eval import compare, load_result, make_backend, run_eval, save_masks, write_json
     from fssam.eval.agreement import format_agreement
-    from fssam.eval.results import format_table, header
+    from fssam.eval.results import format_table, header, unmeasured_note
 
     _check_args(args)
+    install_sigterm()  # SIGTERM as Ctrl-C: the result's and the masks' temporary files are removed
     other = load_result(args.compare_with) if args.compare_with else None  # fail before the long work
     list_root = args.list_root if args.list_root is not None else os.path.join("lists", args.dataset)
     fold = load_fold(args.dataset, args.root, list_root, args.fold, mode="val", use_split_coco=args.use_split_coco,
@@ -117,6 +132,9 @@ def handle(args) -> int:
         result["masks_file"] = save_masks(args.save_masks, _stem(out), masks, result)
     write_json(out, result)
     print(format_table(result))
+    note = unmeasured_note(result)
+    if note:
+        print(note, file=sys.stderr)
     if "agreement" in result:
         print(format_agreement(result["agreement"]))
     print(f"wrote {out}" + (f" and {result['masks_file']}" if args.save_masks else ""))
@@ -150,12 +168,28 @@ def _check_args(args) -> None:
                                           ("--scma-mode", args.scma_mode)) if value is not None]
     if overrides and args.backend != "eager":
         raise ConfigError(f"{', '.join(overrides)}: eager only (exports carry the settings they were exported with)")
-    if args.save_masks and not os.path.isdir(args.save_masks):
-        raise ConfigError(f"--save-masks folder not found: {args.save_masks}")
     from fssam.eval.results import FORMAT
     from fssam.files import check_output_file, json_with
 
     check_output_file(_out_path(args), json_with("format", FORMAT), "--out")
+    if args.save_masks:
+        _check_masks_path(args)
+
+
+def _check_masks_path(args) -> None:
+    """Before the work, as --out: the masks file may be written (its folder exists and is writable,
+    and it is new or an npz an earlier --save-masks wrote), so no run ends in a traceback or
+    replaces a user's file. ConfigError naming the path otherwise."""
+    from fssam.errors import InputError
+    from fssam.eval.agreement import is_masks_file, masks_path
+    from fssam.files import check_output_file
+
+    if not os.path.isdir(args.save_masks):
+        raise ConfigError(f"--save-masks folder not found: {args.save_masks}")
+    try:
+        check_output_file(masks_path(args.save_masks, _stem(_out_path(args))), is_masks_file, "--save-masks")
+    except InputError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _stem(path: str) -> str:

@@ -104,6 +104,10 @@ def _predict_remote(args) -> int:
         logits = remote.infer(query, supports, masks)
         elapsed = time.perf_counter() - start
         after = remote.cache_stats()
+        weights = remote.served_weights()
+    # the served weights, as eager predict states its own: random weights are never presented as trained
+    print(weights or f"weights: not reported by the server's {remote.model!r} model (not an fssam repository's "
+                     "ensemble?): its masks may come from untrained weights", file=sys.stderr)
     # Triton's own counters: a hit means this support set was encoded before (by any client)
     note = "support from the server's response cache" if after["hits"] > before["hits"] else "support encoded"
     _write_prediction(args, torch.as_tensor(logits), query_rgb, f"Triton {args.protocol} {args.url}, {note}", elapsed)

@@ -72,7 +72,8 @@ def map_list_path(path: str, root: str, official_root: str) -> str:
     if os.path.isabs(path):
         return path
     raise DataError(
-        f"list path {path!r} does not start with {prefix + '/'!r}; pass official_root= the prefix the list uses"
+        f"list path {path!r} does not start with {prefix + '/'!r}: give the prefix the list uses with "
+        "--list-prefix PREFIX ('' for paths relative to --root; official_root= in fssam.data.load_fold)"
     )
 
 

@@ -2,9 +2,11 @@
 
 Per episode, intersection and union of background (0) and foreground (1) over the pixels
 whose label is not 255. Class-wise mIoU: foreground intersections and unions summed per
-episode class, IoU per class, mean over all the fold's classes (a class without episodes
-counts as 0, as in the official test). FB-IoU: background and foreground IoU over all
-episodes, averaged. Sums are exact integers (the official test sums float32 counts).
+episode class, IoU per class, mean over the fold's classes. A class without episodes counts
+as 0 by default, as in the official test; `result(skip_missing=True)` gives it no IoU and leaves
+it out of the mean instead (what `fssam eval` reports: a short run draws only some classes).
+FB-IoU: background and foreground IoU over all episodes, averaged. Sums are exact integers (the
+official test sums float32 counts).
 """
 
 from __future__ import annotations
@@ -66,15 +68,22 @@ class IoUAccumulator:
         self.class_episodes[class_id] += 1
         return intersection, union  # (2,), (2,)
 
-    def result(self) -> dict:
-        """miou (class-wise, the paper's mIoU), fbiou, piou (pooled foreground IoU), per-class IoU and counts."""
+    def result(self, skip_missing: bool = False) -> dict:
+        """miou (class-wise, the paper's mIoU), fbiou, piou (pooled foreground IoU), per-class IoU and counts.
+
+        A class without episodes counts as IoU 0, as in the official test; `skip_missing`: it has
+        no IoU (None) and mIoU is the mean over the classes that had episodes (None when none had),
+        so a short run reports no made-up zeros. With every class drawn both give the same."""
         class_iou = {c: self.class_intersection[c] / (self.class_union[c] + EPSILON) for c in self.classes}
+        if skip_missing:
+            class_iou = {c: v if self.class_episodes[c] else None for c, v in class_iou.items()}
+        measured = [v for v in class_iou.values() if v is not None]
         fb_iou = self.intersection / (self.union + EPSILON)  # (background, foreground)
         return {
-            "miou": float(np.mean(list(class_iou.values()))) if class_iou else 0.0,
+            "miou": float(np.mean(measured)) if measured else (None if skip_missing else 0.0),
             "fbiou": float(fb_iou.mean()),
             "piou": float(fb_iou[1]),
-            "class_iou": {c: float(v) for c, v in class_iou.items()},
+            "class_iou": {c: None if v is None else float(v) for c, v in class_iou.items()},
             "class_episodes": dict(self.class_episodes),
             "episodes": sum(self.class_episodes.values()),
         }

@@ -43,6 +43,20 @@ def _png_header_size(path: str):
     return None, None
 
 
+def _unreadable(kind: str, path: str, error: OSError) -> InputError:
+    """The one-line error of a file the system will not read (not a statement about its content)."""
+    reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error)).lower()
+    return InputError(f"{kind} {path!r} cannot be read: {reason}")
+
+
+def _check_file(path: str, kind: str) -> None:
+    """InputError unless `path` is an existing file: a folder and a missing path are told apart."""
+    if os.path.isdir(path):
+        raise InputError(f"{kind} {path!r} is a folder, not an image file")
+    if not os.path.isfile(path):
+        raise InputError(f"{kind} {path!r} does not exist")
+
+
 def _open_checked(path: str, kind: str):
     """PIL image opened lazily (header only, nothing decoded), its size checked against
     MAX_IMAGE_SIDE; None when PIL does not know the format. The caller closes it."""
@@ -52,7 +66,11 @@ def _open_checked(path: str, kind: str):
             image = Image.open(path)
     except Image.DecompressionBombError:
         raise _too_large(kind, path, *_png_header_size(path)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except OSError as error:
+        if error.errno is not None:  # the file system's refusal (permission, I/O), not PIL's about the content
+            raise _unreadable(kind, path, error) from None
+        return None
+    except (SyntaxError, ValueError):
         return None
     width, height = image.size
     if max(width, height) > MAX_IMAGE_SIDE:
@@ -62,14 +80,16 @@ def _open_checked(path: str, kind: str):
 
 
 def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; InputError for missing, unreadable or too large files (the size is
-    checked from the file header before anything is decoded)."""
-    if not os.path.isfile(path):
-        raise InputError(f"image {path!r} does not exist")
+    """(H, W, 3) uint8 RGB; InputError for missing, unreadable (permission), folder, corrupt or too
+    large files (the size is checked from the file header before anything is decoded)."""
+    _check_file(path, "image")
     header = _open_checked(path, "image")
     if header is not None:
         header.close()
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise _unreadable("image", path, error) from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise InputError(f"image {path!r} cannot be decoded (corrupt or not an image)")
@@ -110,8 +130,7 @@ def read_mask(path: str) -> np.ndarray:
     Single-channel images give their values (16-bit PNGs included); palette ("P") PNGs their
     indices; LA the L channel when it reads as a mask, else the alpha channel; RGB(A) the grey
     channel (a colour image is an error), or alpha when alpha is the only information."""
-    if not os.path.isfile(path):
-        raise InputError(f"mask {path!r} does not exist")
+    _check_file(path, "mask")
     image = _open_checked(path, "mask")
     if image is None:
         raise InputError(f"mask {path!r} cannot be decoded (corrupt or not an image)")
@@ -121,6 +140,8 @@ def read_mask(path: str) -> np.ndarray:
             mode = image.mode
             array = np.asarray(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise _unreadable("mask", path, error) from None
         message = " ".join(str(error).split())
         raise InputError(f"mask {path!r} cannot be decoded: {message}") from None
     if mode in ("LA", "La", "PA"):

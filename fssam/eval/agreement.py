@@ -3,30 +3,57 @@ per-episode mask IoU when the other run saved its masks, identical-mask fraction
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 
 import numpy as np
 
 from fssam.errors import DataError
 
+MASKS_FORMAT = "fssam-eval-masks/1"  # the npz's "format" entry: --save-masks replaces only such a file
 AGREEMENT_IOU = 0.999  # an episode "agrees" when the two masks' foreground IoU reaches this
 
 
+def masks_path(folder: str, stem: str) -> str:
+    """Where save_masks writes: `<folder>/<stem>_masks.npz` (stem: the result file's)."""
+    return os.path.join(folder, f"{stem}_masks.npz")
+
+
+def is_masks_file(path: str) -> bool:
+    """A file save_masks wrote (its `format` entry says so): the only file --save-masks may replace."""
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "format" in data.files and str(data["format"]) == MASKS_FORMAT
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
 def save_masks(folder: str, stem: str, masks: list, result: dict) -> str:
-    """Write the masks as one compressed npz of packed bits; returns its absolute path."""
+    """Write the masks as one compressed npz of packed bits; returns its absolute path. Written whole
+    or not at all (as fssam.files.write_text: a temporary file beside it, renamed over it, removed
+    on any failure, Ctrl-C and SIGTERM included)."""
     packed = [np.packbits(m.reshape(-1).astype(bool)) for m in masks]
     offsets = np.cumsum([0] + [p.size for p in packed]).astype(np.int64)
-    path = os.path.abspath(os.path.join(folder, f"{stem}_masks.npz"))
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(
-        tmp,
-        bits=np.concatenate(packed) if packed else np.zeros(0, np.uint8),
-        offsets=offsets,
-        shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
-        indices=np.array([r["index"] for r in result["per_episode"]], np.int64),
-        episodes_sha256=np.array(result["episodes_sha256"]),
-    )
-    os.replace(tmp, path)
+    path = os.path.abspath(masks_path(folder, stem))
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:  # a file object: numpy adds no ".npz" to the name
+            np.savez_compressed(
+                handle,
+                format=np.array(MASKS_FORMAT),
+                bits=np.concatenate(packed) if packed else np.zeros(0, np.uint8),
+                offsets=offsets,
+                shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
+                indices=np.array([r["index"] for r in result["per_episode"]], np.int64),
+                episodes_sha256=np.array(result["episodes_sha256"]),
+            )
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
     return path
 
 
@@ -72,8 +99,7 @@ def compare(result: dict, masks: list, other: dict, other_path: str) -> dict:
                                             default=0),
         "miou_delta": result["miou"] - other["miou"],
         "fbiou_delta": result["fbiou"] - other["fbiou"],
-        "class_iou_delta_max": max(abs(result["classes"][c]["iou"] - other["classes"][c]["iou"])
-                                   for c in result["classes"]),
+        "class_iou_delta_max": _class_iou_delta_max(result["classes"], other["classes"]),
         "mask_iou": None,
     }
     masks_file = other.get("masks_file")
@@ -96,6 +122,14 @@ def compare(result: dict, masks: list, other: dict, other_path: str) -> dict:
         agreement["note"] = (f"{other_path} has no saved masks (run it with --save-masks DIR): agreement is from "
                              "mask hashes and foreground counts only")
     return agreement
+
+
+def _class_iou_delta_max(mine: dict, theirs: dict) -> float | None:
+    """Largest per-class IoU difference over the classes both runs measured: a class without
+    episodes has no IoU (null; 0.0 in results written before that), so it is no difference."""
+    deltas = [abs(entry["iou"] - theirs[c]["iou"]) for c, entry in mine.items()
+              if entry["iou"] is not None and theirs.get(c, {}).get("iou") is not None]
+    return max(deltas, default=None)
 
 
 def format_agreement(agreement: dict) -> str:

@@ -72,6 +72,7 @@ def _eager(config, device, precision, **model_options) -> Backend:
 def _check_manifest(backend, manifest: dict, folder: str, config, shots, checkpoint) -> tuple[str, bool]:
     """Config, shots and checkpoints of an export folder against the request; (weights line, random?)."""
     from fssam.model.checkpoint import file_sha256
+    from fssam.runtime.manifest import weights_line
 
     name = manifest["config"].get("name")
     if config and config != name:
@@ -88,16 +89,8 @@ def _check_manifest(backend, manifest: dict, folder: str, config, shots, checkpo
         if file_sha256(path) not in recorded:
             raise ConfigError(f"--checkpoint {path} is not among the weights of the artifacts in {folder} "
                               f"({weights['source']}); export again with it")
-    random_init = weights["source"].startswith("random")
-    if "note" in weights:
-        line = weights["note"]
-    else:
-        line = "weights: " + ", ".join(
-            f"{e['format']} checkpoint {e.get('file', '?')} (sha256 {e['sha256'][:12]})" for e in weights["checkpoints"]
-        )
-    if random_init and "RANDOM" not in line.upper():
-        line = f"RANDOM-INIT export ({weights['source']}): outputs are not meaningful"
-    return f"{line} [{backend} artifacts {folder}, {manifest['precision']}]", random_init
+    return (f"{weights_line(manifest)} [{backend} artifacts {folder}, {manifest['precision']}]",
+            weights["source"].startswith("random"))
 
 
 def _runtime(backend, artifacts, config, shots, checkpoint, precision, device) -> Backend:
@@ -134,7 +127,7 @@ def _triton(config, url, protocol) -> Backend:
     from fssam.model import get_config
 
     try:
-        from fssam.serving.client import predict_remote
+        from fssam.serving.client import RemoteFSSAM, predict_remote
     except ImportError as error:
         raise ConfigError(f"--backend triton needs fssam.serving.client.predict_remote, which cannot be imported "
                           f"here ({error}); it needs the fssam serving client and its extra: "
@@ -149,7 +142,12 @@ def _triton(config, url, protocol) -> Backend:
                              f"expected (1, 1, {size}, {size}) for config {cfg.name}: is it serving {cfg.name}?")
         return logits.float()
 
-    weights = (f"remote Triton model at {url} ({protocol}): weights as deployed on the server, not checked "
-               f"by eval (a random-init export stays random-init)")
-    return Backend("triton", run, size, {"name": cfg.name, "image_size": size}, weights, None,
+    with RemoteFSSAM(url, protocol=protocol) as remote:
+        served = remote.served_weights()  # the ensemble's own line (fssam repository writes it)
+    if served:
+        weights, random_init = f"{served} (as the server at {url} reports)", served.startswith("RANDOM-INIT")
+    else:
+        weights, random_init = (f"remote Triton model at {url} ({protocol}): its weights are not reported by the "
+                                "server (not an fssam repository's ensemble?): they may be untrained"), None
+    return Backend("triton", run, size, {"name": cfg.name, "image_size": size}, weights, random_init,
                    {"url": url, "protocol": protocol})

@@ -48,10 +48,26 @@ def _precision(result: dict) -> str:
     return f" {precision}"
 
 
+def _percent(iou) -> str:
+    """IoU as the table prints it: percent, or "-" for a class without episodes (it has no IoU)."""
+    return "-" if iou is None else f"{100 * iou:.2f}"
+
+
+def unmeasured_note(result: dict) -> str | None:
+    """The note for classes the run drew no episode of (null IoU, left out of mIoU), or None."""
+    named = {c: f"{c} {entry['name']}" for c, entry in result["classes"].items()}
+    missing = [named[c] for c, entry in result["classes"].items() if entry["iou"] is None]
+    if not missing:
+        return None
+    measured = [named[c] for c, entry in result["classes"].items() if entry["iou"] is not None]
+    return (f"note: no episodes of class {', '.join(missing)}: no IoU for them ('-', null in the JSON), and "
+            f"mIoU covers only the other classes ({', '.join(measured)}); more --episodes may draw them")
+
+
 def format_table(result: dict) -> str:
     rows = [f"{'class':>5}  {'name':<14} {'episodes':>8}  {'IoU %':>7}"]
     for c, entry in result["classes"].items():
-        rows.append(f"{c:>5}  {entry['name']:<14} {entry['episodes']:>8}  {100 * entry['iou']:>7.2f}")
+        rows.append(f"{c:>5}  {entry['name']:<14} {entry['episodes']:>8}  {_percent(entry['iou']):>7}")
     rows.append(
         f"mIoU {100 * result['miou']:.2f}  FB-IoU {100 * result['fbiou']:.2f}  ({result['episodes']} episodes, "
         f"{result['dataset']} fold {result['fold']}, {result['shots']}-shot, backend {result['backend']}"

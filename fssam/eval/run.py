@@ -106,10 +106,10 @@ def run_eval(backend, specs, classes, root: str, dataset: str, progress: bool = 
             "union": [int(v) for v in union],
         })
         if progress and len(records) % 10 == 0:
-            bar.set_postfix_str(f"mIoU {meter.result()['miou']:.4f}")
+            bar.set_postfix_str(f"mIoU {meter.result(skip_missing=True)['miou']:.4f}")
     bar.close()
     elapsed = time.perf_counter() - start
-    metrics = meter.result()
+    metrics = meter.result(skip_missing=True)  # a class the run drew no episode of has no IoU (null)
     result = {
         "backend": backend.name,
         "backend_details": backend.extra,

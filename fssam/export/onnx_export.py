@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import fssam
 from fssam.errors import FSSAMError, InputError
-from fssam.files import check_replaceable, make_parents, partial_folder, replace_folder
+from fssam.files import check_replaceable, make_parents, partial_folder, replace_folder, written_files
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
 from fssam.export.stages import STAGE_MODULES, BF16Autocast
@@ -270,19 +270,19 @@ def _weights_entry(model) -> dict:
 
 
 def _export_owned(out: str) -> tuple[set, set]:
-    """(files, folders) of the complete export at `out`: manifest.json, every file its manifest lists
-    (all present with their sha256), and the calibration/ and openvino/ folders an OpenVINO export writes."""
+    """(files, no folders) of the complete export at `out`: manifest.json, every file its manifest lists
+    (all present with their sha256) and every other file it wrote ("written_files": the calibration set
+    and OpenVINO IR of an OpenVINO export). A file someone added, in those folders too, is not its own."""
     try:
         manifest = load_manifest(out)
     except InputError as error:
         raise ValueError(str(error)) from None
     files = {MANIFEST} | {entry["file"] for where, entry in listed_files(manifest) if not where.startswith("weights")}
-    folders = set()
-    if "openvino" in manifest:
-        from fssam.export.openvino import IR_FOLDER
-
-        folders = {"calibration", IR_FOLDER}
-    return files, folders
+    written = manifest.get("written_files", [])
+    if not isinstance(written, list) or not all(isinstance(f, str) and f and not os.path.isabs(f)
+                                                and ".." not in f.split(os.sep) for f in written):
+        raise ValueError(f"{MANIFEST}: written_files is not a list of relative paths")
+    return files | set(written), set()
 
 
 def _check_destination(out: str) -> None:
@@ -428,6 +428,7 @@ def export(
             for key, specs_ in (("parity", stages), ("graph_parity", graphs)):
                 if gate and not manifest["tensorrt"][key]["passed"]:
                     raise ParityError(format_report(manifest["tensorrt"][key], specs_), manifest["tensorrt"][key])
+        manifest["written_files"] = written_files(tmp, exclude=(MANIFEST,))
         write_manifest(tmp, manifest)
         bar.close()
         _check_destination(out)

@@ -10,12 +10,18 @@ Reduced precision is tried only for the stages with heavy compute (QUANTIZED_STA
 `refine` (reductions and element-wise work: OpenVINO bf16 gained nothing on them in the small
 benchmark) always run fp32: `prior`'s min-max normalisation amplifies bf16 rounding, and OpenVINO
 bf16 there passed the gate episode but exceeded 2x autocast's error on fresh tiny episodes.
-Each candidate is checked against eager fp32 on the gate episode's real stage inputs with limits
-from eager bf16 autocast (fssam.runtime.parity, baseline "bf16_autocast"). The first rung that
-passes is chosen, except that int8 is taken only where it pays (faster, measured here, than the
-fastest float rung that passes), and int8's float fall-back is the faster of bf16 and fp32. If the composed episode then fails the end-to-end check,
-the stage furthest over its limits steps down one rung, until it passes; a pipeline that fails
-with every stage at fp32 fails the export with the report.
+Each candidate is checked against eager fp32 on the real stage inputs of GATE_EPISODES synthetic
+episodes (the export's gate episode and the next seeds; int8: the calibration set's held-out
+episode), every call against its own limits from eager bf16 autocast (fssam.runtime.parity,
+baseline "bf16_autocast"), and a reduced-precision rung passes only with every error within
+SELECTION_MARGIN of its limit. One episode at the full limit was not enough: tiny's bf16 plan
+gated so failed 14 of 40 fresh episodes (object pointer and head up to 1.85x over the limit). The
+first rung that passes is chosen, except that int8 is taken only where it pays (faster, measured
+here, than the fastest float rung that passes), and int8's float fall-back is the faster of bf16
+and fp32. If a composed episode then fails the end-to-end check, the stage furthest over its
+limits steps down one rung, until every episode passes; a pipeline that fails with every stage at
+fp32 fails the export with the report. The deployable graphs run whole at one precision: bf16
+only where every gate episode passes within the margin.
 
 int8 calibrates on real stage inputs recorded from eager episodes of the calibration set
 (`--calibration DIR`, or a synthetic set written to <export>/calibration/ and said so), with
@@ -53,6 +59,12 @@ PRECISIONS = ("fp32", "bf16", "int8")
 QUANTIZED_STAGES = ("prior_backbone", "image_encoder", "memory_encoder", "head")  # heavy compute: bf16/int8 candidates
 PATCH_EMBED_STAGES = ("prior_backbone", "image_encoder")  # first convolution = patch embedding, kept in float
 IR_FOLDER = "openvino"
+GATE_EPISODES = 3  # synthetic episodes (seeds seed + 7, + 8, + 9) every fp32 / bf16 plan and graph must pass
+# A reduced-precision rung (bf16, int8) is chosen only with every error within this fraction of its limit on
+# every gate episode: a generalisation margin. Where OpenVINO bf16 is about as accurate as autocast the ratio
+# is about 0.5 (every stage of the small config, 0.50-0.59); above 0.75 it is 1.5x autocast's error or
+# more, and tiny's memory encoder (0.76 on its gate episodes) then failed the limit on 5 of 40 fresh ones.
+SELECTION_MARGIN = 0.75
 
 
 def parse_precisions(text) -> tuple[str, ...]:
@@ -195,16 +207,31 @@ class _Memo(Baseline):
         return self.memo[key]
 
 
-def plan_precision(folder: str, manifest: dict, model, precision: str, files: dict, episode, threads,
+def _worst_end(ends: list[dict]) -> dict:
+    """The end-to-end stats of the episode nearest (or furthest over) its limits, with "episode" (its
+    index) and "episodes" (how many were checked)."""
+    def badness(end):
+        return max(limit_ratio(end), end["min_iou"] / max(end["mask_iou"], 1e-12))
+    index = max(range(len(ends)), key=lambda i: badness(ends[i]))
+    return {**ends[index], "episode": index, "episodes": len(ends)}
+
+
+def plan_precision(folder: str, manifest: dict, model, precision: str, files: dict, episodes, threads,
                    progress=None) -> dict:
-    """Choose each stage's precision for `precision` and gate the composed pipeline; the manifest entry."""
+    """Choose each stage's precision for `precision` and gate the composed pipeline on every one of
+    `episodes` (a list of (query, supports, masks)); the manifest entry."""
     bf16 = cpu.native_bf16()
-    query, supports, masks = episode
-    records = stage_samples(model, query, supports, masks)
+    records = {name: [] for name in STAGE_ORDER}
+    for episode in episodes:  # every call of every episode is held to its own limits
+        for name, calls in stage_samples(model, *episode).items():
+            records[name] += calls
     candidates = _Candidates(folder, manifest, files, threads)
     kind = "fp32" if precision == "fp32" else "bf16_autocast"
     baseline = _Memo(model, "fp32", kind)
     fp32_baseline = Baseline(model, "fp32", "fp32")
+    with torch.no_grad():
+        references = [model(*episode) for episode in episodes]
+    lows = [baseline.episode(*episode) if kind != "fp32" else None for episode in episodes]
     stages = {}
     for name in STAGE_ORDER:
         if progress is not None:
@@ -213,20 +240,24 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
         for option in [o for o in _ladder(name, precision, bf16) if name in files.get(o, {})]:
             runner = candidates.runner(option, [name])
             outputs, failures = check_stage(runner, name, records[name], fp32_baseline if option == "fp32" else baseline)
-            tried[option] = {"passed": not failures, "failures": failures, "outputs": outputs,
-                             "worst": max(map(limit_ratio, outputs.values()), default=float("inf")),
-                             "ms": _time_stage(runner, name, records[name])}
+            worst = max(map(limit_ratio, outputs.values()), default=float("inf"))
+            tried[option] = {"passed": not failures and (option == "fp32" or worst <= SELECTION_MARGIN),
+                             "within_limits": not failures, "failures": failures, "outputs": outputs,
+                             "worst": worst, "ms": _time_stage(runner, name, records[name])}
         stages[name] = {"precision": _choose(tried), "tried": tried}
     while True:
         plan = {name: {"precision": entry["precision"], "file": files[entry["precision"]][name]["file"]}
                 for name, entry in stages.items()}
         runner = as_torch(OpenVINORunner(folder, precision=precision, threads=threads, verify=False, stages=plan,
                                          cache=False))
-        with torch.no_grad():
-            reference = model(query, supports, masks)
-            got = runner(query, supports, masks).float()
-        low = baseline.episode(query, supports, masks) if kind != "fp32" else None
-        end, failures = check_end_to_end(got, reference, low, kind)
+        ends, failures = [], []
+        for index, (episode, reference, low) in enumerate(zip(episodes, references, lows)):
+            with torch.no_grad():
+                got = runner(*episode).float()
+            end, failed = check_end_to_end(got, reference, low, kind)
+            ends.append(end)
+            failures += [f"gate episode {index}: {failure}" for failure in failed]
+        end = _worst_end(ends)
         reduced = [n for n, e in stages.items() if e["precision"] != "fp32"]
         if not failures or not reduced:
             break
@@ -248,25 +279,39 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
             "inference_precision": HINTS[chosen],
             **files[chosen][name],
             "ms": round(entry["tried"][chosen]["ms"], 2),
-            "tried": {o: {"passed": t["passed"], "ms": round(t["ms"], 2), "worst_error_over_limit": round(t["worst"], 4)}
+            "tried": {o: {"passed": t["passed"], "within_limits": t["within_limits"], "ms": round(t["ms"], 2),
+                          "worst_error_over_limit": round(t["worst"], 4)}
                       for o, t in entry["tried"].items()},
             **({"stepped_down": entry["stepped_down"]} if "stepped_down" in entry else {}),
         }
     return {"stages": entries, "parity": report}
 
 
-def plan_graphs(folder: str, manifest: dict, model, precision: str, episode, threads) -> dict:
+def plan_graphs(folder: str, manifest: dict, model, precision: str, episodes, threads) -> dict:
     """The deployable graphs, each run whole at one precision: `precision`'s rung if the graph
-    gate passes, else fp32 (bf16's fall-back). {"precision", "tried": {rung: passed}, "parity"}."""
+    gate passes on every one of `episodes`, else fp32 (bf16's fall-back). {"precision", "tried":
+    {rung: passed}, "parity": the report of the first failing episode, else of the one nearest its
+    end-to-end limits, with "episode" and "episodes"}."""
     tried = {}
     for option in _ladder("graphs", precision, cpu.native_bf16()):
         plan = {name: {"precision": option, "file": spec["file"]} for name, spec in manifest["graphs"].items()}
         runner = as_torch(OpenVINORunner(folder, precision=option, threads=threads, verify=False, stages=plan,
                                          cache=False))
-        report = parity_report(model, runner, option, episode, stages=GRAPH_ORDER,
-                               baseline="fp32" if option == "fp32" else "bf16_autocast")
-        tried[option] = report["passed"]
-        if report["passed"] or option == "fp32":
+        reports = []
+        for episode in episodes:
+            reports.append(parity_report(model, runner, option, episode, stages=GRAPH_ORDER,
+                                         baseline="fp32" if option == "fp32" else "bf16_autocast"))
+            if not reports[-1]["passed"]:
+                break
+        if reports[-1]["passed"]:
+            index = _worst_end([r["end_to_end"] for r in reports])["episode"]
+        else:
+            index = len(reports) - 1
+        report = {**reports[index], "episode": index, "episodes": len(reports)}
+        worst = max([limit_ratio(stats) for r in reports for outputs in r["stages"].values() for stats in outputs.values()]
+                    + [limit_ratio(r["end_to_end"]) for r in reports])
+        tried[option] = report["passed"] and (option == "fp32" or worst <= SELECTION_MARGIN)
+        if tried[option] or option == "fp32":
             return {"precision": option, "tried": tried, "parity": report}
 
 
@@ -279,7 +324,9 @@ def gate_openvino(folder: str, manifest: dict, model, precisions, calibration: s
     onnx_files = {name: {"file": spec["file"], "sha256": spec["sha256"]} for name, spec in manifest["stages"].items()}
     files = {"fp32": onnx_files, "bf16": onnx_files}
     result = {"openvino_version": ov.__version__, "cpu": {"model": info["model"], "flags": info["reported"]}}
-    episode = sample_episode(model.config, manifest["shots"], batch=1, seed=seed + 7)
+    episodes = [sample_episode(model.config, manifest["shots"], batch=1, seed=seed + 7 + i) for i in range(GATE_EPISODES)]
+    result["gate_episodes"] = {"synthetic_seeds": [seed + 7 + i for i in range(GATE_EPISODES)],
+                               **({"int8": "the calibration set's held-out episode"} if "int8" in precisions else {})}
     if "int8" in precisions:
         size, shots = model.config.image_size, manifest["shots"]
         if calibration is None:
@@ -296,15 +343,15 @@ def gate_openvino(folder: str, manifest: dict, model, precisions, calibration: s
         quantized, held_out = _quantize(folder, manifest, model, pairs, progress)
         files["int8"] = quantized
     for precision in precisions:
-        gate_episode = held_out if precision == "int8" else episode
-        result[precision] = plan_precision(folder, manifest, model, precision, files, gate_episode, threads, progress)
+        gate_episodes = [held_out] if precision == "int8" else episodes
+        result[precision] = plan_precision(folder, manifest, model, precision, files, gate_episodes, threads, progress)
         if not result[precision]["parity"]["passed"]:
             raise ParityError("OpenVINO " + format_report(result[precision]["parity"], manifest["stages"]),
                               result[precision]["parity"])
         if precision != "int8" and "graphs" in manifest:
             if progress is not None:
                 progress.set_postfix_str(f"OpenVINO {precision}: graphs")
-            graphs = result[precision]["graphs"] = plan_graphs(folder, manifest, model, precision, episode, threads)
+            graphs = result[precision]["graphs"] = plan_graphs(folder, manifest, model, precision, episodes, threads)
             if not graphs["parity"]["passed"]:
                 raise ParityError("OpenVINO graphs " + format_report(graphs["parity"], manifest["graphs"]),
                                   graphs["parity"])

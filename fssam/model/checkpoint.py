@@ -1,7 +1,7 @@
 """Checkpoint loading: official SAM 2 / 2.1, official DINOv2 hub, official FSSAM training files.
 
-All loads are strict: missing or unexpected keys and shape mismatches raise one CheckpointError
-that lists them. Files are read with torch.load(weights_only=True).
+All loads are strict: missing or unexpected keys, shape mismatches and non-floating tensors for
+floating parameters raise one CheckpointError that lists them. Files are read with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -95,6 +95,23 @@ def _check_values(path: str, state: dict) -> None:
         raise CheckpointError(f"checkpoint {path!r} holds tensors with NaN or Inf values: {_listed(non_finite)}")
 
 
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _misfits(state: dict, expected: dict) -> list[tuple[str, list[str]]]:
+    """(title, keys) of what keeps `state` from loading into a model whose state is `expected`:
+    missing and unexpected keys, shape mismatches, and non-floating tensors (int64, bool, ...) for
+    floating parameters, which load_state_dict would silently cast into meaningless weights."""
+    shared = sorted(set(state) & set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shared
+                  if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
+    kinds = [f"{k}: file {_dtype(state[k])} vs model {_dtype(expected[k])}" for k in shared
+             if isinstance(state[k], torch.Tensor) and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    return [("missing keys", sorted(set(expected) - set(state))), ("unexpected keys", sorted(set(state) - set(expected))),
+            ("shape mismatches", mismatched), ("non-floating tensors for floating parameters", kinds)]
+
+
 def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dict:
     """Load `path` into `model` strictly. Returns {"file" (the file name, no folder), "format", "sha256"}."""
     obj = read_checkpoint(path)
@@ -108,14 +125,7 @@ def load_checkpoint(model: nn.Module, path: str, kind: str | None = None) -> dic
         raise CheckpointError(f"checkpoint {path!r}: a tensor of the wrong shape or kind ({error})") from None
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
-    ]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+    for title, items in _misfits(state, expected):
         if items:
             shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
             problems.append(f"{title}: {shown}")

@@ -72,3 +72,15 @@ def load_manifest(folder: str, verify: bool = True) -> dict:
             if file_sha256(file) != entry["sha256"]:
                 raise InputError(f"{where}: {file!r} does not match its sha256 in the manifest (modified?)")
     return manifest
+
+
+def weights_line(manifest: dict) -> str:
+    """The export's weights in one line, as predict, eval and bench word them (`fssam compare` prints
+    it, a repository's ensemble serves it to clients): a random-init export is never presented as
+    trained (its manifest's note, or RANDOM-INIT with its source)."""
+    weights = manifest["weights"]
+    if weights["source"].startswith("random"):
+        note = weights.get("note", "")
+        return note if "RANDOM" in note.upper() else f"RANDOM-INIT export ({weights['source']}): outputs are not meaningful"
+    return "weights: " + ", ".join(f"{e.get('format', '?')} checkpoint {e.get('file', '?')} (sha256 {e['sha256'][:12]})"
+                                   for e in weights.get("checkpoints", []))

@@ -3,9 +3,11 @@
 Per output: max abs / max rel error and where the max abs occurs; end to end also the final-mask
 IoU. Tolerances, by baseline:
 * "fp32" (fp32 exports, fp32 runtimes): every output, stage outputs and the final logits alike,
-  within 1e-3 x its own max |reference| + 1e-6 (outputs differ in scale; ONNX Runtime and
-  OpenVINO fp32 measured up to 4.4e-5 of it, in the small config's DINOv2 stage), and mask
-  IoU >= 0.999 end to end.
+  within 2e-4 x its own max |reference| + 1e-6 (outputs differ in scale), and mask IoU >= 0.999
+  end to end. Measured on a 2-core AMD EPYC: ONNX Runtime fp32 reaches up to 5.1e-5 of it (the
+  small config's DINOv2 stage; every other output of small and tiny stays under 1.1e-5), OpenVINO
+  fp32 up to 1.1e-5; the tiny model with its weights rounded to fp16 is off by 4.6e-4 end to end,
+  so an export that lost fp32 weights fails (tests/test_parity.py).
 * "same_dtype" (fp16 exports): each error against fp32 at most 2x the error of eager PyTorch run
   in fp16 on the same inputs (plus 1e-6 for outputs eager reproduces exactly), the
   flash-attention rule; mask IoU at least eager's minus 0.01.
@@ -29,7 +31,7 @@ from fssam.errors import FSSAMError
 from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER, binary_masks, run_episode, run_graphs
 from fssam.runtime.runner import default_baseline
 
-FP32_RTOL = 1e-3  # of the output's own max |reference|
+FP32_RTOL = 2e-4  # of the output's own max |reference|: about 4x the largest fp32 runtime error measured
 FP32_ATOL = 1e-6  # for outputs whose reference is (nearly) all zeros
 FP32_MIN_IOU = 0.999
 LOW_PRECISION_FACTOR = 2.0

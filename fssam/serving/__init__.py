@@ -11,6 +11,7 @@
 from fssam.errors import FSSAMError
 
 ENSEMBLE_MODEL = "fssam"  # the model clients call
+WEIGHTS_PARAMETER = "fssam_weights"  # the ensemble's config parameter naming the weights it serves
 DEFAULT_CACHE_MB = 256  # Triton's local response cache (the support-set cache) of fssam serve / deploy / bench
 
 

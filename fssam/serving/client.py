@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from fssam.serving import ENSEMBLE_MODEL, ServingError
+from fssam.serving import ENSEMBLE_MODEL, WEIGHTS_PARAMETER, ServingError
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
@@ -142,6 +142,23 @@ class RemoteFSSAM:
         except Exception as error:  # connection refused, DNS, timeouts of the transport
             raise self._unreachable(error) from None
         return meta
+
+    def served_weights(self) -> str | None:
+        """The weights line the ensemble's config carries (`fssam repository` writes it: RANDOM-INIT ...
+        for random weights), or None for a model without one."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if self.protocol == "grpc":
+                config = self.client.get_model_config(self.model, as_json=True).get("config", {})
+            else:
+                config = self.client.get_model_config(self.model)
+        except InferenceServerException as error:
+            self._raise(error)
+        except Exception as error:  # connection refused, DNS, timeouts of the transport
+            raise self._unreachable(error) from None
+        value = config.get("parameters", {}).get(WEIGHTS_PARAMETER, {})
+        return value.get("string_value") or value.get("stringValue") or None
 
     def ready(self) -> bool:
         try:

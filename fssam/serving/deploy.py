@@ -246,6 +246,21 @@ def _export(config, artifacts, checkpoint, shots, seed, progress, overrides) -> 
     return manifest
 
 
+def _forget_earlier_run(out: str, repository: str) -> None:
+    """Before anything is replaced, remove an earlier run's deploy.json and repository (each only if
+    it is that run's: check_output_folder checked the JSON, remove_repository checks the repository
+    first). Its artifacts are then replaced whole by the export, so a run stopped part way leaves one
+    self-consistent export (and perhaps its new repository), never files of two models with a
+    deploy.json describing one of them."""
+    from fssam.serving.repository import remove_repository
+
+    if os.path.isdir(repository):
+        remove_repository(repository)
+    result = os.path.join(out, RESULT_FILE)
+    if os.path.isfile(result):
+        os.remove(result)
+
+
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 5,
            progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None, requests_per_client: int = 3,
            **overrides) -> dict:
@@ -272,9 +287,16 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     clients = tuple(clients or CONCURRENCY)
     out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT), "--out",
                               (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*"))
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
-    manifest = _export(config, artifacts, checkpoint, shots, seed, progress, overrides)
+    try:
+        _forget_earlier_run(out, repository)
+        manifest = _export(config, artifacts, checkpoint, shots, seed, progress, overrides)
+    except BaseException:
+        if created and not os.listdir(out):  # a run that failed before writing anything leaves no --out
+            os.rmdir(out)
+        raise
     weights = manifest["weights"]
 
     _step(2, "time the graphs on every runtime in process (interleaved) and choose", progress)

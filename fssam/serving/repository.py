@@ -36,11 +36,11 @@ import shutil
 import numpy as np
 
 from fssam.errors import ConfigError, InputError
-from fssam.files import check_replaceable, make_parents, partial_folder, read_json, replace_folder
+from fssam.files import check_replaceable, make_parents, partial_folder, read_json, replace_folder, written_files
 from fssam.runtime.contract import DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT
-from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest
+from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest, weights_line
 from fssam.runtime.runners import openvino as ov_runner
-from fssam.serving import ENSEMBLE_MODEL
+from fssam.serving import ENSEMBLE_MODEL, WEIGHTS_PARAMETER
 
 BACKENDS = ("python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
 OPENVINO_BACKENDS = ("python-openvino", "openvino")
@@ -113,7 +113,8 @@ def _io(entries: list, batched: bool) -> list:
 # ---------------------------------------------------------------- checks
 
 def _repository_owned(out: str) -> tuple[set, set]:
-    """(files, folders) of the complete repository at `out`: its marker and the models it lists."""
+    """(files, no folders) of the complete repository at `out`: its marker and the files it lists as
+    written (a file someone added, in a model folder too, makes it not replaceable)."""
     for format in (REPOSITORY_FORMAT, *OLDER_FORMATS):  # an older fssam's repository may be replaced too
         try:
             description = read_json(os.path.join(out, MARKER), format)
@@ -126,7 +127,19 @@ def _repository_owned(out: str) -> tuple[set, set]:
     if not isinstance(models, list) or not all(isinstance(m, str) and m and os.sep not in m and m not in (".", "..")
                                                for m in models):
         raise ValueError(f"{MARKER} lists no models")
-    return {MARKER}, set(models)
+    files = description.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and not os.path.isabs(f)
+                                              and ".." not in f.split(os.sep) for f in files):
+        raise ValueError(f"{MARKER} does not list the files it wrote (an older fssam's repository: remove it "
+                         "yourself, or choose another --out)")
+    return {MARKER, *files}, set()
+
+
+def remove_repository(path: str) -> None:
+    """Delete the complete fssam repository at `path`; InputError, touching nothing, if it is not
+    one or holds anything it does not list."""
+    check_replaceable(path, "an fssam model repository", _repository_owned)
+    shutil.rmtree(path)
 
 
 def _prepare_out(out: str) -> str:
@@ -359,8 +372,9 @@ def _step(model: str, inputs: dict, outputs: dict) -> str:
             + _map("output_map", outputs) + "    }")
 
 
-def _write_ensemble(tmp: str, graphs: dict, max_batch: int) -> dict:
-    """The `fssam` ensemble: validate -> support_encoder -> query_segmenter, all in the server."""
+def _write_ensemble(tmp: str, graphs: dict, max_batch: int, weights: str) -> dict:
+    """The `fssam` ensemble: validate -> support_encoder -> query_segmenter, all in the server; its
+    WEIGHTS_PARAMETER says which weights it serves."""
     support, query = graphs["support_encoder"], graphs["query_segmenter"]
     inputs = [query["inputs"][0], *support["inputs"]]  # query, support_images, support_masks
     outputs = query["outputs"]
@@ -373,7 +387,8 @@ def _write_ensemble(tmp: str, graphs: dict, max_batch: int) -> dict:
                                   "support_masks": "binary_masks"}, {"logits": "logits"}),
     ]
     text = (_header(ENSEMBLE_MODEL, max_batch) + 'platform: "ensemble"\n' + _tensors("input", inputs)
-            + _tensors("output", outputs) + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
+            + _tensors("output", outputs) + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+            + _parameters({WEIGHTS_PARAMETER: weights}))
     os.makedirs(os.path.join(tmp, ENSEMBLE_MODEL, "1"))
     with open(os.path.join(tmp, ENSEMBLE_MODEL, "config.pbtxt"), "w") as handle:
         handle.write(text)
@@ -432,7 +447,7 @@ def write_repository(
         graphs = {name: _write_graph(tmp, artifacts, manifest, name, plan[name], backend, options, episode)
                   for name in GRAPH_ORDER}
         _write_validate(tmp, graphs["support_encoder"]["inputs"][1], options, episode)
-        ensemble = _write_ensemble(tmp, graphs, batch)
+        ensemble = _write_ensemble(tmp, graphs, batch, weights_line(manifest))
         description = {
             "format": REPOSITORY_FORMAT,
             "export": {"manifest_sha256": file_sha256(os.path.join(artifacts, MANIFEST)),
@@ -453,6 +468,7 @@ def write_repository(
             **({"openvino_gated": "graphs" in manifest.get("openvino", {}).get(precision, {})}
                if backend in OPENVINO_BACKENDS else {}),
         }
+        description["files"] = written_files(tmp, exclude=(MARKER,))
         with open(os.path.join(tmp, MARKER), "w") as handle:
             json.dump(description, handle, indent=2)
         _prepare_out(out)  # still replaceable now that the new one is complete

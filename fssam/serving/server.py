@@ -61,6 +61,23 @@ _ADMIN_KEY = re.compile(r"[A-Za-z0-9._~+/=-]+")
 _PR_SET_PDEATHSIG = 1
 
 
+def check_host(host: str) -> None:
+    """ServingError (one line) unless `host` is an IPv4 address or a name resolving to one: the
+    addresses tritonserver is given and the URLs fssam builds (host:port) are IPv4 here."""
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        return
+    except (socket.gaierror, UnicodeError, ValueError) as error:
+        reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
+    try:
+        socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise ServingError(f"--host {host!r} cannot be resolved ({reason}): expected an IPv4 address or a host "
+                           "name, e.g. 127.0.0.1 or 0.0.0.0") from None
+    raise ServingError(f"--host {host!r} is IPv6 only, which fssam serve does not support: give an IPv4 address "
+                       "or a host name that resolves to one, e.g. 127.0.0.1 or 0.0.0.0")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -73,7 +90,7 @@ def check_port(host: str, port: int, flag: str) -> None:
     SO_REUSEADDR as servers set it: a port left in TIME_WAIT by a stopped server is free, one
     with a listener is not."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)  # what free_port and Triton bind
     except socket.gaierror as error:
         raise ServingError(f"cannot resolve the bind address {host!r} ({error}); "
                            "expected an IP address or host name") from None
@@ -87,6 +104,14 @@ def check_port(host: str, port: int, flag: str) -> None:
                 f"port {port} on {host} is not available ({error.strerror or error}): another process holds it; "
                 f"choose another with {flag} (0 picks a free port)"
             ) from None
+
+
+def _check_distinct(ports: dict) -> None:
+    """ServingError naming the flags whose ports clash ({flag: port}; None, a port not given, is left out)."""
+    given = [(flag, number) for flag, number in ports.items() if number]
+    clashing = [f"{flag} {number}" for flag, number in given if [n for _, n in given].count(number) > 1]
+    if clashing:
+        raise ServingError(f"{', '.join(clashing[:-1])} and {clashing[-1]} must differ")
 
 
 def _wheel_root() -> str | None:
@@ -134,12 +159,10 @@ def _source_root() -> str:
 
 
 def server_environment(wheel_root: str | None, extra: dict | None = None) -> dict:
-    """os.environ updated with `extra`, for tritonserver: libraries for the wheel's stub, no path
-    to fssam or the working directory on PYTHONPATH, and no bytecode written by the Python stubs
-    (a __pycache__ in the repository would name this machine's paths and change its files)."""
+    """os.environ updated with `extra`, for tritonserver: libraries for the wheel's stub, and no
+    path to fssam or the working directory on PYTHONPATH."""
     env = dict(os.environ)
     env.update(extra or {})
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     paths = []
     if wheel_root:
         libdir = sysconfig.get_config_var("LIBDIR")  # this interpreter's libpython, before the system one
@@ -290,6 +313,7 @@ class TritonServer:
         if admin_key is not None and not _ADMIN_KEY.fullmatch(admin_key):
             raise ServingError("admin key: expected a non-empty string of letters, digits and . _ ~ + / = - "
                                "(it is sent as an HTTP header and a gRPC metadata value)")
+        check_host(host)  # before a port is drawn or anything started
         self.repository = os.path.abspath(repository)
         self.host = host
         self.http_port = http_port or free_port(host)
@@ -297,10 +321,7 @@ class TritonServer:
         while not grpc_port and self.grpc_port == self.http_port:  # a free port drawn twice
             self.grpc_port = free_port(host)
         self.metrics_port = metrics_port
-        ports = [self.http_port, self.grpc_port] + ([metrics_port] if metrics_port else [])
-        if len(set(ports)) != len(ports):
-            raise ServingError(f"--http-port {self.http_port}, --grpc-port {self.grpc_port} and --metrics-port "
-                               f"{metrics_port} must differ")
+        _check_distinct({"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": metrics_port})
         if cache_mb is not None and cache_mb < 0:
             raise ServingError(f"response cache {cache_mb} MB: expected a size >= 0 (0: no cache)")
         self.cache_mb = cache_mb or None
