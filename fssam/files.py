@@ -92,17 +92,25 @@ def json_with(key: str, value) -> Callable[[str], bool]:
     return owned
 
 
-def write_text(path: str, text: str) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, renamed over it (an interrupted
-    write leaves the earlier file, or none, never half a file)."""
+@contextlib.contextmanager
+def whole_file(path: str, mode: str = "w") -> Iterator:
+    """A handle on a temporary file beside `path`, renamed over it when the block ends without an
+    error, removed otherwise (an interrupted write leaves the earlier file, or none, never half a
+    file)."""
     tmp = f"{path}.partial-{os.getpid()}"
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
+        with open(tmp, mode) as handle:
+            yield handle
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `path` whole or not at all (whole_file)."""
+    with whole_file(path) as handle:
+        handle.write(text)
 
 
 def write_json(path: str, data, indent: int = 2) -> None:
@@ -128,6 +136,12 @@ def read_json(path: str, format: str) -> dict:
 def _listing(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+
+
+def relative_paths(value) -> bool:
+    """Whether `value` is what written_files returns: a list of relative paths inside the folder."""
+    return isinstance(value, list) and all(isinstance(f, str) and f and not os.path.isabs(f)
+                                           and ".." not in f.split(os.sep) for f in value)
 
 
 def written_files(folder: str, exclude: tuple[str, ...] = ()) -> list[str]:

@@ -38,10 +38,19 @@ def port(text: str) -> int:
     return _integer(text, 0, 65535, "a port number 0..65535")
 
 
-def seed(text: str) -> int:
+def seed_type(expected: str = "a seed, 0 <= seed < 2**63"):
     """argparse type: a seed torch's generator takes, 0 <= seed < 2**63 (a larger one would be a
-    traceback from torch.manual_seed, a negative one is not a seed this project records)."""
-    return _integer(text, 0, 2**63 - 1, "a seed, 0 <= seed < 2**63")
+    traceback from torch.manual_seed, a negative one is not a seed this project records); `expected`
+    words the error."""
+
+    def parse(text: str) -> int:
+        return _integer(text, 0, 2**63 - 1, expected)
+
+    parse.__name__ = "seed"
+    return parse
+
+
+seed = seed_type()  # the model's --seed, compare's --episode-seed
 
 
 def positive_seconds(text: str) -> float:

@@ -47,7 +47,6 @@ def handle(args) -> int:
     manifest = load_manifest(args.artifacts)
     cfg = manifest["config"]
     checkpoints = _checkpoints(args, manifest)
-    weights = weights_line(manifest)  # never presented as trained when random
     init_seed = int(manifest["weights"]["source"].rsplit(" ", 1)[-1]) if manifest["weights"]["source"].startswith("random") else 0
     runner = as_torch(open_runner(args.backend, args.artifacts, precision=args.precision, threads=args.threads,
                                   **_device_option(args)))
@@ -57,7 +56,8 @@ def handle(args) -> int:
     model = build(cfg["name"], checkpoint=checkpoints or None, seed=init_seed, num_refine=cfg["num_refine"],
                   refine_version=cfg["refine_version"], scma_mode=cfg["scma_mode"])
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
-    print(weights, file=sys.stderr)  # once the runtime is open: a refusal above stays one error line
+    weights = weights_line(manifest)  # never presented as trained when random; printed once the runtime is
+    print(weights, file=sys.stderr)  # open, so that a refusal above stays one error line
     report = parity_report(model, runner, runner.precision, episode)
     print(format_report(report, manifest["stages"]))
     if manifest.get("graphs") and runner.precision != "int8":  # what a server runs (int8 is a stage plan)

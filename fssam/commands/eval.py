@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from fssam.commands.common import add_model_options, install_sigterm, model_options
+from fssam.commands.common import add_model_options, install_sigterm, model_options, seed_type
 from fssam.errors import ConfigError
 
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     data.add_argument("--fold", type=int, default=0, help="the official split, 0..3")
     data.add_argument("--shots", type=int, default=1, help="support images per episode (K)")
     data.add_argument("--episodes", type=int, default=EPISODES, help=f"episodes (official: {EPISODES})")
-    data.add_argument("--episode-seed", type=_episode_seed, default=VAL_SEED,
+    data.add_argument("--episode-seed", type=seed_type("a whole number 0 <= seed < 2**63"), default=VAL_SEED,
                       help=f"episode seed, 0 <= seed < 2**63 (official: {VAL_SEED})")
     data.add_argument("--workers", type=int, default=WORKERS,
                       help=f"DataLoader workers whose draws are replayed (official configs: {WORKERS}); "
@@ -74,19 +74,6 @@ def register(subparsers) -> None:
                      help="result JSON of another run on the same episodes: report mask agreement with it")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=handle, config=None)  # config: small (eager, triton) or the artifacts' (onnx, ...)
-
-
-def _episode_seed(text: str) -> int:
-    """argparse type of --episode-seed: a whole number torch's generator takes (0 <= seed < 2**63),
-    refused at parsing in one line rather than as a traceback from the sampler."""
-    expected = "a whole number 0 <= seed < 2**63"
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
-    if not 0 <= seed < 2**63:
-        raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
-    return seed
 
 
 class _RenamedSeed(argparse.Action):

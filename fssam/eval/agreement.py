@@ -3,13 +3,13 @@ per-episode mask IoU when the other run saved its masks, identical-mask fraction
 
 from __future__ import annotations
 
-import contextlib
 import os
 import zipfile
 
 import numpy as np
 
 from fssam.errors import DataError
+from fssam.files import whole_file
 
 MASKS_FORMAT = "fssam-eval-masks/1"  # the npz's "format" entry: --save-masks replaces only such a file
 AGREEMENT_IOU = 0.999  # an episode "agrees" when the two masks' foreground IoU reaches this
@@ -33,27 +33,21 @@ def is_masks_file(path: str) -> bool:
 
 def save_masks(folder: str, stem: str, masks: list, result: dict) -> str:
     """Write the masks as one compressed npz of packed bits; returns its absolute path. Written whole
-    or not at all (as fssam.files.write_text: a temporary file beside it, renamed over it, removed
-    on any failure, Ctrl-C and SIGTERM included)."""
+    or not at all (fssam.files.whole_file: a temporary file beside it, renamed over it, removed on
+    any failure, Ctrl-C and SIGTERM included)."""
     packed = [np.packbits(m.reshape(-1).astype(bool)) for m in masks]
     offsets = np.cumsum([0] + [p.size for p in packed]).astype(np.int64)
     path = os.path.abspath(masks_path(folder, stem))
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:  # a file object: numpy adds no ".npz" to the name
-            np.savez_compressed(
-                handle,
-                format=np.array(MASKS_FORMAT),
-                bits=np.concatenate(packed) if packed else np.zeros(0, np.uint8),
-                offsets=offsets,
-                shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
-                indices=np.array([r["index"] for r in result["per_episode"]], np.int64),
-                episodes_sha256=np.array(result["episodes_sha256"]),
-            )
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    with whole_file(path, "wb") as handle:  # a file object: numpy adds no ".npz" to the name
+        np.savez_compressed(
+            handle,
+            format=np.array(MASKS_FORMAT),
+            bits=np.concatenate(packed) if packed else np.zeros(0, np.uint8),
+            offsets=offsets,
+            shapes=np.array([m.shape for m in masks], np.int64).reshape(-1, 2),
+            indices=np.array([r["index"] for r in result["per_episode"]], np.int64),
+            episodes_sha256=np.array(result["episodes_sha256"]),
+        )
     return path
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import fssam
 from fssam.errors import FSSAMError, InputError
-from fssam.files import check_replaceable, make_parents, partial_folder, replace_folder, written_files
+from fssam.files import check_replaceable, make_parents, partial_folder, relative_paths, replace_folder, written_files
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
 from fssam.export.stages import STAGE_MODULES, BF16Autocast
@@ -279,8 +279,7 @@ def _export_owned(out: str) -> tuple[set, set]:
         raise ValueError(str(error)) from None
     files = {MANIFEST} | {entry["file"] for where, entry in listed_files(manifest) if not where.startswith("weights")}
     written = manifest.get("written_files", [])
-    if not isinstance(written, list) or not all(isinstance(f, str) and f and not os.path.isabs(f)
-                                                and ".." not in f.split(os.sep) for f in written):
+    if not relative_paths(written):
         raise ValueError(f"{MANIFEST}: written_files is not a list of relative paths")
     return files | set(written), set()
 

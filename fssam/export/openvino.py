@@ -207,6 +207,12 @@ class _Memo(Baseline):
         return self.memo[key]
 
 
+def _eligible(option: str, worst: float) -> bool:
+    """Whether a rung that passed its gate, its errors reaching `worst` of their limits, may be
+    chosen: fp32 always, a reduced precision only within SELECTION_MARGIN of them."""
+    return option == "fp32" or worst <= SELECTION_MARGIN
+
+
 def _worst_end(ends: list[dict]) -> dict:
     """The end-to-end stats of the episode nearest (or furthest over) its limits, with "episode" (its
     index) and "episodes" (how many were checked)."""
@@ -241,7 +247,7 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
             runner = candidates.runner(option, [name])
             outputs, failures = check_stage(runner, name, records[name], fp32_baseline if option == "fp32" else baseline)
             worst = max(map(limit_ratio, outputs.values()), default=float("inf"))
-            tried[option] = {"passed": not failures and (option == "fp32" or worst <= SELECTION_MARGIN),
+            tried[option] = {"passed": not failures and _eligible(option, worst),
                              "within_limits": not failures, "failures": failures, "outputs": outputs,
                              "worst": worst, "ms": _time_stage(runner, name, records[name])}
         stages[name] = {"precision": _choose(tried), "tried": tried}
@@ -310,7 +316,7 @@ def plan_graphs(folder: str, manifest: dict, model, precision: str, episodes, th
         report = {**reports[index], "episode": index, "episodes": len(reports)}
         worst = max([limit_ratio(stats) for r in reports for outputs in r["stages"].values() for stats in outputs.values()]
                     + [limit_ratio(r["end_to_end"]) for r in reports])
-        tried[option] = report["passed"] and (option == "fp32" or worst <= SELECTION_MARGIN)
+        tried[option] = report["passed"] and _eligible(option, worst)
         if tried[option] or option == "fp32":
             return {"precision": option, "tried": tried, "parity": report}
 

@@ -111,19 +111,22 @@ class RemoteFSSAM:
             raise ServingError(f"server {self.address} ({self.protocol}): the response has no logits")
         return torch.from_numpy(np.array(logits, copy=True))
 
-    def cache_stats(self, model: str = "support_encoder") -> dict:
-        """Triton's own response-cache counters of `model`: {"hits", "misses", "inferences"}."""
+    def _ask(self, method: str, model: str) -> dict:
+        """The server's answer to the client's `method` about `model`, as JSON on either protocol; a
+        refusal or an unreachable server as ServingError."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            if self.protocol == "grpc":
-                stats = self.client.get_inference_statistics(model, as_json=True)
-            else:
-                stats = self.client.get_inference_statistics(model)
+            call = getattr(self.client, method)
+            return call(model, as_json=True) if self.protocol == "grpc" else call(model)
         except InferenceServerException as error:
             self._raise(error)
-        except Exception as error:
+        except Exception as error:  # connection refused, DNS, timeouts of the transport
             raise self._unreachable(error) from None
+
+    def cache_stats(self, model: str = "support_encoder") -> dict:
+        """Triton's own response-cache counters of `model`: {"hits", "misses", "inferences"}."""
+        stats = self._ask("get_inference_statistics", model)
         entry = stats["model_stats"][0]
         inference = entry.get("inference_stats", {})
         return {"hits": int(inference.get("cache_hit", {}).get("count", 0)),
@@ -132,31 +135,14 @@ class RemoteFSSAM:
 
     def metadata(self) -> dict:
         """Input names, shapes and dtypes of the ensemble as the server reports them."""
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            meta = self.client.get_model_metadata(self.model, as_json=True) if self.protocol == "grpc" else \
-                self.client.get_model_metadata(self.model)
-        except InferenceServerException as error:
-            self._raise(error)
-        except Exception as error:  # connection refused, DNS, timeouts of the transport
-            raise self._unreachable(error) from None
-        return meta
+        return self._ask("get_model_metadata", self.model)
 
     def served_weights(self) -> str | None:
         """The weights line the ensemble's config carries (`fssam repository` writes it: RANDOM-INIT ...
         for random weights), or None for a model without one."""
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            if self.protocol == "grpc":
-                config = self.client.get_model_config(self.model, as_json=True).get("config", {})
-            else:
-                config = self.client.get_model_config(self.model)
-        except InferenceServerException as error:
-            self._raise(error)
-        except Exception as error:  # connection refused, DNS, timeouts of the transport
-            raise self._unreachable(error) from None
+        config = self._ask("get_model_config", self.model)
+        if self.protocol == "grpc":
+            config = config.get("config", {})
         value = config.get("parameters", {}).get(WEIGHTS_PARAMETER, {})
         return value.get("string_value") or value.get("stringValue") or None
 

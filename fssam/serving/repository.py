@@ -36,7 +36,8 @@ import shutil
 import numpy as np
 
 from fssam.errors import ConfigError, InputError
-from fssam.files import check_replaceable, make_parents, partial_folder, read_json, replace_folder, written_files
+from fssam.files import (check_replaceable, make_parents, partial_folder, read_json, relative_paths, replace_folder,
+                         written_files)
 from fssam.runtime.contract import DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT
 from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest, weights_line
 from fssam.runtime.runners import openvino as ov_runner
@@ -128,8 +129,7 @@ def _repository_owned(out: str) -> tuple[set, set]:
                                                for m in models):
         raise ValueError(f"{MARKER} lists no models")
     files = description.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) and f and not os.path.isabs(f)
-                                              and ".." not in f.split(os.sep) for f in files):
+    if not relative_paths(files):
         raise ValueError(f"{MARKER} does not list the files it wrote (an older fssam's repository: remove it "
                          "yourself, or choose another --out)")
     return {MARKER, *files}, set()
