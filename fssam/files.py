@@ -78,8 +78,9 @@ def check_output_folder(folder: str, marker: str, owned: Callable[[str], bool], 
     raise InputError(f"{what} {folder!r} holds files fssam did not write there: choose a new folder")
 
 
-def json_with(key: str, value) -> Callable[[str], bool]:
-    """`owned` test for check_output_file: a JSON object whose `key` is `value` (fssam's format tags)."""
+def json_with(key: str, value, *older) -> Callable[[str], bool]:
+    """`owned` test for check_output_file: a JSON object whose `key` is `value` or one of `older`
+    (fssam's format tags)."""
 
     def owned(path: str) -> bool:
         try:
@@ -87,7 +88,7 @@ def json_with(key: str, value) -> Callable[[str], bool]:
                 data = json.load(handle)
         except (OSError, ValueError, UnicodeDecodeError):
             return False
-        return isinstance(data, dict) and data.get(key) == value
+        return isinstance(data, dict) and data.get(key) in (value, *older)
 
     return owned
 

@@ -19,11 +19,11 @@ KINDS = ("episode", "cached_support")
 BASELINE_KEYS = {"vs_eager_fp32": "eager_fp32", "vs_eager_bf16": "eager_bf16"}
 
 
-def bench(tmp_path, *argv, env=None):
+def bench(tmp_path, *argv, env=None, timeout=300):
     """`fssam bench --quick ... --no-progress` in a subprocess, OpenVINO's compile cache under tmp_path."""
     environ = {**os.environ, "FSSAM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fssam.cli", "bench", "--quick", "--no-progress", *argv],
-                          capture_output=True, text=True, timeout=300, env=environ)
+                          capture_output=True, text=True, timeout=timeout, env=environ)
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_unknown_mode_is_one_error_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().endswith(
         "unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, "
-        "openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton")
+        "openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton, plan, onnxruntime_int8, openvino_int8_graphs")
 
 
 def test_an_empty_modes_list_is_its_own_error_line(tmp_path):
@@ -198,7 +198,8 @@ def test_an_empty_modes_list_is_its_own_error_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "fssam bench: error: --modes ',' names no mode: expected a comma list of some of eager_fp32, eager_bf16, "
-        "compile, onnxruntime, openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton")
+        "compile, onnxruntime, openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton, plan, onnxruntime_int8, "
+        "openvino_int8_graphs")
     assert not out.exists()
 
 
@@ -245,11 +246,11 @@ def test_openvino_int8_needs_an_export_with_an_int8_plan(tiny_artifacts, tmp_pat
         "or leave --artifacts out")
 
 
-def test_calibration_without_openvino_int8_is_one_error_line(tmp_path):
+def test_calibration_without_an_int8_mode_is_one_error_line(tmp_path):
     result = bench(tmp_path, "--calibration", str(tmp_path), "--out", str(tmp_path / "x"))
     assert result.returncode == 1
-    assert result.stderr.strip().endswith("--calibration is for the export of the openvino_int8 mode: "
-                                          "add openvino_int8 to --modes")
+    assert result.stderr.strip().endswith("--calibration is for the int8 export of the openvino_int8, plan, "
+                                          "onnxruntime_int8, openvino_int8_graphs modes: add one of them to --modes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -357,3 +358,186 @@ def test_output_check_fails_a_wrong_mode_and_names_its_rule():
     text = describe(result)
     assert "onnxruntime FAILED" in text and "compile passed" in text and "bf16 autocast rule" in text
     assert "triton not checked (a server given by --url)" in text
+
+
+# ---------------------------------------------------------------- the graph modes (the export's graph plan)
+
+GRAPH_MODES = ("onnxruntime_int8", "plan", "openvino_int8_graphs")
+GRAPHS = {"support_encoder", "query_segmenter"}
+
+
+@pytest.fixture(scope="module")
+def graph_bench(tmp_path_factory):
+    """One bench of the graph modes on tiny, the bench making its own export with a graph plan (the
+    shared export has none; the plan is what costs, ~2-3 minutes): (out folder, completed process)."""
+    root = tmp_path_factory.mktemp("graph-bench")
+    out = root / "out"
+    result = bench(root, "--modes", ",".join(("eager_fp32", "eager_bf16", *GRAPH_MODES)), "--iterations", "1",
+                   "--warmup", "0", "--threads", "1", "--out", str(out), timeout=1200)
+    return out, result
+
+
+def _autocast_limit(shots=1, seed=100):
+    """The 2x eager bf16 autocast rule's max abs limit on the bench episode (--seed 0 + 100), on the CPU."""
+    from fssam.model import build
+    from fssam.runtime.parity import ieee_fp32, sample_episode
+
+    model = build("tiny", seed=0)
+    episode = sample_episode(model.config, shots, seed=seed)
+    with torch.inference_mode():
+        with ieee_fp32():
+            exact = model(*episode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(*episode).float()
+    return 2 * (autocast - exact).abs().max().item() + 1e-6
+
+
+def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph_bench):
+    """plan runs the graphs the export's plan chose, onnxruntime_int8 / openvino_int8_graphs its int8
+    graphs of one runtime where both passed the plan's gate, else they are skipped with the gate's
+    reason; every mode that ran is a ratio to both eager baselines, timed per graph, and checked
+    on the bench episode with eager bf16 autocast's rule as soon as a graph runs below fp32."""
+    out, result = graph_bench
+    assert "exporting tiny 1-shot" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    manifest = json.loads((out / "artifacts-1shot" / "manifest.json").read_text())
+    plan = manifest["graph_plan"]
+    assert manifest["stages"] == {}  # no asked mode runs the stage files: the graphs only
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]["1"]
+    table = (out / "results.md").read_text()
+
+    ran = {"plan": True}
+    for name, runtime in (("onnxruntime_int8", "onnxruntime"), ("openvino_int8_graphs", "openvino")):
+        missing = [g for g in ("support_encoder", "query_segmenter") if f"{runtime}/{g}" not in plan["int8_files"]]
+        ran[name] = not missing
+        if missing:  # skipped, with the graph plan's reason, everywhere a skip is reported
+            reason = runs["skipped"][name]
+            assert f"kept no {runtime} int8 {' or '.join(missing)} (it keeps the int8 graphs that passed" in reason
+            assert all(f"{g}: " in reason for g in missing)
+            assert f"skipping {name}: {reason}" in result.stderr and f"- {name}: {reason}" in table
+            assert name not in runs["modes"] and name not in runs["speedups"]
+    assert list(runs["modes"]) == ["eager_fp32", "eager_bf16", *(m for m in GRAPH_MODES if ran[m])]
+    assert set(runs["skipped"]) == {m for m in GRAPH_MODES if not ran[m]}
+
+    limit = _autocast_limit()
+    failed = []
+    for name in (m for m in GRAPH_MODES if ran[m]):
+        mode = runs["modes"][name]
+        assert set(mode["stages"]) == GRAPHS and mode["device"] == "cpu" and mode["episode"]["n"] == 1
+        for kind in KINDS:
+            assert mode[kind]["median_ms"] > 0
+        for key, baseline in BASELINE_KEYS.items():  # baseline median / mode median, the same kind
+            for kind in KINDS:
+                expected = runs["modes"][baseline][kind]["median_ms"] / mode[kind]["median_ms"]
+                assert runs["speedups"][name][key][kind] == pytest.approx(expected, rel=1e-3, abs=5e-5)  # 4 places
+        precisions = ([e["precision"] for e in plan["chosen"].values()] if name == "plan" else ["int8", "int8"])
+        check = mode["check"]
+        if all(p == "fp32" for p in precisions):
+            assert check["baseline"] == "fp32" and check["limit"] < 1e-3
+        else:
+            assert check["baseline"] == "bf16_autocast"
+            assert check["limit"] == pytest.approx(limit, rel=1e-6)
+        assert check["passed"] == (check["max_abs"] <= check["limit"] and check["mask_iou"] >= check["min_iou"])
+        assert f"{name} {'passed' if check['passed'] else 'FAILED'} (max abs" in table
+        if not check["passed"]:
+            failed.append(name)
+            assert f"| {name} (output check FAILED) |" in table
+        else:
+            assert f"| {name} |" in table
+    assert runs["modes"]["plan"]["runtime"] == "graph plan: " + "; ".join(
+        f"{g} {e['runtime']} {e['precision']}" for g, e in plan["chosen"].items())
+    # a failing check is reported and exits 1, with the results written
+    assert result.returncode == (1 if failed else 0), result.stderr
+    assert data.get("failed_checks", []) == [f"{name} (1-shot)" for name in failed]
+
+    graph_table = table.split("Per deployable graph (the graph modes), median ms per episode:")[1]
+    header = "| graph | " + " | ".join(m for m in GRAPH_MODES if ran[m]) + " |"
+    assert header in graph_table and "| support_encoder |" in graph_table and "| query_segmenter |" in graph_table
+    assert "| stage | eager_fp32 | eager_bf16 |" in table  # the per-stage table: the stage modes only
+    for name in ("latency_stages_1shot.png", "throughput_1shot.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    # what a server would deploy passed its gate end to end on the gate episodes: on the bench episode too
+    assert runs["modes"]["plan"]["check"]["passed"], (plan["chosen"], runs["modes"]["plan"]["check"])
+
+
+def test_graph_modes_reuse_an_export_with_a_graph_plan_and_refuse_one_without(graph_bench, tiny_artifacts, tmp_path):
+    out, _ = graph_bench
+    planned = str(out / "artifacts-1shot")
+    result = bench(tmp_path, "--modes", "plan", "--artifacts", planned, "--iterations", "1", "--warmup", "0",
+                   "--out", str(tmp_path / "reuse"))
+    assert "exporting" not in result.stderr and not (tmp_path / "reuse" / "artifacts-1shot").exists()
+    runs = json.loads((tmp_path / "reuse" / "results.json").read_text())["runs"]["1"]
+    assert list(runs["modes"]) == ["eager_fp32", "eager_bf16", "plan"]
+    # the same graphs on the same episode as the first run (whose test holds the check to passing)
+    assert result.returncode == (0 if runs["modes"]["plan"]["check"]["passed"] else 1), result.stderr
+
+    for artifacts, modes, lack in (
+        (tiny_artifacts[0], "onnxruntime_int8", "has no graph plan, which the onnxruntime_int8 mode needs: export it "
+                                                "with `fssam export --plan` (or `fssam deploy`)"),
+        (planned, "onnxruntime", "has no stage files (only the deployable graphs, as `fssam deploy` exports them), "
+                                 "which the onnxruntime mode needs: export it with `fssam export`"),
+    ):
+        result = bench(tmp_path, "--modes", modes, "--artifacts", artifacts, "--out", str(tmp_path / "x"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+        assert result.stderr.strip().splitlines()[-1].endswith(f"{lack}, or leave --artifacts out"), result.stderr
+
+
+def _graph_args(artifacts, modes, asked=None, calibration=None, threads=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(artifacts=artifacts, shot_list=[1], config="tiny", threads=threads, out="unused",
+                           mode_list=list(modes), asked=list(asked or modes), skipped={}, calibration=calibration,
+                           device_resolved=torch.device("cpu"), num_refine=None, refine_version=None, scma_mode=None)
+
+
+def test_an_int8_graph_that_failed_the_plans_gate_skips_its_mode_with_the_reason(monkeypatch):
+    """Whatever this machine's plan passes: an export whose graph plan has no passing ONNX Runtime
+    int8 query_segmenter skips onnxruntime_int8, saying why (its gate record), before anything is
+    opened; a run left with no asked mode fails with the reasons."""
+    import fssam.export
+    from fssam.bench.run import Unavailable, _graph_mode, _modes
+    from fssam.errors import ConfigError
+    from fssam.model import build
+
+    attempts = [{"fallback": "whole graph", "passed": False}, {"fallback": "int8: DINOv2 only", "passed": False}]
+    manifest = {"shots": 1, "config": {"name": "tiny"}, "graph_plan": {
+        "int8_files": {"onnxruntime/support_encoder": {"file": "onnxruntime/int8/support_encoder.onnx"}},
+        "candidates": {"support_encoder": {}, "query_segmenter": {"onnxruntime int8": {
+            "passed": False, "within_limits": False, "worst": 3.1, "attempts": attempts,
+            "failures": ["gate episode 1: end_to_end.logits: max abs 9 > 1", "gate episode 2: ..."]},
+            "openvino int8": {"passed": False, "gated": False, "within_limits": None, "worst": None, "failures": [],
+                              "note": "not gated: 9.0 ms, no faster than onnxruntime int8 (3.0 ms), which passed"}}}}}
+    monkeypatch.setattr(fssam.export, "load_manifest", lambda *args, **kwargs: manifest)
+    with pytest.raises(Unavailable) as caught:
+        _graph_mode(_graph_args("planned", ["onnxruntime_int8"]), "onnxruntime_int8", 1, False)
+    assert str(caught.value) == ("the graph plan of planned kept no onnxruntime int8 query_segmenter (it keeps the "
+                                 "int8 graphs that passed their gate): query_segmenter: over its limits: gate episode 1: end_to_end.logits: max abs "
+                                 "9 > 1 (tried: whole graph, int8: DINOv2 only)")
+    with pytest.raises(Unavailable) as caught_openvino:
+        _graph_mode(_graph_args("planned", ["openvino_int8_graphs"]), "openvino_int8_graphs", 1, False)
+    assert str(caught_openvino.value) == (
+        "the graph plan of planned kept no openvino int8 support_encoder or query_segmenter (it keeps the int8 "
+        "graphs that passed their gate): support_encoder: not a candidate of this export's graph plan; query_segmenter: not gated: 9.0 ms, no faster "
+        "than onnxruntime int8 (3.0 ms), which passed")
+    args = _graph_args("planned", ["eager_fp32", "eager_bf16", "onnxruntime_int8"], asked=["onnxruntime_int8"])
+    with pytest.raises(ConfigError, match=r"^no asked bench mode can run 1-shot: onnxruntime_int8: the graph plan"):
+        _modes(args, build("tiny", seed=0), 1, False)
+    args.asked = ["eager_fp32", "onnxruntime_int8"]  # an asked mode is left: the skip is recorded, with the reason
+    modes, skipped = _modes(args, build("tiny", seed=0), 1, False)
+    assert [m.name for m in modes] == ["eager_fp32", "eager_bf16"] and skipped == {"onnxruntime_int8": str(caught.value)}
+
+
+def test_graph_modes_export_a_graph_plan_with_the_calibration_and_only_what_they_run():
+    from fssam.bench.run import _export_options, plan_modes
+
+    options = _export_options(_graph_args(None, ["eager_fp32", "onnxruntime_int8"], calibration="cal", threads=2))
+    assert options == {"tensorrt": False, "plan": True, "threads": 2, "calibration": "cal", "stages": False}
+    options = _export_options(_graph_args(None, ["plan", "openvino_int8"], calibration="cal"))
+    assert options == {"tensorrt": False, "openvino": ("int8",), "plan": True, "threads": None, "calibration": "cal"}
+    assert "plan" not in _export_options(_graph_args(None, ["onnxruntime", "openvino_fp32"]))
+    for mode in GRAPH_MODES:  # --calibration is accepted: it goes to the plan's int8 quantization
+        args = _graph_args(None, [mode], calibration="cal")
+        args.modes = mode
+        plan_modes(args)
+        assert args.mode_list == ["eager_fp32", "eager_bf16", mode]

@@ -189,8 +189,37 @@ def test_signal_inside_partial_folder_removes_it_and_exits(tmp_path, signum):
     assert signal.getsignal(signum) == before
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_swallowed_by_a_callback_still_stops_the_work(tmp_path, signum):
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python sets it up in a process started with SIGINT at its default: KeyboardInterrupt.
+    A process started with SIGINT ignored keeps ignoring it (Python does not install its handler, and
+    partial_folder takes over only that handler): a background job of a non-interactive shell
+    (`pytest ... &` in a script, a parallel run) starts so. The tests that send themselves SIGINT set
+    Python's handler first, and restore what was there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """Where the process was started with SIGINT ignored (see python_sigint), partial_folder leaves it
+    ignored: a SIGINT then stops nothing, and the work completes."""
+    out = str(tmp_path / "out")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with partial_folder(out) as tmp:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            open(os.path.join(tmp, "done.onnx"), "w").close()
+            os.kill(os.getpid(), signal.SIGINT)
+            replace_folder(tmp, out)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["done.onnx"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signal.Signals(signum).name)
+def test_signal_swallowed_by_a_callback_still_stops_the_work(tmp_path, python_sigint, signum):
     """Python ignores an exception raised in a garbage-collection or weakref callback: a signal
     handled there must still stop the work before anything replaces `out`."""
     out = str(tmp_path / "out")

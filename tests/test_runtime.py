@@ -210,14 +210,40 @@ def test_int8_without_a_plan_is_refused(tiny_artifacts):
         open_runner("openvino", tiny_artifacts[0], precision="int8")
 
 
-def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
+def _ladder_files(folder: str, manifest: dict) -> dict:
+    """files for plan_precision whatever this CPU's own int8 plan chose (the export deletes the IR its
+    plan does not use, and bf16 is on the ladder only where the CPU has it): an int8 rung for head and
+    prior_backbone on every CPU. Each is the stage's float IR under the int8 name (run at f32, as the
+    float parts of int8 IR are), so that it passes its gate on any CPU unless the test fails it: real
+    int8 accuracy depends on the CPU's int8 kernels (tiny's NNCF head is over its limits by itself, so
+    a forced failure there would prove nothing about the fall-back)."""
+    import openvino as ov
+
+    import fssam.export.openvino as ov_export
+
+    files = {"fp32": {n: {"file": s["file"], "sha256": s["sha256"]} for n, s in manifest["stages"].items()}}
+    files["bf16"] = files["fp32"]
+    files["int8"] = {}
+    os.makedirs(os.path.join(folder, "openvino", "ladder"), exist_ok=True)
+    for name in ("head", "prior_backbone"):
+        xml = os.path.join("openvino", "ladder", f"{name}.xml")
+        ov.save_model(ov.Core().read_model(os.path.join(folder, manifest["stages"][name]["file"])),
+                      os.path.join(folder, xml), compress_to_fp16=False)
+        files["int8"][name] = ov_export._file_entry(folder, xml)
+    return files
+
+
+def test_ladder_falls_back_and_steps_down(int8_artifacts, tmp_path, monkeypatch):
     """A stage whose reduced precision fails its gate runs fp32; a failing end-to-end check steps the
-    worst stage down; failing with every stage at fp32 is a ParityError."""
+    worst stage down; failing with every stage at fp32 is a ParityError. The int8 rungs are the
+    test's own (_ladder_files), not this CPU's plan: the ladder is the same on every CPU but bf16."""
     import fssam.export.openvino as ov_export
     from fssam.runtime.parity import ParityError
 
-    out, manifest = int8_artifacts
+    out, manifest = str(tmp_path / "export"), int8_artifacts[1]
+    shutil.copytree(int8_artifacts[0], out)
     model = build("tiny", seed=0)
+    files = _ladder_files(out, manifest)
     real_check = ov_export.check_stage
 
     def head_fails_below_fp32(runner, name, calls, baseline):
@@ -228,13 +254,14 @@ def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
 
     monkeypatch.setattr(ov_export, "check_stage", head_fails_below_fp32)
     monkeypatch.setattr(ov_export, "_choose", lambda tried: next(o for o in tried if tried[o]["passed"]))
-    files = {"fp32": {n: {"file": s["file"], "sha256": s["sha256"]} for n, s in manifest["stages"].items()}}
-    files["bf16"] = files["fp32"]
-    files["int8"] = {n: e for n, e in manifest["openvino"]["int8"]["stages"].items() if e["precision"] == "int8"}
     episode = sample_episode(model.config, 1, seed=4)
     result = ov_export.plan_precision(out, manifest, model, "int8", files, [episode], None)
-    assert result["stages"]["head"]["precision"] == "fp32"
-    assert not result["stages"]["head"]["tried"][next(iter(result["stages"]["head"]["tried"]))]["passed"]
+    head = result["stages"]["head"]  # every reduced rung tried in ladder order, each failed: fp32
+    assert list(head["tried"]) == ["int8", *(["bf16"] if cpu.native_bf16() else []), "fp32"]
+    assert head["precision"] == "fp32" and not any(head["tried"][o]["passed"] for o in list(head["tried"])[:-1])
+    assert head["tried"]["int8"]["worst_error_over_limit"] <= ov_export.SELECTION_MARGIN  # only the forced failure
+    assert result["stages"]["prior_backbone"]["precision"] == "int8"  # its first rung passes: taken
+    first = {name: entry["precision"] for name, entry in result["stages"].items()}
 
     calls = []
     real_end = ov_export.check_end_to_end
@@ -246,7 +273,19 @@ def test_ladder_falls_back_and_steps_down(int8_artifacts, monkeypatch):
 
     monkeypatch.setattr(ov_export, "check_end_to_end", fail_once)
     result = ov_export.plan_precision(out, manifest, model, "int8", files, [episode], None)
-    assert any("stepped_down" in entry for entry in result["stages"].values()) and result["parity"]["passed"]
+    assert result["parity"]["passed"] and len(calls) == 2
+    stepped = [name for name, entry in result["stages"].items() if "stepped_down" in entry]
+    reduced = [name for name, precision in first.items() if precision != "fp32"]
+    assert len(stepped) == 1 and stepped[0] in reduced, (stepped, first)
+
+    def worst(name):
+        return result["stages"][name]["tried"][first[name]]["worst_error_over_limit"]
+
+    down = result["stages"][stepped[0]]  # the reduced stage furthest over its limits, one rung down
+    assert worst(stepped[0]) == max(map(worst, reduced))
+    assert list(down["tried"]).index(down["precision"]) > list(down["tried"]).index(first[stepped[0]])
+    assert {n: e["precision"] for n, e in result["stages"].items() if n not in stepped} == \
+        {n: p for n, p in first.items() if n not in stepped}
 
     # every gate episode counts: an end-to-end failure on the second episode only steps a stage down too
     calls.clear()

@@ -637,14 +637,28 @@ def test_deploy_tiny_end_to_end(tmp_path):
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     out = result.stdout
-    assert "PASS" in out and "random-init seed 0" in out and "chosen: " in out and "fastest that passed its gate" in out
-    for label in ("eager fp32", "eager bf16 autocast", "ONNX Runtime fp32", "OpenVINO fp32"):
-        assert f"        {label} " in out, label  # a row of the in-process table
+    assert "PASS" in out and "random-init seed 0" in out and out.count("<- chosen") == 2
+    for label in ("onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8"):
+        assert f"    {label} " in out, label  # a row of the plan's table, per graph
+    for label in ("eager fp32", "eager bf16 autocast"):
+        assert f"      {label}" in out and "-> served" in out, label
     assert "response-cache hit on support_encoder" in out and "server overhead" in out
     assert "request payload per episode" in out and "4x less" in out
     info = json.loads((tmp_path / "d" / "repository" / "fssam_repository.json").read_text())
     figures = json.loads((tmp_path / "d" / "deploy.json").read_text())
-    assert figures["backend"] == info["backend"] in ("python-ort", "python-openvino") and figures["passed"]
+    assert figures["backend"] == info["backend"] == "plan" and figures["passed"]
+    manifest = json.loads((tmp_path / "d" / "artifacts" / "manifest.json").read_text())
+    assert manifest["stages"] == {} and sorted(os.listdir(tmp_path / "d" / "artifacts")) >= ["manifest.json",
+                                                                                          "query_segmenter.onnx",
+                                                                                          "support_encoder.onnx"]
+    assert not any(name.startswith("prior") or name.startswith("head") for name in os.listdir(tmp_path / "d" / "artifacts"))
+    for name, chosen in figures["plan"].items():  # the repository serves what the plan chose
+        assert info["graphs"][name]["backend"] == chosen["backend"] and info["graphs"][name]["precision"] == chosen["precision"]
+    phases = figures["phases"]
+    assert set(phases) >= {"export_and_plan_s", "plan_s", "server_start_s", "checks_s", "latency_s", "throughput_s",
+                           "total_s"} and figures["wall_s"] == phases["total_s"] >= phases["export_and_plan_s"] > 0
+    for label in ("eager fp32", "eager bf16 autocast"):
+        assert figures["speedups"][label]["episode"] > 0 and figures[label]["runs"] >= 1
     assert [(row["concurrency"], row["cached_support"]) for row in figures["throughput"]] == [
         (1, True), (2, True), (1, False), (2, False)]
     assert all(row["failures"] == 0 and row["episodes_per_s"] > 0 for row in figures["throughput"])
@@ -671,26 +685,17 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert fresh.returncode == 1 and not (tmp_path / "e").exists(), fresh.stderr
 
 
-def test_deploy_choice_and_its_reason(monkeypatch, tmp_path, capsys):
-    """The fastest exported runtime that passed its gate is chosen (never an eager baseline, never one
-    that failed); without native bf16 the output says why OpenVINO bf16 was not a candidate."""
-    from fssam.serving import deploy
+def test_deploy_plan_says_why_openvino_bf16_is_no_candidate(monkeypatch, tmp_path):
+    """Without native bf16 the plan skips OpenVINO bf16 and says why, naming the CPU and its flags."""
+    from fssam.export import graph_plan
 
-    rows = [deploy.Measured("eager fp32", None), deploy.Measured("ONNX Runtime fp32", None, "onnxruntime", passed=True),
-            deploy.Measured("OpenVINO fp32", None, "openvino", passed=True),
-            deploy.Measured("OpenVINO bf16", None, "openvino", "bf16", passed=False)]
-    ms = {"eager fp32": 1.0, "ONNX Runtime fp32": 9.0, "OpenVINO fp32": 5.0, "OpenVINO bf16": 2.0}
-    results = {label: {"episode": {"median_ms": value}} for label, value in ms.items()}
-    chosen = deploy.choose(rows, results)
-    assert chosen.label == "OpenVINO fp32" and chosen.backend == "python-openvino"
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Test CPU\nflags\t\t: fpu avx2\n")
     monkeypatch.setenv("FSSAM_CPUINFO", str(cpuinfo))
-    assert deploy.openvino_precisions() == ("fp32",)
-    deploy._print_choice(chosen, rows, results)
-    out = capsys.readouterr().out
-    assert "fastest that passed its gate (5.0 ms; next ONNX Runtime fp32 9.0 ms)" in out
-    assert "OpenVINO bf16 was not a candidate" in out and "Test CPU; amx_bf16 no" in out
+    available, skipped = graph_plan.candidates()
+    assert ("openvino", "bf16") not in available and ("openvino", "int8") in available
+    assert "no native bf16" in skipped["openvino bf16"] and "Test CPU; amx_bf16 no" in skipped["openvino bf16"]
+    assert not graph_plan.has_vnni()  # OverflowFix on every layer for this CPU's int8
 
 
 def test_bench_triton_mode_against_running_server(server, tiny_artifacts, tmp_path):

@@ -126,6 +126,13 @@ class GraphMode:
             self._timed(times, "query_segmenter", query, *support, masks)
         return sum(times.values()), times
 
+    def logits(self, query, supports, masks) -> torch.Tensor:
+        """One untimed episode's logits through both graphs (the output check of fssam.bench.checks)."""
+        query, supports, masks = self._inputs(query, supports, masks)
+        with torch.inference_mode(), self.context():
+            support = self.runner.support_encoder(supports, masks)
+            return self.runner.query_segmenter(query, *support, masks)
+
     def cached(self, query, supports, masks) -> float:
         query, supports, masks = self._inputs(query, supports, masks)
         with torch.inference_mode():
@@ -208,30 +215,60 @@ def summary(samples: list[float]) -> dict:
 
 
 def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) -> dict:
-    """{mode: {"episode": summary, "cached_support": summary, "stages": {stage: summary}, "peak_rss_mb", ...}}."""
+    """{mode: {"episode": summary, "cached_support": summary, "stages": {stage: summary}, "peak_rss_mb", ...}}:
+    every mode `iterations` times after `warmup` runs, mode after mode."""
+    return run_adaptive(modes, inputs, min_runs=iterations, max_runs=iterations, budget_s=float("inf"),
+                        warmup=warmup, progress=progress)
+
+
+def stable(samples: list[float], spread: float) -> bool:
+    """Whether the median moved less than `spread` (a fraction) with the last sample."""
+    if len(samples) < 2:
+        return False
+    median = statistics.median(samples)
+    return abs(median - statistics.median(samples[:-1])) <= spread * median
+
+
+def run_adaptive(modes, inputs, min_runs: int = 3, max_runs: int = 15, budget_s: float = 20.0, warmup: int = 1,
+                 once=(), spread: float = 0.03, progress=None) -> dict:
+    """As run_interleaved, but each mode runs until its median is stable (moves less than `spread`
+    with a new run, after `min_runs`), its time budget is spent, or `max_runs`; rounds stay
+    interleaved among the modes still running. Modes named in `once` run one timed episode and no
+    warm-up (eager bf16 emulated on a CPU without bf16, about a minute an episode): their entries
+    say "runs": 1. Every entry records its "runs"."""
     raw = {
         m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0,
-                 "device": str(m.device), "runtime": m.runtime}
+                 "device": str(m.device), "runtime": m.runtime, "spent": 0.0, "done": False, "seen": 0}
         for m in modes
     }
     cuda = torch.cuda.is_available()
-    for index in range(warmup + iterations):
+    while not all(entry["done"] for entry in raw.values()):
         for mode in modes:
+            entry = raw[mode.name]
+            if entry["done"]:
+                continue
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
             with RssSampler() as rss:
                 seconds, stages = mode.episode(*inputs)
                 cached = mode.cached(*inputs)
-            entry = raw[mode.name]
             entry["peak_rss_mb"] = max(entry["peak_rss_mb"], rss.peak)
             entry["working_mb"] = max(entry["working_mb"], rss.peak - rss.start)
             if cuda:
                 entry["gpu_peak_mb"] = max(entry["gpu_peak_mb"], torch.cuda.max_memory_allocated() / 2**20)
-            if index >= warmup:
+            entry["seen"] += 1
+            if entry["seen"] > (0 if mode.name in once else warmup):
+                entry["spent"] += time.perf_counter() - start
                 entry["episode"].append(seconds)
                 entry["cached"].append(cached)
                 for stage, value in stages.items():
                     entry["stages"].setdefault(stage, []).append(value)
+                runs = len(entry["episode"])
+                entry["done"] = (mode.name in once or runs >= max_runs
+                                 or (runs >= min_runs and (entry["spent"] > budget_s or
+                                                           (stable(entry["episode"], spread)
+                                                            and stable(entry["cached"], spread)))))
             if progress is not None:
                 progress.update()
     return {
@@ -240,6 +277,7 @@ def run_interleaved(modes, inputs, iterations: int, warmup: int, progress=None) 
             "cached_support": summary(entry["cached"]),
             "stages": {stage: summary(values) for stage, values in entry["stages"].items()},
             "device": entry["device"],
+            "runs": len(entry["episode"]),
             **({"runtime": entry["runtime"]} if entry["runtime"] else {}),
             "peak_rss_mb": round(entry["peak_rss_mb"], 1),  # the whole process, all modes loaded
             "working_mb": round(entry["working_mb"], 1),  # RSS growth during one episode of this mode

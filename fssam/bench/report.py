@@ -13,7 +13,7 @@ import torch
 
 from fssam.bench.checks import describe as describe_checks
 from fssam.runtime import cpu
-from fssam.runtime.contract import STAGE_ORDER
+from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER
 
 PACKAGES = ("torch", "onnxruntime", "onnx", "openvino", "nncf", "sam2", "timm", "triton", "tritonclient",
             "nvidia-pytriton", "tensorrt")
@@ -102,14 +102,16 @@ def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
     if runs.get("skipped"):
         lines.append("\nSkipped on this machine:\n")
         lines += [f"- {name}: {reason}" for name, reason in runs["skipped"].items()]
-    staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
-    if staged:
-        lines.append("\nPer stage, median ms per episode (all calls of the stage summed):\n")
-        lines.append("| stage | " + " | ".join(staged) + " |")
-        lines.append("|---|" + "---|" * len(staged))
-        for stage in STAGE_ORDER:
-            cells = [f"{runs['modes'][name]['stages'][stage]['median_ms']:.1f}" for name in staged]
-            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    for units, title in ((STAGE_ORDER, "Per stage, median ms per episode (all calls of the stage summed)"),
+                         (GRAPH_ORDER, "Per deployable graph (the graph modes), median ms per episode")):
+        timed = _timed_modes(runs, units)
+        if timed:
+            lines.append(f"\n{title}:\n")
+            lines.append(f"| {'stage' if units is STAGE_ORDER else 'graph'} | " + " | ".join(timed) + " |")
+            lines.append("|---|" + "---|" * len(timed))
+            for unit in units:
+                cells = [f"{runs['modes'][name]['stages'][unit]['median_ms']:.1f}" for name in timed]
+                lines.append(f"| {unit} | " + " | ".join(cells) + " |")
     if runs.get("concurrency"):
         lines.append("\nServer, client-measured, concurrency sweep:\n")
         lines.append("| concurrency | support | requests | failures | median ms | throughput episodes/s |")
@@ -119,6 +121,11 @@ def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
             lines.append(f"| {row['concurrency']} | {support} | {row['requests']} | {row['failures']} | "
                          f"{row['median_ms']:.1f} | {row['episodes_per_s']:.2f} |")
     return lines + [""]
+
+
+def _timed_modes(runs: dict, units) -> list[str]:
+    """The modes timed per unit of `units` (the six stages, or the two deployable graphs)."""
+    return [name for name, mode in runs["modes"].items() if mode["stages"] and set(mode["stages"]) == set(units)]
 
 
 def _machine_line(result: dict) -> str:
@@ -152,7 +159,7 @@ def plots(result: dict, folder: str) -> list[str]:
     written = []
     for shots, runs in result["runs"].items():
         latency_name, throughput_name = plot_names(shots)
-        staged = [name for name, mode in runs["modes"].items() if mode["stages"]]
+        staged = _timed_modes(runs, STAGE_ORDER)  # the graph modes have no stages: in the table, not here
         fig, ax = plt.subplots(figsize=(10, 4.5))
         width = 0.8 / max(1, len(staged))
         for i, name in enumerate(staged):
@@ -162,7 +169,8 @@ def plots(result: dict, folder: str) -> list[str]:
         ax.set_ylabel("median ms per episode")
         ax.set_yscale("log")
         ax.set_title(f"FSSAM {result['config']} {shots}-shot: latency per stage ({result['machine']['cpu_model']})")
-        ax.legend()
+        if staged:
+            ax.legend()
         written.append(_save(fig, os.path.join(folder, latency_name)))
 
         fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -2,6 +2,13 @@
 the two eager baselines (fp32, and bf16 autocast), which always run. A mode this machine cannot run
 (OpenVINO bf16 without native bf16, TensorRT without a GPU) is recorded as skipped, with the reason.
 
+Most modes run the six stages; the graph modes (GRAPH_MODES) run the two deployable graphs of the
+export's graph plan (`fssam export --plan`, fssam.export.graph_plan), as a server does: `plan` the
+graphs it chose (each on its runtime and precision), `onnxruntime_int8` / `openvino_int8_graphs`
+its ONNX Runtime / OpenVINO int8 graphs. An int8 graph the plan did not keep (it failed its gate,
+or was not gated, slower than a candidate that passed) skips its mode, with the reason (known once
+the export is made or read).
+
 `run_bench(args)` takes the parsed `fssam bench` options (fssam.commands.bench)."""
 
 from __future__ import annotations
@@ -13,16 +20,24 @@ import torch
 from tqdm import tqdm
 
 from fssam.bench import checks
-from fssam.bench.harness import StageMode, run_interleaved
+from fssam.bench.harness import GraphMode, StageMode, run_interleaved
 from fssam.bench.report import BASELINES, RESULTS_FORMAT, check_results_folder, machine, speedups, write
 from fssam.errors import ConfigError, FSSAMError, InputError
 from fssam.runtime.runner import default_baseline
 
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
-         "tensorrt", "triton")
+         "tensorrt", "triton", "plan", "onnxruntime_int8", "openvino_int8_graphs")
 OPENVINO = {"openvino_fp32": "fp32", "openvino_bf16": "bf16", "openvino_int8": "int8"}  # mode: precision
+# the modes over the two deployable graphs of the export's graph plan: mode -> the plan's int8 runtime (None: its choice)
+GRAPH_MODES = {"plan": None, "onnxruntime_int8": "onnxruntime", "openvino_int8_graphs": "openvino"}
+STAGE_MODES = ("onnxruntime", *OPENVINO, "tensorrt")  # the modes that run the export's stage files
+INT8_MODES = ("openvino_int8", *GRAPH_MODES)  # the modes whose export quantizes to int8 (--calibration)
 DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16")
 OVERRIDES = ("num_refine", "refine_version", "scma_mode")  # config overrides of fssam.model.build / export
+
+
+class Unavailable(FSSAMError):
+    """A mode the export made or given cannot run (e.g. an int8 graph that failed the plan's gate): skipped."""
 
 
 class CompiledStages:
@@ -62,6 +77,14 @@ def _lacks(manifest: dict, modes) -> str | None:
     """What an export lacks that `modes` need (None: nothing), worded for an error message."""
     if "tensorrt" in modes and "tensorrt" not in manifest:
         return "no TensorRT engines, which the tensorrt mode needs: export it with --tensorrt on this GPU machine"
+    staged = [mode for mode in STAGE_MODES if mode in modes]
+    if staged and not manifest.get("stages"):
+        return (f"no stage files (only the deployable graphs, as `fssam deploy` exports them), which the {staged[0]} "
+                f"mode needs: export it with `fssam export`")
+    planned = [mode for mode in GRAPH_MODES if mode in modes]
+    if planned and "graph_plan" not in manifest:
+        return (f"no graph plan, which the {planned[0]} mode needs: export it with `fssam export --plan` "
+                f"(or `fssam deploy`)")
     for mode, precision in (("openvino_bf16", "bf16"), ("openvino_int8", "int8")):
         if mode in modes and precision not in manifest.get("openvino", {}):
             return (f"no OpenVINO {precision} plan, which the {mode} mode needs: export it with "
@@ -99,19 +122,24 @@ def _misfit(args, manifest: dict, shots: int) -> InputError:
 
 
 def _export_options(args) -> dict:
-    """TensorRT engines and the OpenVINO bf16 / int8 plans, when a mode needs them."""
+    """TensorRT engines, the OpenVINO bf16 / int8 plans and the graph plan, when a mode needs them;
+    the stage files only when a mode runs them (the graph modes and triton run the two graphs)."""
     options = {"tensorrt": "tensorrt" in args.mode_list}
     plans = tuple(precision for mode, precision in OPENVINO.items() if precision != "fp32" and mode in args.mode_list)
     if plans:
         options.update(openvino=plans, threads=args.threads)
-    if "openvino_int8" in args.mode_list:
+    if any(mode in args.mode_list for mode in GRAPH_MODES):
+        options.update(plan=True, threads=args.threads)
+    if any(mode in args.mode_list for mode in INT8_MODES):
         options.update(calibration=args.calibration)
+    if not any(mode in args.mode_list for mode in STAGE_MODES):
+        options.update(stages=False)
     return options
 
 
 def _artifacts_for(args, shots: int, progress: bool) -> str:
     """The export folder for `shots`: --artifacts when its manifest matches, else a fresh export
-    (with what the modes need: TensorRT engines, the OpenVINO bf16 and int8 plans)."""
+    (with what the modes need: TensorRT engines, the OpenVINO bf16 and int8 plans, the graph plan)."""
     from fssam.export import export, load_manifest
 
     if args.artifacts:
@@ -150,6 +178,60 @@ def _runtime_mode(args, name: str, runtime: str, precision: str | None, shots: i
     return mode
 
 
+def _plan_description(chosen: dict) -> str:
+    return "graph plan: " + "; ".join(f"{name} {entry['runtime']} {entry['precision']}" for name, entry in chosen.items())
+
+
+def _not_passed(plan: dict, runtime: str, graph: str) -> str:
+    """Why the graph plan has no `runtime` int8 `graph` (its record in the plan, worded)."""
+    from fssam.export.graph_plan import label
+
+    entry = plan.get("candidates", {}).get(graph, {}).get(label(runtime, "int8"))
+    if entry is None:
+        return f"{graph}: not a candidate of this export's graph plan"
+    if not entry.get("gated", True) or entry.get("within_limits") is None:  # slower than one that passed
+        why = entry.get("note") or "not gated"
+    elif entry["within_limits"]:
+        why = f"within its limits but outside the selection margin (worst {entry['worst']:.2f} of the limit)"
+    else:
+        why = "over its limits: " + "; ".join(entry.get("failures", [])[:1])
+    tried = ", ".join(attempt["fallback"] for attempt in entry.get("attempts", []))
+    return f"{graph}: {why}" + (f" (tried: {tried})" if tried else "")
+
+
+def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
+    """A mode over the two deployable graphs of the export's graph plan, on the CPU: the plan's
+    choice, or one runtime's int8 graphs (Unavailable where a graph's int8 did not pass the plan's
+    gate). The output check's rule: eager bf16 autocast's limits as soon as a graph runs below fp32."""
+    from fssam.export import load_manifest
+    from fssam.export.graph_plan import RANK, open_plan
+    from fssam.runtime import as_torch, open_runner
+    from fssam.runtime.contract import GRAPH_ORDER
+
+    artifacts = _artifacts_for(args, shots, progress)
+    manifest = load_manifest(artifacts)
+    plan = manifest["graph_plan"]
+    runtime = GRAPH_MODES[name]
+    if runtime is None:
+        precisions = [entry["precision"] for entry in plan["chosen"].values()]
+        mode = GraphMode(name, open_plan(artifacts, manifest, args.threads), runtime=_plan_description(plan["chosen"]))
+    else:
+        missing = [graph for graph in GRAPH_ORDER if f"{runtime}/{graph}" not in plan.get("int8_files", {})]
+        if missing:
+            raise Unavailable(f"the graph plan of {artifacts} kept no {runtime} int8 {' or '.join(missing)} "
+                              "(it keeps the int8 graphs that passed their gate): "
+                              + "; ".join(_not_passed(plan, runtime, graph) for graph in missing))
+        runner = as_torch(open_runner(runtime, artifacts, precision="int8", threads=args.threads))
+        candidates = {graph: plan["candidates"][graph][f"{runtime} int8"] for graph in GRAPH_ORDER}
+        precisions = ["int8"] * len(GRAPH_ORDER)
+        mode = GraphMode(name, runner, runtime=f"{runner.describe()}, the graph plan's int8 graphs: "
+                         + "; ".join(f"{graph} {entry['fallback']}" for graph, entry in candidates.items()))
+    reduced = [precision for precision in precisions if precision != "fp32"]
+    mode.baseline = "bf16_autocast" if reduced else "fp32"
+    mode.export_precision = max(reduced, key=RANK.get) if reduced else "fp32"
+    return mode
+
+
 def _checked(mode: StageMode, runner) -> StageMode:
     """The output check's rule of a runtime mode: its runner's own gate reference (fssam.bench.checks)."""
     mode.baseline, mode.export_precision = runner.baseline, runner.precision
@@ -158,7 +240,8 @@ def _checked(mode: StageMode, runner) -> StageMode:
 
 def _mode(args, model, name: str, shots: int, progress: bool):
     """Eager, autocast and compile run on args.device (the model is already there); ONNX Runtime
-    and OpenVINO on the CPU; TensorRT on the GPU with CUDA tensors between stages; triton is client-side."""
+    and OpenVINO on the CPU; the graph modes on the CPU, as the plan gated them; TensorRT on the GPU
+    with CUDA tensors between stages; triton is client-side."""
     from fssam.runtime.parity import ieee_fp32
 
     device = args.device_resolved
@@ -174,6 +257,8 @@ def _mode(args, model, name: str, shots: int, progress: bool):
         return _runtime_mode(args, name, "onnxruntime", None, shots, progress)
     if name in OPENVINO:
         return _runtime_mode(args, name, "openvino", OPENVINO[name], shots, progress)
+    if name in GRAPH_MODES:
+        return _graph_mode(args, name, shots, progress)
     if name == "tensorrt":
         from fssam.runtime import open_runner
 
@@ -212,8 +297,10 @@ def plan_modes(args) -> None:
     unknown = [m for m in asked if m not in MODES]
     if unknown:
         raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}: expected some of {', '.join(MODES)}")
-    if args.calibration and "openvino_int8" not in asked:
-        raise ConfigError("--calibration is for the export of the openvino_int8 mode: add openvino_int8 to --modes")
+    if args.calibration and not any(mode in asked for mode in INT8_MODES):
+        raise ConfigError(f"--calibration is for the int8 export of the {', '.join(INT8_MODES)} modes: "
+                          "add one of them to --modes")
+    args.asked = asked
     args.skipped = _unavailable(asked)
     if len(args.skipped) == len(asked):
         raise ConfigError("no asked bench mode can run on this machine: "
@@ -295,6 +382,22 @@ def _remove_empty(folders: list[str]) -> None:
             return
 
 
+def _modes(args, model, shots: int, progress: bool) -> tuple[list, dict]:
+    """(the modes of a `shots`-shot run, {mode: why skipped}): the machine's skips, and the modes
+    the export cannot run (Unavailable). Fails when none of the asked modes is left."""
+    modes, skipped = [], dict(args.skipped)
+    for name in args.mode_list:
+        try:
+            modes.append(_mode(args, model, name, shots, progress))
+        except Unavailable as why:
+            skipped[name] = str(why)
+            print(f"bench: {shots}-shot: skipping {name}: {why}", file=sys.stderr)
+    if not any(mode.name in getattr(args, "asked", args.mode_list) for mode in modes):
+        raise ConfigError(f"no asked bench mode can run {shots}-shot: "
+                          + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
+    return modes, skipped
+
+
 def _bench(args) -> dict:
     """Every shot count on every mode, into the checked --out folder; the results written there."""
     from fssam.runtime.parity import sample_episode
@@ -316,7 +419,7 @@ def _bench(args) -> dict:
     args.servers = []
     try:
         for shots in args.shot_list:
-            modes = [_mode(args, model, name, shots, progress) for name in args.mode_list]
+            modes, skipped = _modes(args, model, shots, progress)
             inputs = sample_episode(model.config, shots, batch=1, seed=args.seed + 100)
             bar = tqdm(total=(args.warmup + args.iterations) * len(modes), desc=f"bench {shots}-shot", disable=not progress)
             runs = {"modes": run_interleaved(modes, inputs, args.iterations, args.warmup, progress=bar)}
@@ -332,7 +435,7 @@ def _bench(args) -> dict:
                 print(f"bench: {shots}-shot: " + checks.describe(failed), file=sys.stderr)
                 result.setdefault("failed_checks", []).extend(f"{name} ({shots}-shot)" for name in failed)
             runs["speedups"] = speedups(runs["modes"])
-            runs["skipped"] = dict(args.skipped)
+            runs["skipped"] = skipped
             served = [m for m in modes if m.name == "triton"]
             if served:
                 from fssam.bench.served import concurrency_sweep

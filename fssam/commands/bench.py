@@ -4,7 +4,7 @@ as ratios to the eager baselines; the bench itself is fssam.bench.run."""
 from __future__ import annotations
 
 
-from fssam.bench.run import DEFAULT_MODES, MODES
+from fssam.bench.run import DEFAULT_MODES, GRAPH_MODES, INT8_MODES, MODES
 from fssam.commands.common import add_model_options, at_least, shot_list
 
 PARSER_DEFAULTS = {"config": "small", "iterations": 10, "warmup": 2, "shots": "1,5", "modes": ",".join(DEFAULT_MODES)}
@@ -20,9 +20,15 @@ def register(subparsers) -> None:
                        "--refine-version, --scma-mode when given, must match)")
     bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
     bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"],
-                       help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run)")
+                       help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run; "
+                            f"default: {', '.join(DEFAULT_MODES)}). {', '.join(GRAPH_MODES)}: the two deployable graphs "
+                            "of the export's graph plan (`fssam export --plan`; the bench's own export makes one): "
+                            "the graphs it chose, its ONNX Runtime int8 graphs, its OpenVINO int8 graphs; an int8 mode is "
+                            "skipped, with the reason, where the plan kept no such int8 graph (failed its gate, or "
+                            "not gated: slower than a candidate that passed)")
     bench.add_argument("--calibration", metavar="DIR",
-                       help="openvino_int8: calibration images for the int8 export the bench makes (default: the export's)")
+                       help=f"{', '.join(INT8_MODES)}: calibration images for the int8 quantization of the export "
+                            "the bench makes (default: a synthetic set)")
     bench.add_argument("--threads", type=at_least(1), metavar="N",
                        help="threads of the ONNX Runtime and OpenVINO modes (default: the runtime's own)")
     bench.add_argument("--shots", type=shot_list, default=PARSER_DEFAULTS["shots"], help="comma list, e.g. 1,5")

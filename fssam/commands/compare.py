@@ -58,9 +58,13 @@ def handle(args) -> int:
     episode = sample_episode(model.config, manifest["shots"], batch=args.batch, seed=args.episode_seed)
     weights = weights_line(manifest)  # never presented as trained when random; printed once the runtime is
     print(weights, file=sys.stderr)  # open, so that a refusal above stays one error line
-    report = parity_report(model, runner, runner.precision, episode)
-    print(format_report(report, manifest["stages"]))
-    if manifest.get("graphs") and runner.precision != "int8":  # what a server runs (int8 is a stage plan)
+    stages, graphs = _units(manifest, args.backend, runner.precision)
+    if stages:
+        report = parity_report(model, runner, runner.precision, episode)
+        print(format_report(report, manifest["stages"]))
+    else:  # a lean export (fssam deploy) or the graph plan's int8 graphs: the graphs alone
+        report = {"passed": True, "failures": [], "stages": {}}
+    if graphs:  # what a server runs
         graphs = report["graphs"] = parity_report(model, runner, runner.precision, episode, stages=GRAPH_ORDER,
                                                   baseline=_graph_baseline(manifest, args.backend, runner.precision))
         print("deployable graphs, " + format_report(graphs, manifest["graphs"]))
@@ -76,6 +80,18 @@ def handle(args) -> int:
     if not report["passed"]:
         raise ParityError("parity gate failed", report)
     return 0
+
+
+def _units(manifest: dict, backend: str, precision: str) -> tuple[bool, bool]:
+    """(gate the six stages, gate the two graphs) of this export on `backend` at `precision`: int8
+    stages are OpenVINO's per-stage plan, int8 graphs the graph plan's."""
+    files = manifest.get("graph_plan", {}).get("int8_files", {})
+    if precision == "int8":
+        stages = backend == "openvino" and "int8" in manifest.get("openvino", {})
+        graphs = all(f"{backend}/{name}" in files for name in ("support_encoder", "query_segmenter"))
+    else:
+        stages, graphs = bool(manifest["stages"]), bool(manifest.get("graphs"))
+    return stages, graphs
 
 
 def _device_option(args) -> dict:

@@ -3,7 +3,7 @@ its gate -> serve the ensemble -> parity with eager, cache, overheads, throughpu
 
 from __future__ import annotations
 
-from fssam.commands.common import add_model_options, install_sigterm, model_options
+from fssam.commands.common import add_model_options, at_least, install_sigterm, model_options
 
 
 def _levels(text: str) -> tuple:
@@ -21,12 +21,19 @@ def _levels(text: str) -> tuple:
 def register(subparsers) -> None:
     from fssam.serving import DEFAULT_CACHE_MB
 
-    deploy = subparsers.add_parser("deploy", help="export -> time the graphs on every runtime -> repository with the "
-                                                   "fastest that passed its gate -> serve -> parity and overheads")
+    deploy = subparsers.add_parser("deploy", help="export the graphs -> gate and time every runtime and precision of "
+                                                   "this machine -> serve the fastest that passed per graph -> parity, "
+                                                   "latency and throughput")
     add_model_options(deploy)
     deploy.add_argument("--shots", type=int, default=1)
     deploy.add_argument("--out", required=True, help="folder for artifacts/, repository/ and deploy.json")
-    deploy.add_argument("--runs", type=int, default=5, help="timed requests per latency figure")
+    deploy.add_argument("--runs", type=int, default=3, help="at least this many timed episodes per latency figure "
+                                                            "(more until the median is stable; default 3)")
+    deploy.add_argument("--budget-s", type=float, default=20.0,
+                        help="seconds of timed episodes per latency mode before it stops (default 20)")
+    deploy.add_argument("--calibration", help="int8 calibration: a folder of images/ and masks/ pairs (default: "
+                                              "synthetic episodes, said so in the manifest)")
+    deploy.add_argument("--threads", type=at_least(1), help="CPU threads of the ONNX Runtime / OpenVINO runs in the plan")
     deploy.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB, help="the server's response cache")
     deploy.add_argument("--clients", type=_levels, default=None, help="throughput at these client counts "
                                                                       "(default 1,2,4,8)")
@@ -39,6 +46,7 @@ def handle(args) -> int:
 
     install_sigterm()
     options = model_options(args)
-    deploy(args.config, out=args.out, shots=args.shots, runs=args.runs, progress=not args.no_progress,
-           cache_mb=args.cache_mb, clients=args.clients, **options)
+    deploy(args.config, out=args.out, shots=args.shots, runs=args.runs, budget_s=args.budget_s,
+           progress=not args.no_progress, cache_mb=args.cache_mb, clients=args.clients,
+           calibration=args.calibration, threads=args.threads, **options)
     return 0

@@ -28,8 +28,12 @@ def register(subparsers) -> None:
     )
     export.add_argument("--openvino", help="comma list of fp32, bf16, int8: gate an OpenVINO plan per precision "
                         "(int8: NNCF quantization; bf16 needs a CPU with amx_bf16 or avx512_bf16)")
-    export.add_argument("--calibration", help="with --openvino int8: folder of images/ and masks/ pairs "
-                        "(default: a synthetic set written into the export folder, and said so)")
+    export.add_argument("--plan", action="store_true",
+                        help="the graph plan of this machine: every runtime and precision it runs (ONNX Runtime "
+                             "fp32 / int8, OpenVINO fp32 / bf16 / int8) gated and timed per deployable graph, int8 "
+                             "graphs written; `fssam repository --backend plan` serves the fastest that passed")
+    export.add_argument("--calibration", help="with --plan or --openvino int8: folder of images/ and masks/ pairs "
+                        "(default: synthetic, and said so)")
     export.add_argument("--threads", type=at_least(1), help="CPU threads of the OpenVINO runs in the gate")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
     export.set_defaults(func=handle)
@@ -51,6 +55,7 @@ def handle(args) -> int:
             calibration=args.calibration,
             threads=args.threads,
             max_batch=args.max_batch,
+            plan=args.plan,
             **model_options(args),
         )
     except ParityError as error:
@@ -66,6 +71,11 @@ def handle(args) -> int:
                 graphs = entry["graphs"]
                 print(f"OpenVINO {precision} graphs at {graphs['precision']} "
                       + format_report(graphs["parity"], manifest["graphs"]))
+    if "graph_plan" in manifest:
+        from fssam.export.graph_plan import describe
+
+        print("graph plan of this machine (gate vs eager fp32; time of one call):")
+        print("\n".join(describe(manifest["graph_plan"])))
     if "tensorrt" in manifest:
         print("TensorRT " + format_report(manifest["tensorrt"]["parity"], manifest["stages"]))
         if "graph_parity" in manifest["tensorrt"]:

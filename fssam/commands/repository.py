@@ -24,12 +24,15 @@ def register(subparsers) -> None:
     repository.add_argument("--out", required=True, help="repository folder to write (replaced atomically, only over "
                                                          "an earlier fssam repository)")
     repository.add_argument("--backend", default="python-ort", choices=BACKENDS,
-                            help="what runs the two graphs: python-ort / python-openvino (ONNX Runtime / OpenVINO in "
-                                 "the Python backend, CPU, this machine's tritonserver); onnxruntime, tensorrt, "
-                                 "openvino: Triton's native backends (official containers)")
-    repository.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                            help="what runs the two graphs: plan (each graph on the runtime and precision the export's "
+                                 "graph plan chose, `fssam export --plan`); python-ort / python-openvino (ONNX Runtime / "
+                                 "OpenVINO in the Python backend, CPU, this machine's tritonserver); onnxruntime, "
+                                 "tensorrt, openvino: Triton's native backends (official containers)")
+    repository.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8"),
                             help="python-openvino / openvino: OpenVINO precision of the graphs (default fp32; bf16 needs "
-                                 "a CPU with native bf16 for python-openvino); other backends serve the export's own")
+                                 "a CPU with native bf16 for python-openvino; int8: the graph plan's NNCF int8 IR); "
+                                 "python-ort / onnxruntime: int8 serves the graph plan's ONNX Runtime int8 graphs; "
+                                 "otherwise the export's own")
     repository.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                             help=f"episodes per request and per dynamic batch (default {DEFAULT_MAX_BATCH})")
     repository.add_argument("--instances", type=at_least(1), default=1, help="instances per graph model")
@@ -53,7 +56,8 @@ def handle(args) -> int:
         instances=args.instances, threads=args.threads, queue_delay_us=args.max_queue_delay_us,
         cache=not args.no_cache, device=args.device, accelerator=args.accelerator,
     )
-    graphs = ", ".join(f"{name} {entry['precision']}" for name, entry in info["graphs"].items())
+    graphs = ", ".join(f"{name} {entry['backend']} {entry['precision']}" if args.backend == "plan"
+                       else f"{name} {entry['precision']}" for name, entry in info["graphs"].items())
     size = info["image_size"]
     print(f"wrote Triton model repository {args.out}: ensemble {info['ensemble']['model']} = validate -> "
           f"support_encoder -> query_segmenter ({args.backend}: {graphs}; support cache: "

@@ -212,12 +212,12 @@ def _check_onnx(path: str, runnable: bool = True) -> str | None:
     return status
 
 
-def _examples(model, shots: int, dtype) -> dict[str, tuple]:
+def _examples(model, shots: int, dtype, groups=(STAGE_ORDER, GRAPH_ORDER)) -> dict[str, tuple]:
     """Real stage and graph inputs from an eager episode at the export batch, cast to the export dtype
     (the graphs' uint8 pixels and masks stay uint8)."""
     episode = [t.to(dtype) for t in sample_episode(model.config, shots, batch=EXPORT_BATCH, seed=99)]
     examples = {}
-    for units in (STAGE_ORDER, GRAPH_ORDER):
+    for units in groups:
         records = stage_samples(model, *episode, units=units)
         for name in units:
             args = records[name][-1][0]  # memory_encoder: a query call (batch = episodes); any call has the layout
@@ -304,11 +304,18 @@ def export(
     calibration: str | None = None,
     threads: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    stages: bool = True,
+    plan: bool = False,
+    plan_options: dict | None = None,
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
     report) when the gate fails, and leaves no `out` behind in that case. `max_batch`: episodes
-    per call the files, engines and a served repository admit (see the module docstring)."""
+    per call the files, engines and a served repository admit (see the module docstring).
+    `stages=False`: only the two deployable graphs (what a server runs; `fssam deploy`). `plan`:
+    the graph plan of this machine (fssam.export.graph_plan: every runtime and precision gated and
+    timed, int8 graphs written), manifest["graph_plan"]; `plan_options`: more keywords of
+    graph_plan.plan_graphs (only, margin, prune)."""
     if precision not in DTYPES:
         raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
     if scma_node not in ("decomposed", "custom"):
@@ -329,8 +336,12 @@ def export(
         if precision != "fp32":
             raise InputError(f"--openvino plans are made from an fp32 export (OpenVINO's precision is a compile "
                              f"hint), not {precision}: leave --precision at fp32")
-    if calibration is not None and "int8" not in openvino:
-        raise InputError("--calibration is for int8 quantization: add --openvino int8")
+    if calibration is not None and "int8" not in openvino and not plan:
+        raise InputError("--calibration is for int8 quantization: add --plan or --openvino int8")
+    if not stages and (openvino or tensorrt):
+        raise InputError("--openvino and --tensorrt plans are per stage: export the stage files too")
+    if plan and precision != "fp32":
+        raise InputError(f"--plan starts from an fp32 export (it quantizes and gates from there), not {precision}")
     if calibration is not None and not os.path.isdir(calibration):
         raise InputError(f"calibration folder {calibration!r} does not exist")
     if tensorrt:
@@ -350,10 +361,17 @@ def export(
     specs = stage_specs(model.config, shots, dtype=str(interface).replace("torch.", ""))
     specs.update(graph_specs(model.config, shots, dtype=str(interface).replace("torch.", "")))
     with partial_folder(out, markers=(MANIFEST,)) as tmp:
-        units = len(STAGE_ORDER) + len(GRAPH_ORDER)
-        bar = tqdm(total=units + 2 + (units if tensorrt else 0) + len(openvino), disable=not progress,
-                   desc="export", unit="step")
-        examples = _examples(export_model, shots, interface)
+        stage_order = STAGE_ORDER if stages else ()
+        units = len(stage_order) + len(GRAPH_ORDER)
+        if plan:
+            from fssam.export.graph_plan import candidates
+
+            plan_steps = len(candidates()[0])
+        else:
+            plan_steps = 0
+        bar = tqdm(total=units + 1 + bool(stages) + (units if tensorrt else 0) + len(openvino) + plan_steps,
+                   disable=not progress, desc="export", unit="step")
+        examples = _examples(export_model, shots, interface, (stage_order, GRAPH_ORDER) if stages else (GRAPH_ORDER,))
         def export_unit(name: str) -> dict:
             """One stage or graph to ONNX: its manifest entry."""
             bar.set_postfix_str(f"{name} -> ONNX")
@@ -374,7 +392,7 @@ def export(
             bar.update()
             return entry
 
-        stages = {name: export_unit(name) for name in STAGE_ORDER}
+        stages = {name: export_unit(name) for name in stage_order}
         graphs = {name: export_unit(name) for name in GRAPH_ORDER}
         manifest = {
             "format": FORMAT,
@@ -401,12 +419,13 @@ def export(
 
         runner = as_torch(open_runner("onnxruntime", tmp))
         gate_episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
-        report = parity_report(model, runner, precision, gate_episode)
-        report["runtime"] = runner.describe()
-        manifest["parity"] = {"onnxruntime": report}
-        bar.update()
-        if gate and not report["passed"]:
-            raise ParityError(format_report(report, stages), report)
+        if stages:
+            report = parity_report(model, runner, precision, gate_episode)
+            report["runtime"] = runner.describe()
+            manifest["parity"] = {"onnxruntime": report}
+            bar.update()
+            if gate and not report["passed"]:
+                raise ParityError(format_report(report, stages), report)
         bar.set_postfix_str("parity gate (graphs)")
         report = parity_report(model, runner, precision, gate_episode, stages=GRAPH_ORDER)
         report["runtime"] = runner.describe()
@@ -414,6 +433,12 @@ def export(
         bar.update()
         if gate and not report["passed"]:
             raise ParityError(format_report(report, graphs), report)
+        if plan:
+            from fssam.export.graph_plan import plan_graphs
+
+            write_manifest(tmp, manifest)
+            manifest["graph_plan"] = plan_graphs(tmp, manifest, model, seed=seed, threads=threads,
+                                                 calibration=calibration, progress=bar, **(plan_options or {}))
         if openvino:
             from fssam.export.openvino import gate_openvino
 

@@ -1,21 +1,22 @@
-"""`fssam deploy`: export -> time the deployable graphs on every runtime here -> repository with the
-fastest that passed its gate -> serve it (Triton ensemble, response cache) -> parity and overheads.
+"""`fssam deploy`: export the two deployable graphs -> the graph plan of this machine (every runtime
+and precision gated and timed, the fastest that passes per graph) -> a repository serving that plan
+-> tritonserver with its response cache -> parity, latency and throughput.
 
-1. Export fp32 ONNX (stages and the two graphs, gated on ONNX Runtime) and the OpenVINO plans:
-   fp32, and bf16 where the CPU has native bf16 (the graphs gated whole).
-2. Time, in process and interleaved (fssam.bench.harness.GraphMode): eager fp32, eager bf16
-   autocast, ONNX Runtime fp32 and OpenVINO at each gated graph precision. The fastest runtime
-   whose graph gate passed is chosen.
-3. Write the repository with it (python-ort or python-openvino) and serve it with Triton's
-   response cache on support_encoder.
-4. The gate's episode through the ensemble vs eager fp32 (the end-to-end check; limits from eager
-   bf16 autocast for bf16); it and a fresh episode vs the same runtime in process (fp32 limit);
-   the gate's episode sent twice, the second must be a cache hit in Triton's statistics with
-   identical logits.
-5. Latency at concurrency 1, interleaved: served (new support set / cached support) vs the same
-   runtime in process and the two eager baselines; the server's overhead.
-6. Throughput at concurrency 1, 2, 4, 8 (dynamic batching), cached and new support sets, and the
-   request payload (UINT8 vs the FP32 the per-stage pipeline took).
+1. Export (lean): the two graphs only (`fssam export` keeps writing the six stage files), gated
+   on ONNX Runtime fp32; then the graph plan (fssam.export.graph_plan): ONNX Runtime fp32 / int8,
+   OpenVINO fp32 / bf16 (native-bf16 CPUs) / int8, each graph gated against eager PyTorch and timed
+   here; per graph the fastest that passed; the pair checked end to end.
+2. The repository: each graph on its chosen backend (python-ort or python-openvino), one ensemble.
+3. tritonserver on 127.0.0.1 (free ports) with the response cache on support_encoder.
+4. The gate's episode through the ensemble vs eager fp32 (limits from eager bf16 autocast when a
+   graph runs int8 or bf16); it and a fresh episode vs the same plan in process (fp32 limit: the
+   same computation, a difference is wiring); the gate's episode twice, the second a cache hit.
+5. Latency at concurrency 1, interleaved and adaptive (each mode until its median is stable or its
+   time budget is spent): served (new support set / cached support) vs the plan in process and the
+   two eager baselines, eager fp32 and eager bf16 autocast (timed once and labelled "emulated" on a
+   CPU without native bf16, where PyTorch emulates it at about a minute an episode).
+6. Throughput at 1, 2, 4, 8 clients (dynamic batching), cached and new support sets, and the
+   request payload. deploy.json records every phase's wall time and the total.
 """
 
 from __future__ import annotations
@@ -23,37 +24,22 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from fssam.errors import InputError
 from fssam.files import check_output_folder, json_with, write_json
 from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
-BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}  # in-process runtime: served as
-LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
 FRESH_EPISODE_SEED = 1000  # an episode no gate saw, for the served-vs-in-process check
 STEPS = 6
 RESULT_FILE = "deploy.json"
-DEPLOY_FORMAT = "fssam-deploy/1"  # deploy.json: the folder is a deploy run's own, which a later run may replace
-
-
-@dataclass
-class Measured:
-    """One timed mode: an eager baseline (runtime None), or an exported runtime's graphs and their gate."""
-
-    label: str
-    mode: object  # fssam.bench.harness.GraphMode
-    runtime: str | None = None
-    precision: str = "fp32"
-    runner: object = None  # the in-process runner (torch in / out)
-    passed: bool = False
-
-    @property
-    def backend(self) -> str:
-        return BACKENDS[self.runtime]
+DEPLOY_FORMAT = "fssam-deploy/2"  # deploy.json: the folder is a deploy run's own, which a later run may replace
+OLDER_FORMATS = ("fssam-deploy/1",)
+BASELINES = ("eager fp32", "eager bf16 autocast")
+SERVED, INPROCESS = "served", "plan in process"
 
 
 def _step(i: int, text: str, progress: bool) -> float:
@@ -62,96 +48,42 @@ def _step(i: int, text: str, progress: bool) -> float:
     return time.perf_counter()
 
 
-def openvino_precisions() -> tuple[str, ...]:
-    """The OpenVINO plans to export here: fp32, and bf16 on a CPU with native bf16."""
-    from fssam.runtime.cpu import native_bf16
-
-    return ("fp32",) + (("bf16",) if native_bf16() else ())
-
-
 def _autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def graph_gates(manifest: dict) -> dict:
-    """{(runtime, precision): passed} of the deployable graphs' gates in an export manifest.
-    An OpenVINO bf16 plan whose graphs fell back to fp32 is the fp32 candidate, not a second one."""
-    gates = {("onnxruntime", "fp32"): manifest["graph_parity"]["onnxruntime"]["passed"]}
-    for precision, entry in manifest.get("openvino", {}).items():
-        graphs = entry.get("graphs") if isinstance(entry, dict) else None
-        if graphs and graphs["precision"] == precision:
-            gates[("openvino", precision)] = graphs["parity"]["passed"]
-    return gates
+def plan_label(manifest: dict) -> str:
+    chosen = manifest["graph_plan"]["chosen"]
+    return "; ".join(f"{name} {entry['runtime']} {entry['precision']}" for name, entry in chosen.items())
 
 
-def _measured(model, artifacts: str, manifest: dict) -> list[Measured]:
-    """The eager baselines and every gated runtime's graphs, opened for timing."""
-    from fssam.bench.harness import GraphMode
-    from fssam.runtime import as_torch, open_runner
-
-    rows = [Measured("eager fp32", GraphMode("eager fp32", model)),
-            Measured("eager bf16 autocast", GraphMode("eager bf16 autocast", model, context=_autocast),
-                     precision="bf16")]
-    for (runtime, precision), passed in graph_gates(manifest).items():
-        label = f"{LABELS[runtime]} {precision}"
-        runner = as_torch(open_runner(runtime, artifacts, precision=precision))
-        rows.append(Measured(label, GraphMode(label, runner), runtime, precision, runner, passed))
-    return rows
+def reduced(manifest: dict) -> bool:
+    """Whether a graph of the plan runs below fp32 (its limits are then eager bf16 autocast's)."""
+    return any(entry["precision"] != "fp32" for entry in manifest["graph_plan"]["chosen"].values())
 
 
-def choose(rows: list[Measured], results: dict) -> Measured:
-    """The exported runtime with the lowest median episode latency among those that passed their gate."""
-    candidates = [row for row in rows if row.runtime and row.passed]
-    if not candidates:
-        raise ServingError("no exported runtime passed its parity gate: nothing to serve")
-    return min(candidates, key=lambda row: results[row.label]["episode"]["median_ms"])
-
-
-def _print_table(rows: list[Measured], results: dict, runs: int) -> None:
-    print(f"      in process (the two graphs), median of {runs} interleaved runs on one episode:")
-    print(f"        {'runtime':22s} {'gate':10s} {'episode ms':>11s} {'cached ms':>10s}")
-    for row in rows:
-        result = results[row.label]
-        gate = "reference" if row.runtime is None else ("passed" if row.passed else "FAILED")
-        print(f"        {row.label:22s} {gate:10s} {result['episode']['median_ms']:11.1f} "
-              f"{result['cached_support']['median_ms']:10.1f}")
-
-
-def _print_choice(chosen: Measured, rows: list[Measured], results: dict) -> None:
-    from fssam.runtime import cpu
-
-    ms = {row.label: results[row.label]["episode"]["median_ms"] for row in rows}
-    others = sorted((ms[row.label], row.label) for row in rows if row.runtime and row.passed and row is not chosen)
-    runner_up = f"; next {others[0][1]} {others[0][0]:.1f} ms" if others else ""
-    print(f"      chosen: {chosen.label} -> backend {chosen.backend}: the fastest that passed its gate "
-          f"({ms[chosen.label]:.1f} ms{runner_up})", flush=True)
-    if not cpu.native_bf16():
-        print(f"      OpenVINO bf16 was not a candidate: this CPU has no native bf16 "
-              f"({' or '.join(cpu.NATIVE_BF16_FLAGS)}): {cpu.describe()}", flush=True)
-
-
-def check_served(model, chosen: Measured, served, episode, fresh_served,
+def check_served(model, pair, is_reduced: bool, served, episode, fresh_served,
                  fresh) -> tuple[dict, list[str], dict, list[str]]:
     """The gate's end-to-end check of served logits vs eager fp32 (limits from eager bf16 autocast
-    for bf16) on the gate's episode; and, on that episode and a fresh one, the served logits vs the
-    same runtime in process, held to the fp32 limit (the same computation: a difference is wiring).
-    Returns (end-to-end stats, its failures, {episode: served vs in process}, their failures)."""
+    when a graph is reduced) on the gate's episode; and, on that episode and a fresh one, the served
+    logits vs the same plan in process, held to the fp32 limit (the same computation: a difference
+    is wiring). Returns (end-to-end stats, its failures, {episode: served vs in process}, their failures)."""
     from fssam.runtime.contract import run_graphs
-    from fssam.runtime.parity import Baseline, check_end_to_end, fp32_limit
+    from fssam.runtime.parity import Baseline, check_end_to_end, fp32_limit, ieee_fp32
 
-    kind = chosen.runner.baseline
-    with torch.inference_mode():
+    kind = "bf16_autocast" if is_reduced else "fp32"
+    with torch.inference_mode(), ieee_fp32():
         eager = model(*episode)
-        inprocess = {"gate_episode": run_graphs(chosen.runner, *episode).float(),
-                     "fresh_episode": run_graphs(chosen.runner, *fresh).float()}
-    low = Baseline(model, chosen.precision, kind).episode(*episode) if kind != "fp32" else None
+        inprocess = {"gate_episode": run_graphs(pair, *episode).float(),
+                     "fresh_episode": run_graphs(pair, *fresh).float()}
+    low = Baseline(model, "fp32", kind).episode(*episode) if is_reduced else None
     end, failures = check_end_to_end(served, eager, low, kind)
     same, wiring = {}, []
     for name, got in (("gate_episode", served), ("fresh_episode", fresh_served)):
         diff, limit = float((got - inprocess[name]).abs().max()), fp32_limit(float(inprocess[name].abs().max()))
         same[name] = {"max_abs": diff, "limit": limit}
         if not diff <= limit:
-            wiring.append(f"served vs in-process {chosen.label} on the {name.replace('_', ' ')}: "
+            wiring.append(f"served vs the plan in process on the {name.replace('_', ' ')}: "
                           f"max abs {diff:.3g} > {limit:.3g}")
     return end, failures, same, wiring
 
@@ -178,48 +110,55 @@ def _overhead(served: float, inprocess: float) -> str:
     return f"{100 * (served / inprocess - 1):+.1f}%"
 
 
-def _served_latency(url: str, chosen: Measured, rows: list[Measured], episode, runs: int) -> dict:
-    """Served (client over gRPC) interleaved with the same runtime in process and the eager baselines."""
-    from fssam.bench.harness import EpisodeMode, run_interleaved
+def _latency(url: str, pair, model, episode, runs: int, budget_s: float, emulated: bool, progress: bool) -> dict:
+    """Served (client over gRPC) interleaved with the plan in process and the eager baselines,
+    each mode adaptively (fssam.bench.harness.run_adaptive)."""
+    from fssam.bench.harness import EpisodeMode, GraphMode, run_adaptive
     from fssam.bench.served import Served
 
     served = Served(url)
     try:
-        modes = [EpisodeMode("served", served), chosen.mode] + [row.mode for row in rows if row.runtime is None]
-        for mode in modes[1:]:
-            mode.support = None  # cached support of this episode, encoded once per mode
-        return run_interleaved(modes, episode, iterations=runs, warmup=1)
+        modes = [EpisodeMode(SERVED, served), GraphMode(INPROCESS, pair), GraphMode(BASELINES[0], model),
+                 GraphMode(BASELINES[1], model, context=_autocast)]
+        bar = tqdm(desc="latency", unit="episode", disable=not progress, leave=False)
+        try:
+            return run_adaptive(modes, episode, min_runs=runs, budget_s=budget_s,
+                                once=(BASELINES[1],) if emulated else (), progress=bar)
+        finally:
+            bar.close()
     finally:
         served.close()
 
 
-def _latency_figures(latency: dict, chosen: Measured) -> dict:
+def _latency_figures(latency: dict, emulated: bool) -> dict:
     def pair(name):
         return latency[name]["episode"]["median_ms"], latency[name]["cached_support"]["median_ms"]
 
-    served, inprocess = pair("served"), pair(chosen.label)
+    served, inprocess = pair(SERVED), pair(INPROCESS)
     figures = {"served_ms": served[0], "served_cached_ms": served[1], "inprocess_ms": inprocess[0],
                "inprocess_cached_ms": inprocess[1], "overhead": _overhead(served[0], inprocess[0]),
                "overhead_cached": _overhead(served[1], inprocess[1])}
-    for label in ("eager fp32", "eager bf16 autocast"):
+    for label in BASELINES:
         full, cached = pair(label)
-        figures[label] = {"ms": full, "cached_ms": cached}
+        figures[label] = {"ms": full, "cached_ms": cached, "runs": latency[label]["runs"],
+                          **({"emulated": True} if label == BASELINES[1] and emulated else {})}
+    figures["speedups"] = {label: {"episode": figures[label]["ms"] / served[0],
+                                   "cached_support": figures[label]["cached_ms"] / served[1]} for label in BASELINES}
     return figures
 
 
-def _print_latency(figures: dict, chosen: Measured, runs: int, config: str, shots: int) -> None:
-    print(f"      served ({chosen.backend} {chosen.precision}, client over gRPC, median of {runs}; {config}, "
-          f"{shots}-shot, CPU): new support set {figures['served_ms']:.1f} ms, cached support "
-          f"{figures['served_cached_ms']:.1f} ms")
-    print(f"      in-process {chosen.label}: {figures['inprocess_ms']:.1f} ms, cached support "
-          f"{figures['inprocess_cached_ms']:.1f} ms; server overhead at concurrency 1: {figures['overhead']} "
-          f"(cached {figures['overhead_cached']})")
-    eager = [f"{label} {figures[label]['ms']:.1f} ms (cached support {figures[label]['cached_ms']:.1f} ms)"
-             for label in ("eager fp32", "eager bf16 autocast")]
-    print(f"      same run: {'; '.join(eager)}")
-    for label in ("eager fp32", "eager bf16 autocast"):
-        print(f"      served vs {label}: {figures[label]['ms'] / figures['served_ms']:.2f}x "
-              f"(cached support {figures[label]['cached_ms'] / figures['served_cached_ms']:.2f}x)")
+def _print_latency(figures: dict, latency: dict, plan: str, config: str, shots: int) -> None:
+    runs = ", ".join(f"{name} {entry['runs']}" for name, entry in latency.items())
+    print(f"      served ({plan}; client over gRPC; {config}, {shots}-shot, CPU): new support set "
+          f"{figures['served_ms']:.1f} ms, cached support {figures['served_cached_ms']:.1f} ms (runs: {runs})")
+    print(f"      plan in process: {figures['inprocess_ms']:.1f} ms, cached support {figures['inprocess_cached_ms']:.1f} ms; "
+          f"server overhead at concurrency 1: {figures['overhead']} (cached {figures['overhead_cached']})")
+    for label in BASELINES:
+        entry = figures[label]
+        note = " (emulated: no native bf16 on this CPU, timed once)" if entry.get("emulated") else ""
+        print(f"      {label}{note}: {entry['ms']:.1f} ms (cached support {entry['cached_ms']:.1f} ms) -> served "
+              f"{figures['speedups'][label]['episode']:.2f}x (cached support "
+              f"{figures['speedups'][label]['cached_support']:.2f}x)")
 
 
 def _print_throughput(rows: list[dict], payload: dict) -> None:
@@ -231,16 +170,18 @@ def _print_throughput(rows: list[dict], payload: dict) -> None:
           f"{payload['ratio']:.0f}x less)")
 
 
-def _export(config, artifacts, checkpoint, shots, seed, progress, overrides) -> dict:
+def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides) -> dict:
     from fssam.export import export
+    from fssam.export.graph_plan import describe
 
-    precisions = openvino_precisions()
-    start = _step(1, f"export {config} ({shots}-shot, fp32 ONNX stages + graphs; OpenVINO {', '.join(precisions)}) "
-                     f"-> {artifacts}", progress)
+    start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) and plan them on this machine "
+                     f"(every runtime and precision gated and timed) -> {artifacts}", progress)
     manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
-                      progress=progress, openvino=precisions, **overrides)
+                      progress=progress, stages=False, plan=True, calibration=calibration, threads=threads,
+                      **overrides)
     weights = manifest["weights"]
-    print(f"      exported in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
+    print(f"      exported and planned in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
+    print("\n".join(describe(manifest["graph_plan"])), flush=True)
     if "note" in weights:
         print(f"      note: {weights['note']}", flush=True)
     return manifest
@@ -261,106 +202,129 @@ def _forget_earlier_run(out: str, repository: str) -> None:
         os.remove(result)
 
 
-def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 5,
-           progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None, requests_per_client: int = 3,
+def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 3,
+           budget_s: float = 20.0, progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None,
+           requests_per_client: int = 2, calibration: str | None = None, threads: int | None = None,
            **overrides) -> dict:
-    """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the config's)."""
-    from fssam.bench.harness import run_interleaved
+    """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the
+    config's). `runs`: at least this many timed episodes per latency mode; `budget_s`: a mode stops
+    once its median is stable or it has spent this many seconds."""
     from fssam.bench.report import machine
     from fssam.bench.served import CONCURRENCY, concurrency_sweep, payload_bytes
-    from fssam.model import build
+    from fssam.export.graph_plan import open_plan
+    from fssam.model import build, get_config
+    from fssam.runtime import cpu
     from fssam.runtime.parity import sample_episode
     from fssam.serving.client import RemoteFSSAM
-    from fssam.serving.repository import write_repository
+    from fssam.serving.repository import PLAN, write_repository
     from fssam.serving.server import TritonServer
 
+    begin = time.perf_counter()
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
+    if not budget_s > 0:
+        raise InputError(f"--budget-s must be > 0, got {budget_s}")
     if cache_mb < 1:
         raise InputError(f"--cache-mb must be >= 1 for deploy (the support cache is part of what it measures), got {cache_mb}")
     if shots < 1:
         raise InputError(f"--shots must be >= 1, got {shots}")
-    from fssam.model import get_config
-
+    if calibration is not None and not os.path.isdir(calibration):
+        raise InputError(f"calibration folder {calibration!r} does not exist")
     overrides = {key: value for key, value in overrides.items() if value is not None}
     get_config(config, **overrides)  # a bad config or option fails before any folder is made
     clients = tuple(clients or CONCURRENCY)
-    out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT), "--out",
+    out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT, *OLDER_FORMATS), "--out",
                               (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*"))
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
+    phases = {}
     try:
         _forget_earlier_run(out, repository)
-        manifest = _export(config, artifacts, checkpoint, shots, seed, progress, overrides)
+        manifest = _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides)
     except BaseException:
         if created and not os.listdir(out):  # a run that failed before writing anything leaves no --out
             os.rmdir(out)
         raise
+    phases["export_and_plan_s"] = time.perf_counter() - begin
+    phases["plan_s"] = manifest["graph_plan"]["wall_s"]
     weights = manifest["weights"]
+    plan = plan_label(manifest)
+    is_reduced = reduced(manifest)
 
-    _step(2, "time the graphs on every runtime in process (interleaved) and choose", progress)
-    model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
-    episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
-    rows = _measured(model, artifacts, manifest)
-    results = run_interleaved([row.mode for row in rows], episode, iterations=runs, warmup=1)
-    _print_table(rows, results, runs)
-    chosen = choose(rows, results)
-    _print_choice(chosen, rows, results)
+    start = _step(2, f"model repository (ensemble fssam: validate -> support_encoder -> query_segmenter; {plan}) "
+                     f"-> {repository}", progress)
+    write_repository(artifacts, repository, backend=PLAN)
+    phases["repository_s"] = time.perf_counter() - start
 
-    _step(3, f"model repository (ensemble fssam: validate -> support_encoder -> query_segmenter; {chosen.backend} "
-             f"{chosen.precision}) -> {repository}", progress)
-    write_repository(artifacts, repository, backend=chosen.backend,
-                     precision=chosen.precision if chosen.runtime == "openvino" else None)
-
-    start = _step(4, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB)", progress)
+    start = _step(3, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB)", progress)
     server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=cache_mb)
     server.start()
     try:
-        print(f"      ready in {time.perf_counter() - start:.1f} s: gRPC {server.grpc_url}, HTTP {server.http_url}",
+        phases["server_start_s"] = time.perf_counter() - start
+        print(f"      ready in {phases['server_start_s']:.1f} s: gRPC {server.grpc_url}, HTTP {server.http_url}",
               flush=True)
-        _step(5, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
+        start = _step(4, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
+        model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
+        pair = open_plan(artifacts, manifest, threads)
+        episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
         fresh = sample_episode(model.config, shots, batch=1, seed=seed + FRESH_EPISODE_SEED)
         with RemoteFSSAM(server.grpc_url) as remote:
             served, cache = check_cache(remote, episode)
             fresh_served = remote.infer(*fresh)
-        end, failures, vs_inprocess, wiring = check_served(model, chosen, served, episode, fresh_served, fresh)
+        end, failures, vs_inprocess, wiring = check_served(model, pair, is_reduced, served, episode, fresh_served,
+                                                           fresh)
         print(f"      logits max abs {end['max_abs']:.2e} (limit {end['limit']:.3g}), mask IoU {end['mask_iou']:.4f} "
-              f"(min {end['min_iou']:.4f}) vs eager fp32: {'FAIL' if failures else 'PASS'}; vs in-process "
-              f"{chosen.label}, this episode and a fresh one: max abs {vs_inprocess['gate_episode']['max_abs']:.2e}, "
+              f"(min {end['min_iou']:.4f}) vs eager fp32: {'FAIL' if failures else 'PASS'}; vs the plan in process, "
+              f"this episode and a fresh one: max abs {vs_inprocess['gate_episode']['max_abs']:.2e}, "
               f"{vs_inprocess['fresh_episode']['max_abs']:.2e} (limit {vs_inprocess['gate_episode']['limit']:.3g}): "
               f"{'FAIL' if wiring else 'PASS'}", flush=True)
         failures += wiring
         print(f"      same support set again: a response-cache hit on support_encoder (Triton statistics: "
               f"+{cache['hits']} hit, +{cache['misses']} miss), identical logits", flush=True)
+        phases["checks_s"] = time.perf_counter() - start
 
-        _step(6, f"latency (median of {runs}, interleaved) and throughput at {', '.join(map(str, clients))} clients",
-              progress)
-        latency = _served_latency(server.grpc_url, chosen, rows, episode, runs)
-        figures = _latency_figures(latency, chosen)
-        _print_latency(figures, chosen, runs, config, shots)
-        throughput = (concurrency_sweep(server.grpc_url, episode, clients, requests_per_client, cached=True)
-                      + concurrency_sweep(server.grpc_url, episode, clients, requests_per_client, cached=False))
+        emulated = not cpu.native_bf16()
+        start = _step(5, f"latency at concurrency 1 (interleaved; each mode until its median is stable, at least "
+                         f"{runs} runs, at most {budget_s:g} s)", progress)
+        latency = _latency(server.grpc_url, pair, model, episode, runs, budget_s, emulated, progress)
+        figures = _latency_figures(latency, emulated)
+        _print_latency(figures, latency, plan, config, shots)
+        phases["latency_s"] = time.perf_counter() - start
+
+        start = _step(6, f"throughput at {', '.join(map(str, clients))} clients ({requests_per_client} requests each; "
+                         "cached and new support sets)", progress)
+        bar = tqdm(total=2 * len(clients), desc="throughput", unit="level", disable=not progress, leave=False)
+        throughput = []
+        for cached in (True, False):
+            for level in clients:
+                throughput += concurrency_sweep(server.grpc_url, episode, (level,), requests_per_client, cached=cached)
+                bar.update()
+        bar.close()
         payload = payload_bytes(*episode)
         _print_throughput(throughput, payload)
+        phases["throughput_s"] = time.perf_counter() - start
     finally:
         server.stop()
-    print(f"deployed {config}: {repository} ({chosen.backend} {chosen.precision}; serve it with "
+    phases["total_s"] = time.perf_counter() - begin
+    phases = {key: round(value, 1) for key, value in phases.items()}
+    print(f"deployed {config} in {phases['total_s']:.0f} s: {repository} ({plan}; serve it with "
           f"`fssam serve --repository {repository}`); weights: {weights['source']}")
     if weights["source"].startswith("random"):
         print("note: random-init weights (no --checkpoint): the server's masks are not a trained model's predictions",
               file=sys.stderr)
     result = {
-        "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"], "chosen": chosen.label,
-        "backend": chosen.backend, "precision": chosen.precision,
-        "inprocess": {row.label: results[row.label] for row in rows}, "served": latency,
+        "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"],
+        "plan": manifest["graph_plan"]["chosen"], "plan_candidates": manifest["graph_plan"]["candidates"],
+        "plan_skipped": manifest["graph_plan"]["skipped"], "backend": PLAN,
+        "precision": "reduced" if is_reduced else "fp32", "served": latency,
         "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
-        "machine": machine(), "artifacts": artifacts, "repository": repository,
+        "phases": phases, "wall_s": phases["total_s"], "machine": machine(), "artifacts": artifacts,
+        "repository": repository,
     }
     write_json(os.path.join(out, RESULT_FILE), result)
     if failures:
-        raise ServingError(f"served logits differ from eager PyTorch or the same runtime in process: "
+        raise ServingError(f"served logits differ from eager PyTorch or the same plan in process: "
                            f"{'; '.join(failures)}")
     return result
-

@@ -43,7 +43,8 @@ from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest, weights
 from fssam.runtime.runners import openvino as ov_runner
 from fssam.serving import ENSEMBLE_MODEL, WEIGHTS_PARAMETER
 
-BACKENDS = ("python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("plan", "python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
+PLAN = "plan"  # each graph on the backend of the export's graph plan (python-ort / python-openvino)
 OPENVINO_BACKENDS = ("python-openvino", "openvino")
 PYTHON_BACKENDS = ("python-ort", "python-openvino")  # templates/graph_model.py in the Python backend
 VALIDATE_MODEL = "validate"
@@ -209,12 +210,21 @@ AOT_NOTE = ("# fssam::SCMA runs as the TensorRT plugin's AOT kernel: its PTX is 
 
 
 def _precision(manifest: dict, backend: str, precision: str | None) -> str:
-    """The asked precision: an OpenVINO plan's (default fp32), else the export's own."""
+    """The asked precision: an OpenVINO plan's (default fp32), int8 (the graph plan's int8 graphs),
+    the graph plan's own mix ("plan"), else the export's own."""
+    if backend == PLAN:
+        if "graph_plan" not in manifest:
+            raise ConfigError("this export has no graph plan: export with `fssam export --plan` (or run `fssam "
+                              "deploy`), or name a --backend")
+        if precision is not None:
+            raise ConfigError("--backend plan serves each graph at the precision its plan chose: leave --precision out")
+        return PLAN
     if backend in OPENVINO_BACKENDS:
         precision = precision or "fp32"
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision {precision!r}: the served graphs run OpenVINO fp32 or bf16 (int8 is a "
-                              "per-stage plan, not a graph)")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"precision {precision!r}: the served graphs run OpenVINO fp32, bf16 or int8")
+        return precision
+    if precision == "int8" and backend in ("python-ort", "onnxruntime") and manifest["precision"] == "fp32":
         return precision
     if precision not in (None, manifest["precision"]):
         raise ConfigError(f"backend {backend} runs the export's own precision ({manifest['precision']}), not "
@@ -222,8 +232,33 @@ def _precision(manifest: dict, backend: str, precision: str | None) -> str:
     return manifest["precision"]
 
 
+def _int8_files(manifest: dict, runtime: str) -> dict:
+    """{graph: file} of `runtime`'s gated int8 graphs; every graph must have one."""
+    from fssam.runtime.runners.onnxruntime import int8_graph_files
+
+    files = int8_graph_files(manifest, runtime)
+    missing = [name for name in GRAPH_ORDER if name not in files]
+    if missing:
+        tried = manifest["graph_plan"]["candidates"]
+        why = "; ".join(f"{name}: {', '.join(tried[name][f'{runtime} int8']['failures'][:1]) or 'outside the margin'}"
+                        for name in missing if f"{runtime} int8" in tried.get(name, {}))
+        raise ConfigError(f"{runtime} int8 of {', '.join(missing)} failed its gate ({why or 'not tried'}): serve "
+                          "--backend plan (each graph on its fastest gated candidate) or another precision")
+    return files
+
+
 def _plan(manifest: dict, backend: str, precision: str) -> dict:
-    """{graph: {"precision", "file"}}: what each graph model runs."""
+    """{graph: {"precision", "file"} (+ "backend" for the graph plan)}: what each graph model runs."""
+    if backend == PLAN:
+        chosen = manifest["graph_plan"]["chosen"]
+        plan = {name: {"precision": chosen[name]["precision"], "file": chosen[name]["file"],
+                       "backend": chosen[name]["backend"]} for name in GRAPH_ORDER}
+        if any(e["backend"] == "python-openvino" and e["precision"] == "bf16" for e in plan.values()):
+            ov_runner.require_native_bf16()
+        return plan
+    if precision == "int8":
+        runtime = "openvino" if backend in OPENVINO_BACKENDS else "onnxruntime"
+        return {name: {"precision": "int8", "file": file} for name, file in _int8_files(manifest, runtime).items()}
     if backend in OPENVINO_BACKENDS:
         plan = ov_runner.plan(manifest, precision)
         plan = {name: plan[name] for name in GRAPH_ORDER}
@@ -321,6 +356,7 @@ def _warmup_episode(artifacts: str, manifest: dict) -> dict:
 
 
 def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episode) -> dict:
+    backend = entry.get("backend", backend)  # the graph plan: each graph its own
     spec = manifest["graphs"][name]
     version = os.path.join(tmp, name, "1")
     os.makedirs(version)
@@ -437,6 +473,9 @@ def write_repository(
                           f"use --max-batch {limit} or less, or export again with `fssam export --max-batch "
                           f"{max_batch}`")
     precision = _precision(manifest, backend, precision)
+    if precision == "int8" and accelerator:
+        raise ConfigError("the int8 graphs are ONNX Runtime dynamic quantization (MatMulInteger), which TensorRT "
+                          "does not run: leave --accelerator out")
     plan = _plan(manifest, backend, precision)
     out = _prepare_out(out)
     batch = 0 if backend == "openvino" else max_batch  # see native_openvino: a fixed batch otherwise
@@ -465,7 +504,9 @@ def write_repository(
             "support_cache": "triton response cache on support_encoder" if cache else None,
             "export_max_batch": limit,
             **({"scma_plugin": graph_plugins(manifest)} if backend == "tensorrt" else {}),
-            **({"openvino_gated": "graphs" in manifest.get("openvino", {}).get(precision, {})}
+            **({"graph_plan": {name: f"{e['backend']} {e['precision']}" for name, e in plan.items()}}
+               if backend == PLAN else {}),
+            **({"openvino_gated": precision == "int8" or "graphs" in manifest.get("openvino", {}).get(precision, {})}
                if backend in OPENVINO_BACKENDS else {}),
         }
         description["files"] = written_files(tmp, exclude=(MARKER,))

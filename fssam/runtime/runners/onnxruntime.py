@@ -33,7 +33,7 @@ import numpy as np
 from fssam.errors import ConfigError
 from fssam.runtime.runner import StageRunner
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # the export's own dtype: ONNX Runtime runs the graph as written
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # the export's own dtype; int8: the graph plan's int8 graphs
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 TENSORRT_CACHE_ENV = "FSSAM_ORT_TENSORRT_CACHE"  # engine caches of the TensorRT provider (default ~/.cache/fssam/ort-trt)
 MIN_GPU_VERSION = (1, 20)  # IO binding with ONNX element types (bf16, uint8) as integers
@@ -75,6 +75,18 @@ def tensorrt_profile_options(name: str, entry: dict, max_batch: int, shots: int)
             for i, kind in enumerate(("min", "opt", "max"))}
 
 
+def int8_graph_files(manifest: dict, runtime: str) -> dict:
+    """{graph: relative file} of `runtime`'s int8 graphs that passed the graph plan's gate
+    (manifest["graph_plan"]["int8_files"]); ConfigError when there are none."""
+    files = {key.split("/", 1)[1]: entry["file"]
+             for key, entry in manifest.get("graph_plan", {}).get("int8_files", {}).items()
+             if key.split("/", 1)[0] == runtime}
+    if not files:
+        raise ConfigError(f"this export has no {runtime} int8 graphs that passed the gate: export them with "
+                          "`fssam export --plan` (or `fssam deploy`), which gates every candidate of this machine")
+    return files
+
+
 def _numpy_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
@@ -100,11 +112,15 @@ class OnnxRuntimeRunner(StageRunner):
     name = "onnxruntime"
 
     def __init__(self, artifacts: str, precision: str | None = None, threads: int | None = None, verify: bool = True,
-                 providers=None, device: str = "cpu"):
+                 providers=None, device: str = "cpu", files: dict | None = None):
+        """`files` ({unit: relative file}) overrides the manifest's files, as the graph plan's gate does."""
         import onnxruntime as ort
 
         super().__init__(artifacts, precision, verify)
-        if self.precision != self.manifest["precision"]:
+        self.files = dict(files or {})
+        if self.precision == "int8":
+            self.files = {**int8_graph_files(self.manifest, "onnxruntime"), **self.files}
+        elif self.precision != self.manifest["precision"]:
             raise ConfigError(f"ONNX Runtime runs an export in its own precision ({self.manifest['precision']}), "
                               f"not {self.precision}: export with --precision {self.precision}")
         options = ort.SessionOptions()
@@ -164,7 +180,9 @@ class OnnxRuntimeRunner(StageRunner):
     def _open(self, name: str):
         import onnxruntime as ort
 
-        path = os.path.join(self.artifacts, self.specs[name]["file"])
+        if self.precision == "int8" and name not in self.files:
+            raise ConfigError(f"ONNX Runtime int8 runs the deployable graphs of the graph plan, not {name}")
+        path = os.path.join(self.artifacts, self.files.get(name, self.specs[name]["file"]))
         model = path
         if self.bf16_emulated:
             import onnx

@@ -51,23 +51,35 @@ def compile_properties(stage_precision: str, threads: int | None = None, cache: 
 
 def plan(manifest: dict, precision: str) -> dict:
     """{stage or graph: {"precision", "file"}}: the gated plan of the export (bf16 and int8 need
-    one), or every stage at fp32. The deployable graphs run whole in the precision their own gate chose (bf16 or
-    fp32); int8 has no graph plan (the graphs are not quantized)."""
+    one), or every stage at fp32. The deployable graphs run whole in the precision their own gate
+    chose (bf16 or fp32); at int8 they are the graph plan's NNCF int8 IR (`fssam export --plan`),
+    where it passed its gate."""
     gated = manifest.get("openvino", {}).get(precision)
+    int8_graphs = {}
+    if precision == "int8":
+        from fssam.runtime.runners.onnxruntime import int8_graph_files
+
+        try:
+            int8_graphs = int8_graph_files(manifest, "openvino")
+        except ConfigError:
+            if not gated:
+                raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --plan` "
+                                  "(int8 graphs) or `fssam export --openvino int8` (int8 stages); both are NNCF "
+                                  "quantization gated against eager bf16 autocast") from None
     if gated:
         units = {name: {"precision": entry["precision"], "file": entry["file"]} for name, entry in gated["stages"].items()}
-    elif precision == "int8":
-        raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --openvino int8` "
-                          "(NNCF quantization, gated against eager bf16 autocast)")
     elif precision == "bf16":
         raise ConfigError("this export has no OpenVINO bf16 plan: export it with `fssam export --openvino bf16` "
                           "(each stage bf16 where it passes the gate against eager bf16 autocast, else fp32)")
+    elif precision == "int8":
+        units = {}
     else:
         units = {name: {"precision": precision, "file": spec["file"]} for name, spec in manifest["stages"].items()}
     graph_precision = (gated or {}).get("graphs", {}).get("precision") if gated else precision
     if graph_precision and precision != "int8":
         units.update({name: {"precision": graph_precision, "file": spec["file"]}
                       for name, spec in manifest.get("graphs", {}).items()})
+    units.update({name: {"precision": "int8", "file": file} for name, file in int8_graphs.items()})
     return units
 
 
@@ -97,8 +109,8 @@ class OpenVINORunner(StageRunner):
         if name not in self.compiled:
             if name not in self.plan:
                 raise ConfigError(f"OpenVINO {self.precision} has no plan for {name}"
-                                  + (": the deployable graphs run fp32 or bf16, not int8" if self.precision == "int8"
-                                     else ""))
+                                  + (": export int8 graphs with `fssam export --plan`, int8 stages with "
+                                     "`--openvino int8`" if self.precision == "int8" else ""))
             entry = self.plan[name]
             properties = compile_properties(entry["precision"], self.threads, cache_dir() if self.cache else None)
             compiled = self.core.compile_model(os.path.join(self.artifacts, entry["file"]), "CPU", properties)
