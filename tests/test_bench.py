@@ -457,8 +457,6 @@ def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph
     for name in ("latency_stages_1shot.png", "throughput_1shot.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
-    # what a server would deploy passed its gate end to end on the gate episodes: on the bench episode too
-    assert runs["modes"]["plan"]["check"]["passed"], (plan["chosen"], runs["modes"]["plan"]["check"])
 
 
 def test_graph_modes_reuse_an_export_with_a_graph_plan_and_refuse_one_without(graph_bench, tiny_artifacts, tmp_path):

@@ -31,7 +31,9 @@ the choice.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import logging
 import os
 import statistics
@@ -52,6 +54,7 @@ INT8_FOLDER = "int8"
 CALIBRATION_EPISODES = 2  # graph inputs NNCF collects its statistics on (synthetic unless --calibration)
 CALIBRATION_SEED = 500  # synthetic calibration episodes: seeds far from the gate's
 TIME_BUDGET_S = 6.0  # per candidate and graph: enough runs for a stable median, not more
+SLOWER_BY = 1.5  # a candidate this many times slower than the fastest timed so far is timed once
 # Fall-back inside a graph whose int8 fails: the parts (the exporter's top-level module scopes)
 # left quantized, fewer at each level: everything; only the two image backbones (DINOv2, Hiera),
 # SAM 2's memory attention (SCMA), mask decoder and memory encoder in float; only DINOv2, most of
@@ -142,9 +145,14 @@ def quantize_onnxruntime(source: str, target: str, level: int = 0) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     exclude = excluded_nodes(onnx.load(source, load_external_data=False), level, ORT_OPS)
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model: not for this graph's users
-    quantize_dynamic(source, target, op_types_to_quantize=list(ORT_OPS), weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the model is not for this graph's users
+    try:
+        quantize_dynamic(source, target, op_types_to_quantize=list(ORT_OPS), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
     return {"method": "onnxruntime quantize_dynamic (MatMul/Gemm, constant weights, QInt8)",
             "fallback": fallback_label(level), "nodes_in_float": len(exclude)}
 
@@ -164,13 +172,15 @@ def quantize_openvino(source: str, target: str, items: list[dict], level: int = 
     friendly = [op.get_friendly_name() for op in model.get_ordered_ops()
                 if op.get_friendly_name() in names or op.get_friendly_name().split("/")[0] in names]
     ignored = nncf.IgnoredScope(names=friendly, validate=False) if friendly else None
-    quantized = nncf.quantize(
-        model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=ignored,
-        advanced_parameters=AdvancedQuantizationParameters(
-            overflow_fix=OverflowFix.FIRST_LAYER if vnni else OverflowFix.ENABLE,
-            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
-    )
+    sink = io.StringIO()  # NNCF draws progress bars of its own on the terminal: ours says what runs
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        quantized = nncf.quantize(
+            model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=ignored,
+            advanced_parameters=AdvancedQuantizationParameters(
+                overflow_fix=OverflowFix.FIRST_LAYER if vnni else OverflowFix.ENABLE,
+                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+        )
     ov.save_model(quantized, target, compress_to_fp16=False)
     return {"method": "NNCF post-training int8 (TRANSFORMER: SmoothQuant; min/max activation ranges; patch "
                       "embeddings in float)",
@@ -227,15 +237,19 @@ def _calibration_episodes(cfg, shots: int, seed: int, calibration: str | None) -
 # ---------------------------------------------------------------- timing
 
 def adaptive_median(call, budget_s: float = TIME_BUDGET_S, min_runs: int = 3, max_runs: int = 20,
-                    spread: float = 0.03) -> tuple[float, int]:
+                    spread: float = 0.03, give_up_above: float | None = None) -> tuple[float, int]:
     """(median seconds, runs) of `call()` after one warm-up: at least `min_runs`, then until the
-    median of the last runs moves less than `spread` or the budget is spent."""
+    median of the last runs moves less than `spread` or the budget is spent. `give_up_above`
+    (seconds): a first timed run slower than that ends the timing there (one run: too slow to
+    matter)."""
     call()
     samples, start = [], time.perf_counter()
     while len(samples) < max_runs:
         t0 = time.perf_counter()
         call()
         samples.append(time.perf_counter() - t0)
+        if give_up_above is not None and len(samples) == 1 and samples[0] > give_up_above:
+            break
         if len(samples) >= min_runs:
             median = statistics.median(samples)
             previous = statistics.median(samples[:-1])
@@ -347,10 +361,11 @@ class Planner:
         return {"passed": not failures and eligible, "within_limits": not failures, "worst": round(worst, 4),
                 "episodes": len(episodes), "outputs": outputs, "failures": failures[:4]}
 
-    def time(self, runner, name: str) -> tuple[float, int]:
+    def time(self, runner, name: str, give_up_above_ms: float | None = None) -> tuple[float, int]:
         args = self.records[0][name][0][0]
+        limit = give_up_above_ms / 1000 if give_up_above_ms else None
         with torch.inference_mode():
-            seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args))
+            seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args), give_up_above=limit)
         return 1000 * seconds, runs
 
     def int8_file(self, runtime: str, name: str, level: int) -> tuple[str, dict]:
@@ -366,8 +381,10 @@ class Planner:
         return relative, info
 
     def prepare(self, runtime: str, precision: str, name: str, level: int | None = None,
-                attempts: list | None = None) -> dict:
-        """One graph at one candidate, timed, not yet gated (int8: quantized at fall-back `level`)."""
+                attempts: list | None = None, fastest_ms: float | None = None) -> dict:
+        """One graph at one candidate, timed, not yet gated (int8: quantized at fall-back `level`).
+        `fastest_ms`: the fastest candidate of this graph timed so far; one SLOWER_BY times slower
+        than that is timed once."""
         self.note(f"{name}: {label(runtime, precision)}" + (f" ({fallback_label(level)})" if level else ""))
         if level is None:
             relative = self.manifest["graphs"][name]["file"]
@@ -376,7 +393,7 @@ class Planner:
             relative, info = self.int8_file(runtime, name, level)
             entry = {**file_entry(self.folder, relative), **info, "level": level, "attempts": attempts or []}
         runner = open_candidate(self.folder, runtime, precision, {name: relative}, self.threads)
-        ms, runs = self.time(runner, name)
+        ms, runs = self.time(runner, name, SLOWER_BY * fastest_ms if fastest_ms else None)
         del runner  # opened again if it is gated: one compiled model at a time
         gc.collect()
         return {"runtime": runtime, "precision": precision, **entry, "ms": round(ms, 2), "timed_runs": runs,
@@ -472,12 +489,17 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
     begin = time.perf_counter()
     planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin)
     tried = {name: {} for name in GRAPH_ORDER}
-    for runtime, precision in available:  # every candidate timed first: the gate goes fastest first
+    # every candidate timed first (the gate then goes fastest first), the lowest precisions first:
+    # usually the fastest, so the float candidates that are far slower are timed once
+    for runtime, precision in sorted(available, key=lambda c: -RANK[c[1]]):
         for name in GRAPH_ORDER:
+            fastest = min((e["ms"] for e in tried[name].values()), default=None) if prune else None
             tried[name][label(runtime, precision)] = planner.prepare(runtime, precision, name,
-                                                                     0 if precision == "int8" else None)
+                                                                     0 if precision == "int8" else None,
+                                                                     fastest_ms=fastest)
         if progress is not None:
             progress.update()
+    tried = {name: {label(*c): entries[label(*c)] for c in available} for name, entries in tried.items()}
     for name in GRAPH_ORDER:
         planner.gate_fastest(name, tried[name], prune)
     chosen = {}
