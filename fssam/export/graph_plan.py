@@ -146,13 +146,13 @@ def quantize_onnxruntime(source: str, target: str, level: int = 0) -> dict:
 
     exclude = excluded_nodes(onnx.load(source, load_external_data=False), level, ORT_OPS)
     root = logging.getLogger()
-    level = root.level
+    saved = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the model is not for this graph's users
     try:
         quantize_dynamic(source, target, op_types_to_quantize=list(ORT_OPS), weight_type=QuantType.QInt8,
                          nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
     finally:
-        root.setLevel(level)
+        root.setLevel(saved)
     return {"method": "onnxruntime quantize_dynamic (MatMul/Gemm, constant weights, QInt8)",
             "fallback": fallback_label(level), "nodes_in_float": len(exclude)}
 
@@ -313,8 +313,10 @@ def open_plan(artifacts: str, manifest: dict, threads=None) -> GraphPair:
 
 
 class Planner:
-    def __init__(self, folder, manifest, model, seed, threads, calibration, progress, margin=SELECTION_MARGIN):
+    def __init__(self, folder, manifest, model, seed, threads, calibration, progress, margin=SELECTION_MARGIN,
+                 budget_s: float | None = None):
         self.margin = margin
+        self.deadline = time.perf_counter() + budget_s if budget_s else None
         self.folder, self.manifest, self.model, self.threads, self.progress = folder, manifest, model, threads, progress
         shots = manifest["shots"]
         self.info = cpu.cpu_info()
@@ -412,6 +414,10 @@ class Planner:
         if entry["precision"] == "int8":
             entry["attempts"].append({key: entry[key] for key in ("fallback", "ms", "passed", "within_limits", "worst")})
             if not entry["passed"] and entry["level"] + 1 < len(FALLBACK):
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    entry["note"] = (f"fall-back to {fallback_label(entry['level'] + 1)} not tried: the plan's time "
+                                     "budget was spent")
+                    return entry
                 return self.prepare(entry["runtime"], "int8", name, entry["level"] + 1, entry["attempts"])
         return entry
 
@@ -474,11 +480,14 @@ def step_down(chosen: dict, tried: dict) -> tuple[str, str | None] | None:
 
 
 def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None, calibration: str | None = None,
-                only=None, progress=None, margin: float = SELECTION_MARGIN, prune: bool = True) -> dict:
+                only=None, progress=None, margin: float = SELECTION_MARGIN, prune: bool = True,
+                budget_s: float | None = None) -> dict:
     """manifest["graph_plan"] (files of int8 candidates written under `folder`). `only`: a subset
     of candidate labels (default: every candidate of this CPU); `margin`: the fraction of its limits
     a reduced-precision candidate may reach; `prune`: a candidate no faster than one that passed is
-    not gated (False: every candidate is gated, for tests and reports)."""
+    not gated (False: every candidate is gated, for tests and reports); `budget_s`: past this many
+    seconds no further int8 fall-back is quantized (each is a new NNCF / ONNX Runtime quantization;
+    the entry says so), what `fssam deploy` uses to bound its time."""
     available, skipped = candidates()
     if only is not None:
         unknown = sorted(set(only) - {label(*c) for c in ORDER})
@@ -487,7 +496,7 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
                               f"{', '.join(label(*c) for c in ORDER)}")
         available = [c for c in available if label(*c) in only]
     begin = time.perf_counter()
-    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin)
+    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s)
     tried = {name: {} for name in GRAPH_ORDER}
     # every candidate timed first (the gate then goes fastest first), the lowest precisions first:
     # usually the fastest, so the float candidates that are far slower are timed once

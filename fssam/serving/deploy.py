@@ -39,6 +39,9 @@ RESULT_FILE = "deploy.json"
 DEPLOY_FORMAT = "fssam-deploy/2"  # deploy.json: the folder is a deploy run's own, which a later run may replace
 OLDER_FORMATS = ("fssam-deploy/1",)
 BASELINES = ("eager fp32", "eager bf16 autocast")
+# past this many seconds of planning no further int8 fall-back is quantized (`fssam export --plan`
+# has no such bound): each is a new quantization, minutes on the small config with two cores
+PLAN_BUDGET_S = 300
 SERVED, INPROCESS = "served", "plan in process"
 
 
@@ -178,7 +181,7 @@ def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, t
                      f"(every runtime and precision gated and timed) -> {artifacts}", progress)
     manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
                       progress=progress, stages=False, plan=True, calibration=calibration, threads=threads,
-                      **overrides)
+                      plan_options={"budget_s": PLAN_BUDGET_S}, **overrides)
     weights = manifest["weights"]
     print(f"      exported and planned in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
     print("\n".join(describe(manifest["graph_plan"])), flush=True)
