@@ -138,7 +138,7 @@ def test_a_failing_int8_gate_falls_back_part_by_part_and_the_manifest_says_so(ti
         int8 = plan["candidates"][name]["onnxruntime int8"]
         assert not int8["passed"] and int8["file"] is None
         assert [a["fallback"] for a in int8["attempts"]] == [label for label, _ in graph_plan.FALLBACK]
-        assert all(a["gated"] and not a["passed"] for a in int8["attempts"])
+        assert all(not a["passed"] and a["worst"] > 0 for a in int8["attempts"])  # each attempt gated, none passed
         assert plan["chosen"][name]["precision"] == "fp32"
     assert plan["int8_files"] == {} and not os.listdir(os.path.join(out, "onnxruntime", "int8"))
 

@@ -229,7 +229,7 @@ def _ladder_files(folder: str, manifest: dict) -> dict:
         xml = os.path.join("openvino", "ladder", f"{name}.xml")
         ov.save_model(ov.Core().read_model(os.path.join(folder, manifest["stages"][name]["file"])),
                       os.path.join(folder, xml), compress_to_fp16=False)
-        files["int8"][name] = ov_export._file_entry(folder, xml)
+        files["int8"][name] = ov_export.file_entry(folder, xml)
     return files
 
 

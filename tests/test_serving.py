@@ -648,9 +648,8 @@ def test_deploy_tiny_end_to_end(tmp_path):
     figures = json.loads((tmp_path / "d" / "deploy.json").read_text())
     assert figures["backend"] == info["backend"] == "plan" and figures["passed"]
     manifest = json.loads((tmp_path / "d" / "artifacts" / "manifest.json").read_text())
-    assert manifest["stages"] == {} and sorted(os.listdir(tmp_path / "d" / "artifacts")) >= ["manifest.json",
-                                                                                          "query_segmenter.onnx",
-                                                                                          "support_encoder.onnx"]
+    assert manifest["stages"] == {} and set(os.listdir(tmp_path / "d" / "artifacts")) >= {
+        "manifest.json", "query_segmenter.onnx", "support_encoder.onnx"}
     assert not any(name.startswith("prior") or name.startswith("head") for name in os.listdir(tmp_path / "d" / "artifacts"))
     for name, chosen in figures["plan"].items():  # the repository serves what the plan chose
         assert info["graphs"][name]["backend"] == chosen["backend"] and info["graphs"][name]["precision"] == chosen["precision"]

@@ -44,12 +44,11 @@ import torch
 from fssam.errors import ConfigError
 from fssam.runtime import as_torch, cpu
 from fssam.runtime.contract import GRAPH_ORDER, binary_masks, run_graphs, to_uint8
-from fssam.runtime.manifest import file_sha256
-from fssam.runtime.parity import (Baseline, ParityError, check_end_to_end, check_stage, ieee_fp32,
+from fssam.export.openvino import SELECTION_MARGIN, file_entry
+from fssam.runtime.parity import (Baseline, MemoBaseline, ParityError, check_end_to_end, check_stage, ieee_fp32,
                                   limit_ratio, sample_episode, stage_samples)
 
 GATE_EPISODES = 3  # bf16 / int8 candidates: every error within SELECTION_MARGIN of its limit on each
-SELECTION_MARGIN = 0.75  # as fssam.export.openvino: reduced precision only within 3/4 of its limits
 INT8_FOLDER = "int8"
 CALIBRATION_EPISODES = 2  # graph inputs NNCF collects its statistics on (synthetic unless --calibration)
 CALIBRATION_SEED = 500  # synthetic calibration episodes: seeds far from the gate's
@@ -188,14 +187,6 @@ def quantize_openvino(source: str, target: str, items: list[dict], level: int = 
             "fallback": fallback_label(level), "operators_in_float": len(friendly)}
 
 
-def file_entry(folder: str, relative: str) -> dict:
-    entry = {"file": relative, "sha256": file_sha256(os.path.join(folder, relative))}
-    if relative.endswith(".xml"):
-        weights = relative[: -len(".xml")] + ".bin"
-        entry["weights"] = {"file": weights, "sha256": file_sha256(os.path.join(folder, weights))}
-    return entry
-
-
 # ---------------------------------------------------------------- episodes and calibration data
 
 def gate_episodes(cfg, shots: int, seed: int) -> list[tuple]:
@@ -274,20 +265,6 @@ class GraphPair:
         return self.runners["query_segmenter"].query_segmenter(*args)
 
 
-class _Memo(Baseline):
-    """Baseline outputs computed once per recorded call, however many candidates are checked."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.memo = {}
-
-    def stage(self, name, args):
-        key = (name, id(args))
-        if key not in self.memo:
-            self.memo[key] = super().stage(name, args)
-        return self.memo[key]
-
-
 def open_candidate(folder: str, runtime: str, precision: str, files: dict, threads=None):
     """A torch-facing runner of both graphs at one candidate, from `files` ({graph: relative file})."""
     if runtime == "onnxruntime":
@@ -327,7 +304,7 @@ class Planner:
             for episode in self.episodes:
                 self.records.append(stage_samples(model, *episode, units=GRAPH_ORDER))
         self.fp32 = Baseline(model, "fp32", "fp32")
-        self.low = _Memo(model, "fp32", "bf16_autocast")
+        self.low = MemoBaseline(model, "fp32", "bf16_autocast")
         self.low_logits = {}
         self.calibration, self.calibration_source = calibration, None
         self.seed = seed

@@ -34,7 +34,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from fssam.errors import ConfigError
@@ -44,6 +43,7 @@ from fssam.runtime.contract import GRAPH_ORDER, STAGE_ORDER
 from fssam.runtime.manifest import file_sha256
 from fssam.runtime.parity import (
     Baseline,
+    MemoBaseline,
     ParityError,
     check_end_to_end,
     check_stage,
@@ -141,11 +141,11 @@ def _quantize(folder: str, manifest: dict, model, pairs, progress) -> tuple[dict
         xml = os.path.join(IR_FOLDER, "int8", f"{name}.xml")
         quantize_stage(os.path.join(folder, manifest["stages"][name]["file"]), os.path.join(folder, xml), feeds[name],
                        keep_patch_embedding=name in PATCH_EMBED_STAGES)
-        entries[name] = _file_entry(folder, xml)
+        entries[name] = file_entry(folder, xml)
     return entries, held_out
 
 
-def _file_entry(folder: str, relative: str) -> dict:
+def file_entry(folder: str, relative: str) -> dict:
     entry = {"file": relative, "sha256": file_sha256(os.path.join(folder, relative))}
     if relative.endswith(".xml"):
         weights = relative[: -len(".xml")] + ".bin"
@@ -193,20 +193,6 @@ def _time_stage(runner, name: str, calls, repeats: int = 2) -> float:
     return 1000 * best
 
 
-class _Memo(Baseline):
-    """Baseline stage outputs computed once per call, however many candidates are checked."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.memo = {}
-
-    def stage(self, name, args):
-        key = (name, id(args))
-        if key not in self.memo:
-            self.memo[key] = super().stage(name, args)
-        return self.memo[key]
-
-
 def _eligible(option: str, worst: float) -> bool:
     """Whether a rung that passed its gate, its errors reaching `worst` of their limits, may be
     chosen: fp32 always, a reduced precision only within SELECTION_MARGIN of them."""
@@ -233,7 +219,7 @@ def plan_precision(folder: str, manifest: dict, model, precision: str, files: di
             records[name] += calls
     candidates = _Candidates(folder, manifest, files, threads)
     kind = "fp32" if precision == "fp32" else "bf16_autocast"
-    baseline = _Memo(model, "fp32", kind)
+    baseline = MemoBaseline(model, "fp32", kind)
     fp32_baseline = Baseline(model, "fp32", "fp32")
     with torch.no_grad():
         references = [model(*episode) for episode in episodes]
