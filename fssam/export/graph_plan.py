@@ -564,7 +564,10 @@ def describe(plan: dict) -> list[str]:
             else:
                 gate = "passed" if entry["passed"] else ("outside margin" if entry["within_limits"] else "FAILED")
             worst = f"worst {entry['worst']:.2f} of limit" if entry["worst"] is not None else "slower: not gated"
-            extra = f" ({entry['fallback']})" if entry["precision"] == "int8" else ""
+            extra = ""
+            if entry["precision"] == "int8":
+                failed = [a["fallback"] for a in entry.get("attempts", []) if not a["passed"]]
+                extra = f" ({entry['fallback']}" + (f"; failed its gate at: {', '.join(failed)}" if failed else "") + ")"
             mark = " <- chosen" if (chosen["runtime"], chosen["precision"]) == (entry["runtime"], entry["precision"]) else ""
             lines.append(f"    {key:18s} {gate:15s} {worst:24s} {entry['ms']:9.1f} ms{extra}{mark}")
     for key, why in plan["skipped"].items():
