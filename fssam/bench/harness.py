@@ -229,6 +229,24 @@ def stable(samples: list[float], spread: float) -> bool:
     return abs(median - statistics.median(samples[:-1])) <= spread * median
 
 
+def adaptive_median(call, budget_s: float, min_runs: int = 3, max_runs: int = 20, spread: float = 0.03,
+                    give_up_above: float | None = None) -> tuple[float, int]:
+    """(median seconds, runs) of `call()` after one warm-up: at least `min_runs`, then until the
+    median is stable (`stable`) or the budget is spent. `give_up_above` (seconds): a first timed
+    run slower than that ends the timing there (one run: too slow to matter)."""
+    call()
+    samples, start = [], time.perf_counter()
+    while len(samples) < max_runs:
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+        if give_up_above is not None and len(samples) == 1 and samples[0] > give_up_above:
+            break
+        if len(samples) >= min_runs and (stable(samples, spread) or time.perf_counter() - start > budget_s):
+            break
+    return statistics.median(samples), len(samples)
+
+
 def run_adaptive(modes, inputs, min_runs: int = 3, max_runs: int = 15, budget_s: float = 20.0, warmup: int = 1,
                  once=(), spread: float = 0.03, progress=None) -> dict:
     """As run_interleaved, but each mode runs until its median is stable (moves less than `spread`

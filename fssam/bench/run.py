@@ -204,9 +204,10 @@ def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
     choice, or one runtime's int8 graphs (Unavailable where a graph's int8 did not pass the plan's
     gate). The output check's rule: eager bf16 autocast's limits as soon as a graph runs below fp32."""
     from fssam.export import load_manifest
-    from fssam.export.graph_plan import RANK, open_plan
+    from fssam.export.graph_plan import RANK, baseline, open_plan
     from fssam.runtime import as_torch, open_runner
     from fssam.runtime.contract import GRAPH_ORDER
+    from fssam.runtime.manifest import int8_graph_files
 
     artifacts = _artifacts_for(args, shots, progress)
     manifest = load_manifest(artifacts)
@@ -216,7 +217,8 @@ def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
         precisions = [entry["precision"] for entry in plan["chosen"].values()]
         mode = GraphMode(name, open_plan(artifacts, manifest, args.threads), runtime=_plan_description(plan["chosen"]))
     else:
-        missing = [graph for graph in GRAPH_ORDER if f"{runtime}/{graph}" not in plan.get("int8_files", {})]
+        kept = int8_graph_files(manifest, runtime)
+        missing = [graph for graph in GRAPH_ORDER if graph not in kept]
         if missing:
             raise Unavailable(f"the graph plan of {artifacts} kept no {runtime} int8 {' or '.join(missing)} "
                               "(it keeps the int8 graphs that passed their gate): "
@@ -226,9 +228,8 @@ def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
         precisions = ["int8"] * len(GRAPH_ORDER)
         mode = GraphMode(name, runner, runtime=f"{runner.describe()}, the graph plan's int8 graphs: "
                          + "; ".join(f"{graph} {entry['fallback']}" for graph, entry in candidates.items()))
-    reduced = [precision for precision in precisions if precision != "fp32"]
-    mode.baseline = "bf16_autocast" if reduced else "fp32"
-    mode.export_precision = max(reduced, key=RANK.get) if reduced else "fp32"
+    mode.baseline = baseline(precisions)
+    mode.export_precision = max(precisions, key=RANK.get)
     return mode
 
 

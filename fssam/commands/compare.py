@@ -85,10 +85,12 @@ def handle(args) -> int:
 def _units(manifest: dict, backend: str, precision: str) -> tuple[bool, bool]:
     """(gate the six stages, gate the two graphs) of this export on `backend` at `precision`: int8
     stages are OpenVINO's per-stage plan, int8 graphs the graph plan's."""
-    files = manifest.get("graph_plan", {}).get("int8_files", {})
+    from fssam.runtime.contract import GRAPH_ORDER
+    from fssam.runtime.manifest import int8_graph_files
+
     if precision == "int8":
         stages = backend == "openvino" and "int8" in manifest.get("openvino", {})
-        graphs = all(f"{backend}/{name}" in files for name in ("support_encoder", "query_segmenter"))
+        graphs = set(int8_graph_files(manifest, backend)) == set(GRAPH_ORDER)
     else:
         stages, graphs = bool(manifest["stages"]), bool(manifest.get("graphs"))
     return stages, graphs

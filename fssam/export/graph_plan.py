@@ -36,11 +36,11 @@ import gc
 import io
 import logging
 import os
-import statistics
 import time
 
 import torch
 
+from fssam.bench.harness import adaptive_median
 from fssam.errors import ConfigError
 from fssam.runtime import as_torch, cpu
 from fssam.runtime.contract import GRAPH_ORDER, binary_masks, run_graphs, to_uint8
@@ -68,6 +68,12 @@ ORDER = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
          ("openvino", "int8"))
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}
 RANK = {"fp32": 0, "bf16": 1, "int8": 2}
+
+
+def baseline(precisions) -> str:
+    """The gate's reference for graphs at `precisions`: eager fp32 when every one is fp32, else
+    eager bf16 autocast (the official precision), whose error bounds bf16 and int8."""
+    return "fp32" if all(precision == "fp32" for precision in precisions) else "bf16_autocast"
 
 
 def label(runtime: str, precision: str) -> str:
@@ -227,28 +233,6 @@ def _calibration_episodes(cfg, shots: int, seed: int, calibration: str | None) -
 
 # ---------------------------------------------------------------- timing
 
-def adaptive_median(call, budget_s: float = TIME_BUDGET_S, min_runs: int = 3, max_runs: int = 20,
-                    spread: float = 0.03, give_up_above: float | None = None) -> tuple[float, int]:
-    """(median seconds, runs) of `call()` after one warm-up: at least `min_runs`, then until the
-    median of the last runs moves less than `spread` or the budget is spent. `give_up_above`
-    (seconds): a first timed run slower than that ends the timing there (one run: too slow to
-    matter)."""
-    call()
-    samples, start = [], time.perf_counter()
-    while len(samples) < max_runs:
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-        if give_up_above is not None and len(samples) == 1 and samples[0] > give_up_above:
-            break
-        if len(samples) >= min_runs:
-            median = statistics.median(samples)
-            previous = statistics.median(samples[:-1])
-            if abs(median - previous) <= spread * median or time.perf_counter() - start > budget_s:
-                break
-    return statistics.median(samples), len(samples)
-
-
 # ---------------------------------------------------------------- the plan
 
 class GraphPair:
@@ -344,7 +328,7 @@ class Planner:
         args = self.records[0][name][0][0]
         limit = give_up_above_ms / 1000 if give_up_above_ms else None
         with torch.inference_mode():
-            seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args), give_up_above=limit)
+            seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args), TIME_BUDGET_S, give_up_above=limit)
         return 1000 * seconds, runs
 
     def int8_file(self, runtime: str, name: str, level: int) -> tuple[str, dict]:
@@ -416,8 +400,8 @@ class Planner:
 
     def compose(self, chosen: dict) -> tuple[dict, list[str], str]:
         """The chosen pair end to end on every gate episode: (worst end-to-end stats, failures, baseline)."""
-        reduced = any(entry["precision"] != "fp32" for entry in chosen.values())
-        kind = "bf16_autocast" if reduced else "fp32"
+        kind = baseline(entry["precision"] for entry in chosen.values())
+        reduced = kind != "fp32"
         pair = GraphPair({name: entry["runner"] for name, entry in chosen.items()})
         ends, failures = [], []
         with ieee_fp32(), torch.no_grad():
@@ -575,4 +559,4 @@ def describe(plan: dict) -> list[str]:
     return lines
 
 
-__all__ = ["plan_graphs", "open_plan", "candidates", "describe", "adaptive_median", "GraphPair", "choose"]
+__all__ = ["plan_graphs", "open_plan", "candidates", "describe", "GraphPair", "choose"]

@@ -74,6 +74,14 @@ def load_manifest(folder: str, verify: bool = True) -> dict:
     return manifest
 
 
+def int8_graph_files(manifest: dict, runtime: str) -> dict:
+    """{graph: relative file} of `runtime`'s int8 graphs that passed the graph plan's gate
+    (manifest["graph_plan"]["int8_files"], keyed "runtime/graph"); empty when there are none."""
+    return {key.split("/", 1)[1]: entry["file"]
+            for key, entry in manifest.get("graph_plan", {}).get("int8_files", {}).items()
+            if key.split("/", 1)[0] == runtime}
+
+
 def weights_line(manifest: dict) -> str:
     """The export's weights in one line, as predict, eval and bench word them (`fssam compare` prints
     it, a repository's ensemble serves it to clients): a random-init export is never presented as

@@ -60,12 +60,7 @@ def plan_label(manifest: dict) -> str:
     return "; ".join(f"{name} {entry['runtime']} {entry['precision']}" for name, entry in chosen.items())
 
 
-def reduced(manifest: dict) -> bool:
-    """Whether a graph of the plan runs below fp32 (its limits are then eager bf16 autocast's)."""
-    return any(entry["precision"] != "fp32" for entry in manifest["graph_plan"]["chosen"].values())
-
-
-def check_served(model, pair, is_reduced: bool, served, episode, fresh_served,
+def check_served(model, pair, kind: str, served, episode, fresh_served,
                  fresh) -> tuple[dict, list[str], dict, list[str]]:
     """The gate's end-to-end check of served logits vs eager fp32 (limits from eager bf16 autocast
     when a graph is reduced) on the gate's episode; and, on that episode and a fresh one, the served
@@ -74,12 +69,11 @@ def check_served(model, pair, is_reduced: bool, served, episode, fresh_served,
     from fssam.runtime.contract import run_graphs
     from fssam.runtime.parity import Baseline, check_end_to_end, fp32_limit, ieee_fp32
 
-    kind = "bf16_autocast" if is_reduced else "fp32"
     with torch.inference_mode(), ieee_fp32():
         eager = model(*episode)
         inprocess = {"gate_episode": run_graphs(pair, *episode).float(),
                      "fresh_episode": run_graphs(pair, *fresh).float()}
-    low = Baseline(model, "fp32", kind).episode(*episode) if is_reduced else None
+    low = Baseline(model, "fp32", kind).episode(*episode) if kind != "fp32" else None
     end, failures = check_end_to_end(served, eager, low, kind)
     same, wiring = {}, []
     for name, got in (("gate_episode", served), ("fresh_episode", fresh_served)):
@@ -253,7 +247,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     phases["plan_s"] = manifest["graph_plan"]["wall_s"]
     weights = manifest["weights"]
     plan = plan_label(manifest)
-    is_reduced = reduced(manifest)
+    kind = manifest["graph_plan"]["end_to_end"]["baseline"]  # the gate's reference of the chosen pair
 
     start = _step(2, f"model repository (ensemble fssam: validate -> support_encoder -> query_segmenter; {plan}) "
                      f"-> {repository}", progress)
@@ -275,7 +269,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         with RemoteFSSAM(server.grpc_url) as remote:
             served, cache = check_cache(remote, episode)
             fresh_served = remote.infer(*fresh)
-        end, failures, vs_inprocess, wiring = check_served(model, pair, is_reduced, served, episode, fresh_served,
+        end, failures, vs_inprocess, wiring = check_served(model, pair, kind, served, episode, fresh_served,
                                                            fresh)
         print(f"      logits max abs {end['max_abs']:.2e} (limit {end['limit']:.3g}), mask IoU {end['mask_iou']:.4f} "
               f"(min {end['min_iou']:.4f}) vs eager fp32: {'FAIL' if failures else 'PASS'}; vs the plan in process, "
@@ -320,7 +314,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"],
         "plan": manifest["graph_plan"]["chosen"], "plan_candidates": manifest["graph_plan"]["candidates"],
         "plan_skipped": manifest["graph_plan"]["skipped"], "backend": PLAN,
-        "precision": "reduced" if is_reduced else "fp32", "served": latency,
+        "precision": "reduced" if kind != "fp32" else "fp32", "served": latency,
         "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
         "phases": phases, "wall_s": phases["total_s"], "machine": machine(), "artifacts": artifacts,

@@ -234,9 +234,9 @@ def _precision(manifest: dict, backend: str, precision: str | None) -> str:
 
 def _int8_files(manifest: dict, runtime: str) -> dict:
     """{graph: file} of `runtime`'s gated int8 graphs; every graph must have one."""
-    from fssam.runtime.runners.onnxruntime import int8_graph_files
+    from fssam.runtime.runners.onnxruntime import require_int8_graphs
 
-    files = int8_graph_files(manifest, runtime)
+    files = require_int8_graphs(manifest, runtime)
     missing = [name for name in GRAPH_ORDER if name not in files]
     if missing:
         tried = manifest["graph_plan"]["candidates"]

@@ -75,12 +75,11 @@ def tensorrt_profile_options(name: str, entry: dict, max_batch: int, shots: int)
             for i, kind in enumerate(("min", "opt", "max"))}
 
 
-def int8_graph_files(manifest: dict, runtime: str) -> dict:
-    """{graph: relative file} of `runtime`'s int8 graphs that passed the graph plan's gate
-    (manifest["graph_plan"]["int8_files"]); ConfigError when there are none."""
-    files = {key.split("/", 1)[1]: entry["file"]
-             for key, entry in manifest.get("graph_plan", {}).get("int8_files", {}).items()
-             if key.split("/", 1)[0] == runtime}
+def require_int8_graphs(manifest: dict, runtime: str) -> dict:
+    """manifest.int8_graph_files of `runtime`; ConfigError when there are none."""
+    from fssam.runtime.manifest import int8_graph_files
+
+    files = int8_graph_files(manifest, runtime)
     if not files:
         raise ConfigError(f"this export has no {runtime} int8 graphs that passed the gate: export them with "
                           "`fssam export --plan` (or `fssam deploy`), which gates every candidate of this machine")
@@ -119,7 +118,7 @@ class OnnxRuntimeRunner(StageRunner):
         super().__init__(artifacts, precision, verify)
         self.files = dict(files or {})
         if self.precision == "int8":
-            self.files = {**int8_graph_files(self.manifest, "onnxruntime"), **self.files}
+            self.files = {**require_int8_graphs(self.manifest, "onnxruntime"), **self.files}
         elif self.precision != self.manifest["precision"]:
             raise ConfigError(f"ONNX Runtime runs an export in its own precision ({self.manifest['precision']}), "
                               f"not {self.precision}: export with --precision {self.precision}")

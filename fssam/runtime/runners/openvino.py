@@ -19,6 +19,7 @@ import numpy as np
 
 from fssam.errors import ConfigError
 from fssam.runtime import cpu
+from fssam.runtime.manifest import int8_graph_files
 from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -55,17 +56,11 @@ def plan(manifest: dict, precision: str) -> dict:
     chose (bf16 or fp32); at int8 they are the graph plan's NNCF int8 IR (`fssam export --plan`),
     where it passed its gate."""
     gated = manifest.get("openvino", {}).get(precision)
-    int8_graphs = {}
-    if precision == "int8":
-        from fssam.runtime.runners.onnxruntime import int8_graph_files
-
-        try:
-            int8_graphs = int8_graph_files(manifest, "openvino")
-        except ConfigError:
-            if not gated:
-                raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --plan` "
-                                  "(int8 graphs) or `fssam export --openvino int8` (int8 stages); both are NNCF "
-                                  "quantization gated against eager bf16 autocast") from None
+    int8_graphs = int8_graph_files(manifest, "openvino") if precision == "int8" else {}
+    if precision == "int8" and not int8_graphs and not gated:
+        raise ConfigError("this export has no OpenVINO int8 plan: export it with `fssam export --plan` (int8 "
+                          "graphs) or `fssam export --openvino int8` (int8 stages); both are NNCF quantization gated "
+                          "against eager bf16 autocast")
     if gated:
         units = {name: {"precision": entry["precision"], "file": entry["file"]} for name, entry in gated["stages"].items()}
     elif precision == "bf16":
