@@ -239,10 +239,15 @@ def _serve(tmp_path, *argv):
 
 @pytest.mark.parametrize("argv,message", [
     *((["--host", host], message) for host, message in BAD_HOSTS),
-    (["--http-port", "8123", "--grpc-port", "8123"], r"--http-port 8123 and --grpc-port 8123 must differ$"),
-    (["--http-port", "0", "--grpc-port", "8124", "--metrics-port", "8124"],
+    (["--no-front", "--http-port", "8123", "--grpc-port", "8123"], r"--http-port 8123 and --grpc-port 8123 must differ$"),
+    (["--no-front", "--http-port", "0", "--grpc-port", "8124", "--metrics-port", "8124"],
      r"--grpc-port 8124 and --metrics-port 8124 must differ$"),
-], ids=["unresolvable", "empty", "ipv6", "http-grpc", "grpc-metrics"])
+    (["--no-front", "--host", "0.0.0.0"], r"--host 0.0.0.0 with --no-front would expose tritonserver"),
+    (["--grpc-port", "8001"], r"--grpc-port: only with --no-front"),
+    (["--api-key", "short"], r"an API key must be at least 16 printable"),
+    (["--tls-cert", "/nonexistent.pem"], r"HTTPS needs both --tls-cert and --tls-key"),
+], ids=["unresolvable", "empty", "ipv6", "http-grpc", "grpc-metrics", "no-front-exposed", "grpc-without-no-front",
+        "short-api-key", "tls-half"])
 def test_serve_option_errors_are_one_line(tmp_path, argv, message):
     result = _serve(tmp_path, *argv)
     lines = result.stderr.strip().splitlines()

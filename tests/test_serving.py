@@ -468,7 +468,7 @@ def test_cli_predict_url_matches_eager(server, tmp_path, tiny_model):
         paths[name] = str(tmp_path / f"{name}.jpg")
     common = ["--support", paths["support"], "--support-mask", str(tmp_path / "support.png"), "--query", paths["query"]]
     outputs = {}
-    for label, extra in (("eager", ["--config", "tiny"]), ("served", ["--url", server.grpc_url])):
+    for label, extra in (("eager", ["--config", "tiny"]), ("served", ["--url", server.grpc_url, "--protocol", "grpc"])):
         out = tmp_path / f"{label}.png"
         result = subprocess.run([sys.executable, "-m", "fssam.cli", "predict", *extra, *common, "--out", str(out)],
                                 capture_output=True, text=True, timeout=300)
@@ -487,7 +487,7 @@ def test_cli_predict_url_matches_eager(server, tmp_path, tiny_model):
     assert (outputs["eager"] == outputs["served"]).mean() >= 0.99  # float vs rounded resized pixels
     # the server reports its input size: a --config of another size is refused before any request
     result = subprocess.run([sys.executable, "-m", "fssam.cli", "predict", "--config", "small", "--url", server.grpc_url,
-                             *common, "--out", str(tmp_path / "other.png")], capture_output=True, text=True, timeout=300)
+                             "--protocol", "grpc", *common, "--out", str(tmp_path / "other.png")], capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "--config small is a 512 px model" in lines[0] and "64 px" in lines[0]
@@ -707,7 +707,7 @@ def test_bench_triton_mode_against_running_server(server, tiny_artifacts, tmp_pa
     result = subprocess.run(
         [sys.executable, "-m", "fssam.cli", "bench", "--config", "tiny", "--shots", "1", "--modes", "onnxruntime,triton",
          "--iterations", "2", "--warmup", "1", "--artifacts", tiny_artifacts[0], "--url", server.grpc_url,
-         "--out", str(out), "--no-progress"],
+         "--protocol", "grpc", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -739,7 +739,7 @@ def _start_serve(repository, *extra, env=None):
     import sys
 
     process = subprocess.Popen([sys.executable, "-m", "fssam.cli", "serve", "--repository", str(repository),
-                                "--http-port", "0", "--grpc-port", "0", *extra],
+                                "--port", "0", *extra],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=None if env is None else {**os.environ, **env})
     line = process.stdout.readline()  # "starting ..."
@@ -757,10 +757,10 @@ def test_serve_command_restarts_after_a_dead_stub_then_exits_with_the_log(reposi
     process, ready = _start_serve(repository, "--restarts", "1", "--log", str(tmp_path / "serve.log"))
     try:
         assert ready.startswith("ready:"), process.stderr.read()
-        url = ready.split("gRPC ", 1)[1].split()[0]
+        url = ready.split("ready: http://", 1)[1].split()[0]  # the front: 503 while tritonserver restarts
         for round_ in range(2):
             deadline = time.time() + 60
-            with RemoteFSSAM(url) as remote:
+            with RemoteFSSAM(url, protocol="http") as remote:
                 while True:  # the (restarted) server answers
                     try:
                         remote.infer(*episode(3))
@@ -798,10 +798,9 @@ def test_serve_command_port_in_use_is_an_error_before_ready(repository):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "fssam.cli", "serve", "--repository", str(repository),
-                                 "--http-port", str(port), "--grpc-port", "0"], capture_output=True, text=True,
-                                timeout=120)
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "ready:" not in result.stdout
-    assert f"port {port}" in result.stderr and "--http-port" in result.stderr
+    assert f"port {port}" in result.stderr and "--port" in result.stderr
 
 
 def _repository_index_status(http_url: str, headers: dict) -> int:
@@ -821,7 +820,7 @@ def test_serve_command_admin_key_from_the_environment_then_sigterm_stops_cleanly
     the ready line says so without printing the key; SIGTERM stops fssam serve and tritonserver."""
     from fssam.serving.server import ADMIN_HEADER
 
-    process, ready = _start_serve(repository, env={"FSSAM_ADMIN_KEY": "k3y-from-env"})
+    process, ready = _start_serve(repository, "--no-front", "--grpc-port", "0", env={"FSSAM_ADMIN_KEY": "k3y-from-env"})
     try:
         assert ready.startswith("ready:"), process.stderr.read()
         assert "admin APIs open to the admin key" in ready and "k3y-from-env" not in ready
@@ -844,7 +843,7 @@ def test_serve_command_bad_admin_key_is_one_line(repository):
     import sys
 
     result = subprocess.run([sys.executable, "-m", "fssam.cli", "serve", "--repository", str(repository),
-                             "--http-port", "0", "--grpc-port", "0", "--admin-key", "has space"],
+                             "--no-front", "--http-port", "0", "--grpc-port", "0", "--admin-key", "has space"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "ready:" not in result.stdout
     lines = result.stderr.strip().splitlines()

@@ -323,7 +323,7 @@ def _triton_mode(args, shots: int, progress: bool):
 
     precision = None
     if args.url:
-        served = Served(args.url)
+        served = Served(args.url, protocol=getattr(args, "protocol", "http"))
     else:
         from fssam.serving.repository import write_repository
         from fssam.serving.server import TritonServer
@@ -337,7 +337,7 @@ def _triton_mode(args, shots: int, progress: bool):
         args.servers.append(server)
         served = Served(server.grpc_url)
     mode = EpisodeMode("triton", served)
-    mode.url = served.url
+    mode.url, mode.protocol = served.url, served.protocol
     if precision is None:
         mode.unchecked = "a server given by --url runs what it was set up with, which the bench does not know"
     else:
@@ -441,8 +441,9 @@ def _bench(args) -> dict:
             if served:
                 from fssam.bench.served import concurrency_sweep
 
-                runs["concurrency"] = (concurrency_sweep(served[0].url, inputs, cached=True)
-                                       + concurrency_sweep(served[0].url, inputs, cached=False))
+                url, protocol = served[0].url, served[0].protocol
+                runs["concurrency"] = (concurrency_sweep(url, inputs, cached=True, protocol=protocol)
+                                       + concurrency_sweep(url, inputs, cached=False, protocol=protocol))
             result["runs"][str(shots)] = runs
     finally:
         for server in args.servers:

@@ -22,7 +22,7 @@ class Served:
     def __init__(self, url: str, protocol: str = "grpc"):
         from fssam.serving.client import RemoteFSSAM
 
-        self.url = url
+        self.url, self.protocol = url, protocol
         self.remote = RemoteFSSAM(url, protocol=protocol)
         self.calls = 0
 

@@ -18,7 +18,10 @@ def register(subparsers) -> None:
                        help="where eager, eager_bf16 and compile run (auto: cuda when available)")
     bench.add_argument("--artifacts", help="an export folder to reuse (its config and shots, and --num-refine, "
                        "--refine-version, --scma-mode when given, must match)")
-    bench.add_argument("--url", help="triton mode: a running fssam server (host:gRPC-port); default: start one")
+    bench.add_argument("--url", help="triton mode: a running fssam server (host:port of fssam serve's front, or of "
+                       "a tritonserver with --protocol grpc); default: start one")
+    bench.add_argument("--protocol", default="http", choices=("http", "grpc"),
+                       help="with --url: http (default: the front of fssam serve) or grpc (a tritonserver itself)")
     bench.add_argument("--modes", default=PARSER_DEFAULTS["modes"],
                        help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run; "
                             f"default: {', '.join(DEFAULT_MODES)}). {', '.join(GRAPH_MODES)}: the two deployable graphs "

@@ -24,10 +24,13 @@ def register(subparsers) -> None:
     )
     predict.add_argument("--query", required=True, help="query image")
     predict.add_argument("--out", required=True, help="output mask PNG (an overlay PNG is written beside it)")
-    predict.add_argument("--url", help="run on a Triton server (host:port) instead of in-process eager PyTorch; "
+    predict.add_argument("--url", help="run on a server (host:port: fssam serve's front, or a tritonserver) instead "
+                         "of in-process eager PyTorch; "
                          "the served model is fixed (no --checkpoint, --num-refine, --refine-version, --scma-mode, --seed, "
                          "--precision, --device)")
-    predict.add_argument("--protocol", default="grpc", choices=["grpc", "http"], help="with --url: gRPC (8001) or HTTP (8000)")
+    predict.add_argument("--protocol", default="http", choices=["http", "grpc"],
+                         help="with --url: HTTP (default, port 8000: fssam serve's front) or gRPC (8001: a "
+                              "tritonserver itself, e.g. fssam serve --no-front)")
     predict.add_argument("--precision", default=None,
                          help="eager: fp32 (default) or bf16 (the fp32 model under torch.autocast bf16, as the "
                          "official test; logits float32)")

@@ -8,6 +8,7 @@ original size with bilinear (align_corners=True) before the 0.5 sigmoid threshol
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -31,13 +32,9 @@ def _too_large(kind: str, path: str, width, height) -> InputError:
     )
 
 
-def _png_header_size(path: str):
-    """(width, height) from a PNG IHDR chunk, or (None, None) when the file is not a PNG."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(24)
-    except OSError:
-        return None, None
+def _png_header_size(data: bytes):
+    """(width, height) from a PNG IHDR chunk, or (None, None) when the data is not a PNG."""
+    head = data[:24]
     if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return None, None
@@ -49,52 +46,54 @@ def _unreadable(kind: str, path: str, error: OSError) -> InputError:
     return InputError(f"{kind} {path!r} cannot be read: {reason}")
 
 
-def _check_file(path: str, kind: str) -> None:
-    """InputError unless `path` is an existing file: a folder and a missing path are told apart."""
+def _read_file(path: str, kind: str) -> bytes:
+    """The bytes of an existing file; InputError for a folder, a missing or an unreadable path."""
     if os.path.isdir(path):
         raise InputError(f"{kind} {path!r} is a folder, not an image file")
     if not os.path.isfile(path):
         raise InputError(f"{kind} {path!r} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise _unreadable(kind, path, error) from None
 
 
-def _open_checked(path: str, kind: str):
+def _open_checked(data: bytes, name: str, kind: str):
     """PIL image opened lazily (header only, nothing decoded), its size checked against
     MAX_IMAGE_SIDE; None when PIL does not know the format. The caller closes it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise _too_large(kind, path, *_png_header_size(path)) from None
-    except OSError as error:
-        if error.errno is not None:  # the file system's refusal (permission, I/O), not PIL's about the content
-            raise _unreadable(kind, path, error) from None
-        return None
-    except (SyntaxError, ValueError):
+        raise _too_large(kind, name, *_png_header_size(data)) from None
+    except (OSError, SyntaxError, ValueError):
         return None
     width, height = image.size
     if max(width, height) > MAX_IMAGE_SIDE:
         image.close()
-        raise _too_large(kind, path, width, height)
+        raise _too_large(kind, name, width, height)
     return image
 
 
 def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB; InputError for missing, unreadable (permission), folder, corrupt or too
     large files (the size is checked from the file header before anything is decoded)."""
-    _check_file(path, "image")
-    header = _open_checked(path, "image")
+    return decode_image(_read_file(path, "image"), path)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file's bytes (`name` in the messages); InputError when it is
+    corrupt or larger than MAX_IMAGE_SIDE by its header (checked before anything is decoded)."""
+    header = _open_checked(data, name, "image")
     if header is not None:
         header.close()
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as error:
-        raise _unreadable("image", path, error) from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) else None
     if image is None:
-        raise InputError(f"image {path!r} cannot be decoded (corrupt or not an image)")
+        raise InputError(f"image {name!r} cannot be decoded (corrupt or not an image)")
     if max(image.shape[:2]) > MAX_IMAGE_SIDE:
-        raise InputError(f"image {path!r} is {image.shape[1]}x{image.shape[0]}, larger than {MAX_IMAGE_SIDE} px a side")
+        raise InputError(f"image {name!r} is {image.shape[1]}x{image.shape[0]}, larger than {MAX_IMAGE_SIDE} px a side")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -130,8 +129,12 @@ def read_mask(path: str) -> np.ndarray:
     Single-channel images give their values (16-bit PNGs included); palette ("P") PNGs their
     indices; LA the L channel when it reads as a mask, else the alpha channel; RGB(A) the grey
     channel (a colour image is an error), or alpha when alpha is the only information."""
-    _check_file(path, "mask")
-    image = _open_checked(path, "mask")
+    return decode_mask(_read_file(path, "mask"), path)
+
+
+def decode_mask(data: bytes, path: str) -> np.ndarray:
+    """`read_mask` of a mask file's bytes (`path` names it in the messages)."""
+    image = _open_checked(data, path, "mask")
     if image is None:
         raise InputError(f"mask {path!r} cannot be decoded (corrupt or not an image)")
     try:
@@ -209,6 +212,17 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
 def load_episode(support_images, support_masks, query_image, size: int):
     """Tensors for one episode from file paths: query (1, 3, S, S), supports (1, K, 3, S, S),
     masks (1, K, S, S), plus the query image (H, W, 3) uint8."""
+    return _episode(support_images, support_masks, query_image, size, read_image, read_mask, str)
+
+
+def decode_episode(support_images, support_masks, query_image, size: int):
+    """`load_episode` of files' bytes: each argument a (name, bytes) pair or a list of them; the
+    names are what the messages call the files (the server's uploads)."""
+    return _episode(support_images, support_masks, query_image, size, lambda item: decode_image(item[1], item[0]),
+                    lambda item: decode_mask(item[1], item[0]), lambda item: item[0])
+
+
+def _episode(support_images, support_masks, query_image, size, image_of, mask_of, name_of):
     if not support_images:
         raise InputError("no support image given: at least one --support/--support-mask pair is needed")
     if len(support_images) != len(support_masks):
@@ -216,12 +230,12 @@ def load_episode(support_images, support_masks, query_image, size: int):
             f"{len(support_images)} support image(s) but {len(support_masks)} support mask(s): give them in pairs"
         )
     images, masks = [], []
-    for image_path, mask_path in zip(support_images, support_masks):
-        image = read_image(image_path)
-        mask = check_mask(read_mask(mask_path), mask_path, image.shape)
+    for image_file, mask_file in zip(support_images, support_masks):
+        image = image_of(image_file)
+        mask = check_mask(mask_of(mask_file), name_of(mask_file), image.shape)
         images.append(image_tensor(image, size))
         masks.append(mask_tensor(mask, size))
-    query = read_image(query_image)
+    query = image_of(query_image)
     return (
         image_tensor(query, size).unsqueeze(0),
         torch.stack(images).unsqueeze(0),

@@ -1,4 +1,5 @@
-"""Calling a running FSSAM Triton server: gRPC (default) or HTTP through tritonclient."""
+"""Calling a running FSSAM server through tritonclient: the front of `fssam serve` (HTTP, KServe v2
+binary tensors), or a tritonserver itself (gRPC, the default here, or HTTP)."""
 
 from __future__ import annotations
 
@@ -125,8 +126,14 @@ class RemoteFSSAM:
             raise self._unreachable(error) from None
 
     def cache_stats(self, model: str = "support_encoder") -> dict:
-        """Triton's own response-cache counters of `model`: {"hits", "misses", "inferences"}."""
-        stats = self._ask("get_inference_statistics", model)
+        """Triton's own response-cache counters of `model`: {"hits", "misses", "inferences"}. Through
+        the front, which serves the ensemble only, its statistics carry support_encoder's counters."""
+        try:
+            stats = self._ask("get_inference_statistics", model)
+        except ServingError as error:
+            if "is not served here" not in str(error):
+                raise
+            stats = self._ask("get_inference_statistics", self.model)
         entry = stats["model_stats"][0]
         inference = entry.get("inference_stats", {})
         return {"hits": int(inference.get("cache_hit", {}).get("count", 0)),

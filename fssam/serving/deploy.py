@@ -108,12 +108,12 @@ def _overhead(served: float, inprocess: float) -> str:
 
 
 def _latency(url: str, pair, model, episode, runs: int, budget_s: float, emulated: bool, progress: bool) -> dict:
-    """Served (client over gRPC) interleaved with the plan in process and the eager baselines,
-    each mode adaptively (fssam.bench.harness.run_adaptive)."""
+    """Served (a client of the front, HTTP binary tensors) interleaved with the plan in process and
+    the eager baselines, each mode adaptively (fssam.bench.harness.run_adaptive)."""
     from fssam.bench.harness import EpisodeMode, GraphMode, run_adaptive
     from fssam.bench.served import Served
 
-    served = Served(url)
+    served = Served(url, protocol="http")
     try:
         modes = [EpisodeMode(SERVED, served), GraphMode(INPROCESS, pair), GraphMode(BASELINES[0], model),
                  GraphMode(BASELINES[1], model, context=_autocast)]
@@ -146,7 +146,7 @@ def _latency_figures(latency: dict, emulated: bool) -> dict:
 
 def _print_latency(figures: dict, latency: dict, plan: str, config: str, shots: int) -> None:
     runs = ", ".join(f"{name} {entry['runs']}" for name, entry in latency.items())
-    print(f"      served ({plan}; client over gRPC; {config}, {shots}-shot, CPU): new support set "
+    print(f"      served ({plan}; client of the front over HTTP; {config}, {shots}-shot, CPU): new support set "
           f"{figures['served_ms']:.1f} ms, cached support {figures['served_cached_ms']:.1f} ms (runs: {runs})")
     print(f"      plan in process: {figures['inprocess_ms']:.1f} ms, cached support {figures['inprocess_cached_ms']:.1f} ms; "
           f"server overhead at concurrency 1: {figures['overhead']} (cached {figures['overhead_cached']})")
@@ -213,7 +213,8 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     from fssam.runtime import cpu
     from fssam.runtime.parity import sample_episode
     from fssam.serving.client import RemoteFSSAM
-    from fssam.serving.repository import PLAN, write_repository
+    from fssam.serving.front import Front
+    from fssam.serving.repository import PLAN, read_repository, write_repository
     from fssam.serving.server import TritonServer
 
     begin = time.perf_counter()
@@ -254,19 +255,23 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     write_repository(artifacts, repository, backend=PLAN)
     phases["repository_s"] = time.perf_counter() - start
 
-    start = _step(3, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB)", progress)
+    start = _step(3, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB) behind the front",
+                  progress)
     server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=cache_mb)
     server.start()
+    front = None
     try:
+        front = Front(server.http_url, read_repository(repository), port=0).start()
+        url = f"127.0.0.1:{front.port}"  # what clients reach: every served figure goes through the front
         phases["server_start_s"] = time.perf_counter() - start
-        print(f"      ready in {phases['server_start_s']:.1f} s: gRPC {server.grpc_url}, HTTP {server.http_url}",
-              flush=True)
+        print(f"      ready in {phases['server_start_s']:.1f} s: the front {front.url} (tritonserver "
+              f"{server.http_url} behind it)", flush=True)
         start = _step(4, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
         model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
         pair = open_plan(artifacts, manifest, threads)
         episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
         fresh = sample_episode(model.config, shots, batch=1, seed=seed + FRESH_EPISODE_SEED)
-        with RemoteFSSAM(server.grpc_url) as remote:
+        with RemoteFSSAM(url, protocol="http") as remote:
             served, cache = check_cache(remote, episode)
             fresh_served = remote.infer(*fresh)
         end, failures, vs_inprocess, wiring = check_served(model, pair, kind, served, episode, fresh_served,
@@ -284,7 +289,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         emulated = not cpu.native_bf16()
         start = _step(5, f"latency at concurrency 1 (interleaved; each mode until its median is stable, at least "
                          f"{runs} runs, at most {budget_s:g} s)", progress)
-        latency = _latency(server.grpc_url, pair, model, episode, runs, budget_s, emulated, progress)
+        latency = _latency(url, pair, model, episode, runs, budget_s, emulated, progress)
         figures = _latency_figures(latency, emulated)
         _print_latency(figures, latency, plan, config, shots)
         phases["latency_s"] = time.perf_counter() - start
@@ -295,13 +300,16 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         throughput = []
         for cached in (True, False):
             for level in clients:
-                throughput += concurrency_sweep(server.grpc_url, episode, (level,), requests_per_client, cached=cached)
+                throughput += concurrency_sweep(url, episode, (level,), requests_per_client, cached=cached,
+                                                protocol="http")
                 bar.update()
         bar.close()
         payload = payload_bytes(*episode)
         _print_throughput(throughput, payload)
         phases["throughput_s"] = time.perf_counter() - start
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
     phases["total_s"] = time.perf_counter() - begin
     phases = {key: round(value, 1) for key, value in phases.items()}

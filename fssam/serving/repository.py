@@ -58,6 +58,12 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TY
 LEGACY_MAX_BATCH = {"onnx": MAX_BATCH_LIMIT, "tensorrt": 8}
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 WARMUP_SEED = 0
+SUPPORT_KEY = "support_key"  # validate's HMAC-SHA256 of a support set (templates/validate_model.py)
+KEY_BYTES = 32
+NATIVE_NO_CACHE = ("no support cache: Triton's response-cache key is a 64-bit non-cryptographic hash that clients "
+                   "can make collide, so the cache is keyed by validate's HMAC of the support set, an input that "
+                   "only the Python backends' support_encoder takes (a native backend would pass it to the graph); "
+                   "serve python-ort or python-openvino for a support cache")
 
 
 # ---------------------------------------------------------------- config.pbtxt text
@@ -351,7 +357,8 @@ def _warmup_episode(artifacts: str, manifest: dict) -> dict:
         specs = {e["name"]: e for e in manifest["graphs"]["support_encoder"]["outputs"]}
         features, memory, pointers = (rng.standard_normal((1, *specs[n]["shape"][1:])).astype(np.float32)
                                       for n in ("support_features", "support_memory", "support_pointers"))
-    arrays.update(support_features=features, support_memory=memory, support_pointers=pointers)
+    arrays.update(support_features=features, support_memory=memory, support_pointers=pointers,
+                  support_key=rng.integers(0, 256, (1, KEY_BYTES), dtype=np.uint8))  # any 32 bytes warm it up
     return arrays
 
 
@@ -374,8 +381,12 @@ def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episod
         header = AOT_NOTE + header
     batched = options["max_batch"] > 0
     inputs, outputs = _io(spec["inputs"], batched), _io(spec["outputs"], batched)
+    cached = name == "support_encoder" and options["cache"] and backend in PYTHON_BACKENDS
+    if cached:  # validate's HMAC of the support set: part of Triton's cache key, not of the graph
+        inputs.append(_key_tensor(batched))
+        params["cache_key_inputs"] = SUPPORT_KEY
     _write_raw(os.path.join(tmp, name, "warmup"), {e["name"]: episode[e["name"]] for e in inputs})
-    cache = 'response_cache {\n  enable: true\n}\n' if name == "support_encoder" and options["cache"] else ""
+    cache = 'response_cache {\n  enable: true\n}\n' if cached else ""
     text = (_header(name, options["max_batch"]) + header + _tensors("input", inputs) + _tensors("output", outputs)
             + _batching(options["max_batch"], options["queue_delay_us"]) + cache
             + _instances(options["instances"], kind) + _parameters(params) + _warmup(inputs, batched))
@@ -385,15 +396,22 @@ def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episod
             "outputs": outputs}
 
 
-def _write_validate(tmp: str, masks: dict, options: dict, episode: dict) -> None:
+def _key_tensor(batched: bool) -> dict:
+    return {"name": SUPPORT_KEY, "data_type": "TYPE_UINT8", "dims": ([] if batched else [-1]) + [KEY_BYTES]}
+
+
+def _write_validate(tmp: str, images: dict, masks: dict, options: dict, episode: dict) -> None:
     version = os.path.join(tmp, VALIDATE_MODEL, "1")
     os.makedirs(version)
     shutil.copy2(os.path.join(TEMPLATES, "validate_model.py"), os.path.join(version, "model.py"))
     binary = dict(masks, name="binary_masks")
-    _write_raw(os.path.join(tmp, VALIDATE_MODEL, "warmup"), {"support_masks": episode["support_masks"]})
-    text = (_header(VALIDATE_MODEL, options["max_batch"]) + 'backend: "python"\n' + _tensors("input", [masks])
-            + _tensors("output", [binary]) + _batching(options["max_batch"], options["queue_delay_us"])
-            + _instances(1, "KIND_CPU") + _warmup([masks], options["max_batch"] > 0))
+    batched = options["max_batch"] > 0
+    _write_raw(os.path.join(tmp, VALIDATE_MODEL, "warmup"),
+               {name: episode[name] for name in ("support_images", "support_masks")})
+    text = (_header(VALIDATE_MODEL, options["max_batch"]) + 'backend: "python"\n' + _tensors("input", [images, masks])
+            + _tensors("output", [binary, _key_tensor(batched)])
+            + _batching(options["max_batch"], options["queue_delay_us"])
+            + _instances(1, "KIND_CPU") + _warmup([images, masks], batched))
     with open(os.path.join(tmp, VALIDATE_MODEL, "config.pbtxt"), "w") as handle:
         handle.write(text)
 
@@ -412,12 +430,15 @@ def _write_ensemble(tmp: str, graphs: dict, max_batch: int, weights: str) -> dic
     """The `fssam` ensemble: validate -> support_encoder -> query_segmenter, all in the server; its
     WEIGHTS_PARAMETER says which weights it serves."""
     support, query = graphs["support_encoder"], graphs["query_segmenter"]
-    inputs = [query["inputs"][0], *support["inputs"]]  # query, support_images, support_masks
+    inputs = [query["inputs"][0], *support["inputs"][:2]]  # query, support_images, support_masks
     outputs = query["outputs"]
     support_outputs = [e["name"] for e in support["outputs"]]
+    keyed = any(e["name"] == SUPPORT_KEY for e in support["inputs"])
+    key = {SUPPORT_KEY: SUPPORT_KEY} if keyed else {}
     steps = [
-        _step(VALIDATE_MODEL, {"support_masks": "support_masks"}, {"binary_masks": "binary_masks"}),
-        _step("support_encoder", {"support_images": "support_images", "support_masks": "binary_masks"},
+        _step(VALIDATE_MODEL, {"support_images": "support_images", "support_masks": "support_masks"},
+              {"binary_masks": "binary_masks", **key}),
+        _step("support_encoder", {"support_images": "support_images", "support_masks": "binary_masks", **key},
               {name: name for name in support_outputs}),
         _step("query_segmenter", {"query": "query", **{name: name for name in support_outputs},
                                   "support_masks": "binary_masks"}, {"logits": "logits"}),
@@ -485,8 +506,9 @@ def write_repository(
     with partial_folder(out, markers=(MARKER,)) as tmp:
         graphs = {name: _write_graph(tmp, artifacts, manifest, name, plan[name], backend, options, episode)
                   for name in GRAPH_ORDER}
-        _write_validate(tmp, graphs["support_encoder"]["inputs"][1], options, episode)
+        _write_validate(tmp, *graphs["support_encoder"]["inputs"][:2], options, episode)
         ensemble = _write_ensemble(tmp, graphs, batch, weights_line(manifest))
+        keyed = any(e["name"] == SUPPORT_KEY for e in graphs["support_encoder"]["inputs"])
         description = {
             "format": REPOSITORY_FORMAT,
             "export": {"manifest_sha256": file_sha256(os.path.join(artifacts, MANIFEST)),
@@ -498,10 +520,13 @@ def write_repository(
             "shots": int(manifest["shots"]),
             "export_precision": manifest["precision"],
             "weights": manifest["weights"]["source"],
+            "weights_line": weights_line(manifest),
             "models": [ENSEMBLE_MODEL, VALIDATE_MODEL, *GRAPH_ORDER],
             "graphs": {name: {key: entry[key] for key in ("backend", "precision", "file")} for name, entry in graphs.items()},
             "ensemble": ensemble,
-            "support_cache": "triton response cache on support_encoder" if cache else None,
+            "support_cache": (f"triton response cache on support_encoder, keyed by validate's HMAC ({SUPPORT_KEY})"
+                              if keyed else None),
+            **({"support_cache_note": NATIVE_NO_CACHE} if cache and not keyed else {}),
             "export_max_batch": limit,
             **({"scma_plugin": graph_plugins(manifest)} if backend == "tensorrt" else {}),
             **({"graph_plan": {name: f"{e['backend']} {e['precision']}" for name, e in plan.items()}}

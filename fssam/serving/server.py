@@ -55,6 +55,7 @@ from fssam.serving import ServingError
 ADMIN_HEADER = "fssam-admin-key"  # HTTP header of the restricted APIs
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # the gRPC metadata key Triton checks for it
 RESTRICTED = "shared-memory,model-repository,logging,trace"
+CACHE_SECRET_ENV = "FSSAM_CACHE_SECRET"  # read by the validate step of the repository
 STUB = "triton_python_backend_stub"
 NOT_READY = "tritonserver does not answer /v2/health/ready with 200"
 _ADMIN_KEY = re.compile(r"[A-Za-z0-9._~+/=-]+")
@@ -294,7 +295,10 @@ class TritonServer:
     variables set for tritonserver and its stubs over os.environ (PYTHONPATH still loses fssam's
     source root, '' and '.'). `admin_key` opens the shared-memory, model-repository,
     logging and trace APIs to requests with the header ADMIN_HEADER (HTTP) or GRPC_ADMIN_HEADER
-    (gRPC) set to `admin_key`; None keeps them closed (a random key nobody knows).
+    (gRPC) set to `admin_key`; None keeps them closed (a random key nobody knows). `cache_secret`:
+    the key of the HMAC that the validate step puts into every support_encoder request, so that
+    Triton's response-cache key covers a value no client can compute (None: a random one, made
+    once for this object; replicas sharing a Redis cache need the same one).
 
     Log: `log_path` when given (kept; truncated on the first start, appended to on restarts).
     Otherwise `<tempdir>/fssam-tritonserver-<pid>-<random>.log`, outside the temporary folder and
@@ -307,7 +311,7 @@ class TritonServer:
     def __init__(self, repository: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int | None = None, log_path: str | None = None, verbose: bool = False,
                  extra_args: list | None = None, admin_key: str | None = None, cache_mb: int | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, cache_secret: str | None = None):
         if not os.path.isdir(repository):
             raise ServingError(f"model repository {repository!r} does not exist")
         if admin_key is not None and not _ADMIN_KEY.fullmatch(admin_key):
@@ -326,6 +330,11 @@ class TritonServer:
             raise ServingError(f"response cache {cache_mb} MB: expected a size >= 0 (0: no cache)")
         self.cache_mb = cache_mb or None
         self.env = dict(env or {})
+        if cache_secret is not None and len(cache_secret) < 16:
+            raise ServingError("cache secret: expected at least 16 characters (it keys the support cache; replicas "
+                               "sharing a Redis cache share it)")
+        # validate's HMAC key of support sets (templates/validate_model.py): made here unless shared
+        self.env[CACHE_SECRET_ENV] = cache_secret or secrets.token_hex(32)
         self.verbose = verbose
         self.extra_args = list(extra_args or [])
         self.admin_key = admin_key
@@ -543,7 +552,8 @@ class TritonServer:
         return False
 
 
-def supervise(server: TritonServer, restarts: int = 1, poll: float = 1.0, on_event=print) -> int | None:
+def supervise(server: TritonServer, restarts: int = 1, poll: float = 1.0, on_event=print,
+              before_stop=None) -> int | None:
     """Watch a started server until it is interrupted; restart it when it fails.
 
     Every `poll` seconds: tritonserver must run, every Python backend stub found at startup must
@@ -551,7 +561,7 @@ def supervise(server: TritonServer, restarts: int = 1, poll: float = 1.0, on_eve
     a failure the server is restarted (stop() + start(), same ports), each restart reported
     through `on_event(message)`, at most `restarts` times. Returns stop()'s exit code when a
     KeyboardInterrupt arrives (Ctrl-C, or SIGTERM turned into one by `fssam serve`), after
-    server.stop(). Raises ServingError naming the failure and the kept log once the restarts are
+    `before_stop()` (when given) and server.stop(). Raises ServingError naming the failure and the kept log once the restarts are
     spent, after server.stop(); also when a restart does not come up."""
     used, misses = 0, 0
     try:
@@ -577,4 +587,6 @@ def supervise(server: TritonServer, restarts: int = 1, poll: float = 1.0, on_eve
             misses = 0
             on_event(f"tritonserver restarted: gRPC {server.grpc_url}  HTTP http://{server.http_url}")
     except KeyboardInterrupt:
+        if before_stop is not None:
+            before_stop()  # e.g. the front answers 503 from now on
         return server.stop()

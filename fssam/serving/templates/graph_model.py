@@ -7,6 +7,8 @@ Written by `fssam repository --backend python-ort|python-openvino`. Config param
   intra_op_threads     ONNX Runtime threads (0: ONNX Runtime's default)
   openvino_properties  JSON of the compile_model properties, written by the generator from
                        fssam.runtime.runners.openvino.compile_properties (precision hint, threads)
+  cache_key_inputs     inputs that are part of the request (and so of Triton's response-cache key)
+                       but not of the graph: support_key, the validate step's HMAC of the support set
 Imports numpy, the runtime and triton_python_backend_utils only (no torch, no fssam). Tensors
 cross the stub through DLPack both ways: under numpy 2 the 2.51 stub of the nvidia-pytriton wheel
 reads zeros through Tensor.as_numpy() and makes empty tensors from numpy arrays.
@@ -92,17 +94,19 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.name = config["name"]
         self.inputs = [entry["name"] for entry in config["input"]]
+        keys = [name for name in params.get("cache_key_inputs", "").split(",") if name]
+        self.graph_inputs = [name for name in self.inputs if name not in keys]
         self.outputs = [entry["name"] for entry in config["output"]]
         runtime = params.get("runtime", "onnxruntime")
         if runtime not in RUNTIMES:
             raise ValueError(f"model {self.name}: parameter runtime {runtime!r}, expected one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
         path = os.path.join(args["model_repository"], args["model_version"], params.get("model_file", "model.onnx"))
-        self.stage = RUNTIMES[runtime](path, params, self.inputs, self.outputs)
+        self.stage = RUNTIMES[runtime](path, params, self.graph_inputs, self.outputs)
 
     def _arrays(self, request):
         arrays = []
-        for name in self.inputs:
+        for name in self.graph_inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise ValueError(f"model {self.name}: missing input {name!r}")
@@ -127,8 +131,9 @@ class TritonPythonModel:
             if len(live) == 1:
                 columns = per_request[0]
             else:
-                columns = [np.concatenate([arrays[i] for arrays in per_request], axis=0) for i in range(len(self.inputs))]
-            outputs = self.stage.run(dict(zip(self.inputs, columns)))
+                columns = [np.concatenate([arrays[i] for arrays in per_request], axis=0)
+                           for i in range(len(self.graph_inputs))]
+            outputs = self.stage.run(dict(zip(self.graph_inputs, columns)))
             start = 0
             for index, arrays in zip(live, per_request):
                 size = arrays[0].shape[0]

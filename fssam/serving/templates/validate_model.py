@@ -3,12 +3,21 @@
 Written by `fssam repository`. It checks what Triton's own input checks (dtype, shape, batch size)
 cannot: every support mask holds only 0 (background), 1 (foreground) and 255 (ignore), and has at
 least one foreground pixel. A bad request gets INVALID_ARGUMENT (HTTP 400) with a message naming
-the input, shot and values found; the others of the same batch are answered normally. Output:
+the input, shot and values found; the others of the same batch are answered normally. Outputs:
 `binary_masks`, the masks with 255 set to 0 (as the official code treats ignored pixels), which
-the two graphs take. Imports numpy and triton_python_backend_utils only.
+the two graphs take; `support_key`, per episode the HMAC-SHA256 of its support images and binary
+masks under a secret (the environment's FSSAM_CACHE_SECRET, which `fssam serve` sets, made at
+random per start unless `--cache-secret` shares one between replicas; without it, a random secret
+of this process). support_encoder takes `support_key` as an input it does not compute with, so
+Triton's response-cache key (a 64-bit non-cryptographic hash of the request's bytes, which a client
+can make collide) covers a value no client can compute: two different support sets never share a
+cache entry. Imports numpy, the standard library and triton_python_backend_utils only.
 """
 
+import hashlib
+import hmac
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -16,6 +25,20 @@ import triton_python_backend_utils as pb_utils
 KDL_CPU = 1
 ALLOWED = (0, 1, 255)
 IGNORE = 255
+SECRET_ENV = "FSSAM_CACHE_SECRET"
+KEY_DOMAIN = b"fssam support set v1"
+
+
+def support_keys(secret, images, binary):
+    """(B, 32) uint8: HMAC-SHA256 of each episode's shape, support images and binary masks."""
+    keys = np.empty((images.shape[0], 32), np.uint8)
+    for b in range(images.shape[0]):
+        digest = hmac.new(secret, KEY_DOMAIN, hashlib.sha256)
+        digest.update(np.asarray(images.shape[1:] + binary.shape[1:], np.int64).tobytes())
+        digest.update(np.ascontiguousarray(images[b]).data)
+        digest.update(np.ascontiguousarray(binary[b]).data)
+        keys[b] = np.frombuffer(digest.digest(), np.uint8)
+    return keys
 
 
 class _DLPack:
@@ -57,19 +80,27 @@ def check_masks(masks):
 class TritonPythonModel:
     def initialize(self, args):
         self.name = json.loads(args["model_config"])["name"]
+        secret = os.environ.get(SECRET_ENV, "")
+        self.secret = secret.encode() if secret else os.urandom(32)
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, "support_masks")
-            if tensor is None:
-                responses.append(_invalid("missing input 'support_masks'"))
+            arrays = {}
+            for name in ("support_images", "support_masks"):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                arrays[name] = None if tensor is None else np.from_dlpack(_DLPack(tensor))
+            missing = [name for name, array in arrays.items() if array is None]
+            if missing:
+                responses.append(_invalid(f"missing input {missing[0]!r}"))
                 continue
-            masks = np.from_dlpack(_DLPack(tensor))
+            masks = arrays["support_masks"]
             problem = check_masks(masks)
             if problem:
                 responses.append(_invalid(problem))
                 continue
             binary = np.ascontiguousarray(np.where(masks == IGNORE, 0, masks).astype(np.uint8))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack("binary_masks", binary)]))
+            keys = support_keys(self.secret, arrays["support_images"], binary)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack("binary_masks", binary), pb_utils.Tensor.from_dlpack("support_key", keys)]))
         return responses
