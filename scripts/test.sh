@@ -34,7 +34,7 @@ export("tiny", out=os.path.join(os.environ["FSSAM_TEST_ARTIFACTS"], "tiny"), sho
 PY
 export REPORTS="$reports"
 # longest first, so the two lanes end together
-order="test_export test_serving test_bench test_graph_plan test_files test_eval test_runtime test_cli_predict test_server"
+order="test_export test_serving test_front test_bench test_graph_plan test_files test_eval test_runtime test_cli_predict test_server"
 files=$( (for name in $order; do echo "tests/$name.py"; done; ls tests/test_*.py) | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 status=0
 echo "$files" | xargs -P "${FSSAM_TEST_JOBS:-2}" -I{} bash -c '

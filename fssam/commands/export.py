@@ -32,6 +32,11 @@ def register(subparsers) -> None:
                         help="the graph plan of this machine: every runtime and precision it runs (ONNX Runtime "
                              "fp32 / int8, OpenVINO fp32 / bf16 / int8) gated and timed per deployable graph, int8 "
                              "graphs written; `fssam repository --backend plan` serves the fastest that passed")
+    export.add_argument("--aoti", metavar="PRECISIONS",
+                        help="comma list of fp32, bf16, fp16: torch AOTInductor packages (.pt2) of the two deployable "
+                             "graphs, gated like every export (`fssam repository --backend python-torch` serves them)")
+    export.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="with --aoti: build CPU packages (any machine) or CUDA ones (on the GPU that serves them)")
     export.add_argument("--calibration", help="with --plan or --openvino int8: folder of images/ and masks/ pairs "
                         "(default: synthetic, and said so)")
     export.add_argument("--threads", type=at_least(1), help="CPU threads of the OpenVINO runs in the gate")
@@ -56,6 +61,8 @@ def handle(args) -> int:
             threads=args.threads,
             max_batch=args.max_batch,
             plan=args.plan,
+            aoti=args.aoti or (),
+            aoti_device=args.device,
             **model_options(args),
         )
     except ParityError as error:
@@ -76,6 +83,9 @@ def handle(args) -> int:
 
         print("graph plan of this machine (gate vs eager fp32; time of one call):")
         print("\n".join(describe(manifest["graph_plan"])))
+    for precision, entry in manifest.get("aoti", {}).items():
+        print(f"AOTInductor {precision} ({entry['device']}, torch {entry['torch']}) graphs "
+              + format_report(entry["parity"], manifest["graphs"]))
     if "tensorrt" in manifest:
         print("TensorRT " + format_report(manifest["tensorrt"]["parity"], manifest["stages"]))
         if "graph_parity" in manifest["tensorrt"]:

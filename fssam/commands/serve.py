@@ -141,8 +141,12 @@ def handle(args) -> int:
     info = read_repository(args.repository)
     redis = _redis(args.cache_redis)
     cache_mb = None if redis or not args.cache_mb else args.cache_mb
+    # an fp32 export is served in IEEE fp32 on a GPU too: TensorRT and cuBLAS/cuDNN use TF32 for fp32
+    # unless told not to, and the onnxruntime backend has no option for it (the user's own setting wins)
+    tf32 = {"NVIDIA_TF32_OVERRIDE": "0"} if info.get("export_precision") == "fp32" and \
+        "NVIDIA_TF32_OVERRIDE" not in os.environ else {}
     common = dict(log_path=args.log, verbose=args.verbose_server, cache_mb=cache_mb, extra_args=redis,
-                  cache_secret=args.cache_secret)
+                  cache_secret=args.cache_secret, env=tf32)
     if args.no_front:
         server = TritonServer(args.repository, host=args.host, http_port=args.port, grpc_port=args.grpc_port or 8001,
                               metrics_port=args.metrics_port, admin_key=args.admin_key, **common)

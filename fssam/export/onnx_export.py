@@ -307,6 +307,8 @@ def export(
     stages: bool = True,
     plan: bool = False,
     plan_options: dict | None = None,
+    aoti=(),
+    aoti_device: str = "cpu",
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
@@ -348,6 +350,14 @@ def export(
         from fssam.export.tensorrt import require_tensorrt
 
         require_tensorrt()  # fail before the long work, not after it
+    if aoti:
+        from fssam.export.aoti import check_target, parse_precisions
+
+        aoti = parse_precisions(aoti)
+        if precision != "fp32":
+            raise InputError(f"--aoti packages are compiled from the fp32 model (bf16: under autocast, fp16: cast), "
+                             f"not a {precision} export: leave --precision at fp32")
+        check_target(aoti, aoti_device)
     given, out = out, os.path.abspath(out)
     make_parents(out, "--out", given)  # mkdir -p, before the long work
     _check_destination(out)
@@ -369,7 +379,7 @@ def export(
             plan_steps = len(candidates()[0])
         else:
             plan_steps = 0
-        bar = tqdm(total=units + 1 + bool(stages) + (units if tensorrt else 0) + len(openvino) + plan_steps,
+        bar = tqdm(total=units + 1 + bool(stages) + (units if tensorrt else 0) + len(openvino) + plan_steps + len(aoti),
                    disable=not progress, desc="export", unit="step")
         examples = _examples(export_model, shots, interface, (stage_order, GRAPH_ORDER) if stages else (GRAPH_ORDER,))
         def export_unit(name: str) -> dict:
@@ -439,6 +449,14 @@ def export(
             write_manifest(tmp, manifest)
             manifest["graph_plan"] = plan_graphs(tmp, manifest, model, seed=seed, threads=threads,
                                                  calibration=calibration, progress=bar, **(plan_options or {}))
+        if aoti:
+            from fssam.export.aoti import build_packages
+
+            write_manifest(tmp, manifest)
+            manifest["aoti"] = build_packages(tmp, manifest, model, aoti, aoti_device, progress=bar, seed=seed)
+            for name, entry in manifest["aoti"].items():
+                if gate and not entry["passed"]:
+                    raise ParityError(f"AOTInductor {name}: " + format_report(entry["parity"], graphs), entry["parity"])
         if openvino:
             from fssam.export.openvino import gate_openvino
 

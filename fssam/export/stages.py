@@ -73,12 +73,13 @@ class BF16Autocast(nn.Module):
     graph holds autocast's casts: bf16 convolutions and matrix products, fp32 elsewhere as
     autocast has it."""
 
-    def __init__(self, stage: nn.Module):
+    def __init__(self, stage: nn.Module, device_type: str = "cpu"):
         super().__init__()
         self.stage = stage
+        self.device_type = device_type
 
     def forward(self, *args):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
             out = self.stage(*args)
         if isinstance(out, tuple):
             return tuple(o.float() for o in out)

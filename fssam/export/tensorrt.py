@@ -12,7 +12,8 @@ entry point raises a clear error.
 
 Engines holding fssam::SCMA plugin nodes record the plugin's kind (`plugin_kind`): "aot" (the
 Triton kernel compiled to PTX inside the engine: any TensorRT runtime runs it, no Python) or "jit"
-(a Python callback: the engine runs only in a Python process that registered the plugin).
+(a Python callback: the engine runs only in a Python process that registered the plugin). A node
+without the `aot` attribute takes the AOT implementation (`network_flags`: PREFER_AOT_PYTHON_PLUGINS).
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ from fssam.runtime.runners.tensorrt import (  # noqa: F401  (TensorRTUnavailable
 WORKSPACE_BYTES = 8 << 30
 
 
+def network_flags(flags) -> int:
+    """create_network flags from TensorRT's NetworkDefinitionCreationFlag enum `flags`:
+    STRONGLY_TYPED, and PREFER_AOT_PYTHON_PLUGINS (TensorRT >= 10.9) so that an fssam::SCMA node
+    without the `aot` attribute takes the plugin's AOT implementation. TensorRT's ONNX parser lets
+    the node's own `aot` attribute win (1: strictly AOT, 0: strictly JIT); without it the parser
+    asks the network-level preference, and with neither flag a plugin defining both an AOT and a
+    JIT implementation (fssam::SCMA does) is refused ("has both AOT and JIT implementations.
+    PREFER_AOT_PYTHON_PLUGINS or PREFER_JIT_PYTHON_PLUGINS should be specified"). It is a network
+    creation flag, not an environment variable; a TensorRT without it gets STRONGLY_TYPED alone."""
+    value = 0
+    for name in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):
+        flag = getattr(flags, name, None)
+        if flag is not None:
+            value |= 1 << int(flag)
+    return value
+
+
 def serialize_network(onnx_model: bytes, precision: str = "fp32",
                       batch: tuple[int, int, int] = (MIN_BATCH, OPT_BATCH, MAX_BATCH), path: str | None = None) -> bytes:
     """A serialized TensorRT engine from ONNX bytes; one profile with dimension 0 over `batch`
@@ -48,8 +66,7 @@ def serialize_network(onnx_model: bytes, precision: str = "fp32",
     trt = require_tensorrt()
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    network = builder.create_network(network_flags(trt.NetworkDefinitionCreationFlag))
     parser = trt.OnnxParser(network, logger)
     if not (parser.parse(onnx_model) if path is None else parser.parse(onnx_model, path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

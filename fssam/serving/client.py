@@ -41,10 +41,18 @@ def _uint8(x, name: str, ndim: int) -> np.ndarray:
 
 
 class RemoteFSSAM:
-    """A connection to the `fssam` ensemble; `infer` returns logits (B,1,S,S) float32."""
+    """A connection to the `fssam` ensemble; `infer` returns logits (B,1,S,S) float32.
 
-    def __init__(self, url: str, protocol: str = "grpc", model: str = ENSEMBLE_MODEL, timeout: float | None = 120.0):
+    `api_key`: sent as 'Authorization: Bearer KEY' (the front of `fssam serve --api-key`); an
+    https:// URL speaks TLS (HTTP only), verified against the system's CAs or `ca_file`."""
+
+    def __init__(self, url: str, protocol: str = "grpc", model: str = ENSEMBLE_MODEL, timeout: float | None = 120.0,
+                 api_key: str | None = None, ca_file: str | None = None):
         self.protocol = protocol
+        self.tls = url.startswith("https://")
+        if self.tls and protocol != "http":
+            raise ServingError(f"{url}: https is for the HTTP protocol (the front); use --protocol http")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.address = _address(url, protocol)
         self.model = model
         self.timeout = timeout
@@ -60,6 +68,10 @@ class RemoteFSSAM:
             self.client = module.InferenceServerClient(self.address)
         else:
             kwargs = {"connection_timeout": timeout, "network_timeout": timeout} if timeout else {}
+            if self.tls:
+                import ssl
+
+                kwargs.update(ssl=True, ssl_context_factory=lambda: ssl.create_default_context(cafile=ca_file))
             self.client = module.InferenceServerClient(self.address, **kwargs)
 
     def _unreachable(self, error) -> ServingError:
@@ -100,9 +112,10 @@ class RemoteFSSAM:
         outputs = [self.module.InferRequestedOutput("logits")]
         try:
             if self.protocol == "grpc":
-                result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
+                result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout,
+                                           headers=self.headers)
             else:
-                result = self.client.infer(self.model, inputs, outputs=outputs)
+                result = self.client.infer(self.model, inputs, outputs=outputs, headers=self.headers)
         except InferenceServerException as error:
             self._raise(error)
         except Exception as error:  # connection refused, DNS, timeouts of the transport
@@ -119,7 +132,9 @@ class RemoteFSSAM:
 
         try:
             call = getattr(self.client, method)
-            return call(model, as_json=True) if self.protocol == "grpc" else call(model)
+            if self.protocol == "grpc":
+                return call(model, as_json=True, headers=self.headers)
+            return call(model, headers=self.headers)
         except InferenceServerException as error:
             self._raise(error)
         except Exception as error:  # connection refused, DNS, timeouts of the transport
@@ -155,7 +170,7 @@ class RemoteFSSAM:
 
     def ready(self) -> bool:
         try:
-            return bool(self.client.is_server_ready())
+            return bool(self.client.is_server_ready(headers=self.headers))
         except Exception:
             return False
 
@@ -174,7 +189,7 @@ class RemoteFSSAM:
 
 
 def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", model: str = ENSEMBLE_MODEL,
-                   timeout: float | None = 120.0) -> torch.Tensor:
+                   timeout: float | None = 120.0, api_key: str | None = None) -> torch.Tensor:
     """Logits (B,1,S,S) float32 of one episode (B = 1 for `fssam predict`) from a running server.
 
     url: host:port of the gRPC (default port 8001) or HTTP (8000) endpoint; a scheme prefix is
@@ -182,5 +197,5 @@ def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", mod
     ignore): torch tensors or numpy arrays, RGB 0..255. Raises ServingError (an FSSAMError) with
     the server's message for rejected inputs, or when the server cannot be reached.
     """
-    with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout) as remote:
+    with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout, api_key=api_key) as remote:
         return remote.infer(query, supports, masks)

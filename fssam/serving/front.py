@@ -24,6 +24,7 @@ import concurrent.futures
 import hmac
 import io
 import json
+import logging
 import re
 import ssl
 import threading
@@ -40,6 +41,8 @@ from fssam.serving.kserve import FILE_MIB, Contract, RequestError, infer_respons
 RETRY_AFTER_S = 2
 FILE_LIMIT = FILE_MIB * 2**20  # bytes of one uploaded image or mask file
 DECODE_WORKERS = 2  # uploads decoded at once (a 8192 px image decodes to 200 MB)
+MAX_BODIES = 16  # request bodies held at once (each at most the model's body limit); later ones wait
+BODY_TIMEOUT_S = 120  # a body not received within this gets 408 (slow senders hold no slot for ever)
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 ADMIN = re.compile(r"^/v2/(repository|systemsharedmemory|cudasharedmemory|logging|trace)(/|$)")
 OTHER_MODEL = re.compile(r"^/v2/models/([^/]+)(/.*)?$")
@@ -128,8 +131,13 @@ class Front:
         self._session = ClientSession(timeout=ClientTimeout(total=600, sock_connect=5),
                                       connector=TCPConnector(force_close=True))
         self._decodes = asyncio.Semaphore(DECODE_WORKERS)
-        # auto_decompress off: a compressed body is refused (415), never inflated
-        self._runner = web.AppRunner(app, auto_decompress=False, access_log=None, handle_signals=False)
+        self._bodies = asyncio.Semaphore(MAX_BODIES)
+        # auto_decompress off: a compressed body is refused (415), never inflated; a malformed HTTP
+        # message is answered 400 by aiohttp without a traceback in our log (anyone could flood it)
+        quiet = logging.getLogger("fssam.front.http")
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
+        self._runner = web.AppRunner(app, auto_decompress=False, access_log=None, handle_signals=False, logger=quiet)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
         await site.start()
@@ -198,7 +206,12 @@ class Front:
             return _error(415, f"Content-Encoding {encoding[:32]!r}: compressed request bodies are not accepted; "
                                "send the body uncompressed")
         try:
+            if request.method == "POST":
+                async with self._bodies:
+                    return await handler(request)
             return await handler(request)
+        except asyncio.TimeoutError:
+            return _error(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s")
         except web.HTTPException as error:  # 404 / 405 / 413 of aiohttp: as JSON
             if error.status >= 500:
                 raise
@@ -207,7 +220,7 @@ class Front:
             return _error(error.status, str(error))
         except Unavailable as error:
             return _error(503, str(error))
-        except (HttpProcessingError, ValueError, UnicodeError) as error:  # a malformed multipart body
+        except (HttpProcessingError, ValueError, UnicodeError, RecursionError) as error:  # bad multipart; JSON too deep
             message = " ".join(str(getattr(error, "message", None) or error).split())[:200]
             return _error(400, f"malformed request body: {message}")
 
@@ -223,11 +236,14 @@ class Front:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise RequestError(f"the body is {declared} bytes, over the limit of {limit} for this model "
-                               f"(image size {self.contract.image_size}, {self.contract.shots} shots, at most "
+                               f"(image size {self.contract.image_size}, {self.contract.shots} shot"
+                               f"{'s' if self.contract.shots != 1 else ''}, at most "
                                f"{self.contract.max_batch} episodes)", 413)
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         while True:
-            chunk = await request.content.read(2**20)
+            chunk = await asyncio.wait_for(request.content.read(2**20),
+                                           max(0.0, deadline - asyncio.get_running_loop().time()))
             if not chunk:
                 break
             size += len(chunk)
@@ -342,18 +358,24 @@ class Front:
             raise RequestError(f"the body is {request.content_length} bytes, over the limit of {limit}", 413)
         files = {name: [] for name in counts}
         reader = await request.multipart()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_TIMEOUT_S
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         while True:
-            part = await reader.next()
+            part = await asyncio.wait_for(reader.next(), left())
             if part is None:
                 break
-            name = part.name
+            name = getattr(part, "name", None)  # a nested multipart part has none
             if name not in counts:
                 raise RequestError(f"unknown form field {str(name)[:64]!r}: expected query, support, support_mask")
             if len(files[name]) >= counts[name]:
                 raise RequestError(f"too many {name!r} files: this model takes {counts[name]}")
             data = bytearray()
             while True:
-                chunk = await part.read_chunk(2**20)
+                chunk = await asyncio.wait_for(part.read_chunk(2**20), left())
                 if not chunk:
                     break
                 data += chunk

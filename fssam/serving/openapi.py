@@ -32,7 +32,7 @@ def _tensor(name: str, shape: list, maximum: int) -> dict:
 
 def document(contract: Contract, keys: bool = False) -> dict:
     s, k, b = contract.image_size, contract.shots, contract.max_batch
-    model = {"name": "fssam", "in": "path", "required": True, "schema": {"const": "fssam"}}
+    model = {"name": "name", "in": "path", "required": True, "schema": {"const": "fssam"}}
     files = {"type": "string", "format": "binary"}
     many = files if k == 1 else {"type": "array", "items": files, "minItems": k, "maxItems": k}
     infer_request = {

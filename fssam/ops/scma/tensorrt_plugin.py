@@ -35,9 +35,20 @@ fits, and reports the choice.
 This module imports without tensorrt and without a GPU, and imports nothing of fssam outside
 this package (engines are built and run by `fssam.export.tensorrt` and
 `fssam.runtime.runners.tensorrt`, which call `register()` first). `register()` raises
-RuntimeError(REQUIREMENT) when tensorrt or the GPU is missing. `compile_aot_kernel` only needs
-Triton (it compiles for an explicit target, e.g. GPUTarget("cuda", 90, 32), on a CPU-only
-machine too, provided TRITON_INTERPRET is not set in that process).
+PluginUnavailable (a RuntimeError, one line) when tensorrt or the GPU is missing, or when
+TensorRT is older than 10.9 (`check_tensorrt_version`): `tensorrt.plugin.aot_impl` and
+`KernelLaunchParams`, the AOT quickly-deployable plugin API, came with 10.9 (TensorRT 10.9.0
+release notes). There is no JIT-only fallback for 10.6-10.8: `fssam export` records an engine's
+plugin kind from the ONNX node (aot=1 by default) and the serving configs trust it, so an engine
+silently built with the JIT callback instead would be refused only when Triton loads it.
+Registration is all or nothing: `_registered["done"]` is set only once every definition is in
+TensorRT's (global) registry; a call that fails half-way leaves it unset, and the next call
+defines only what is missing (a second `trtp.register` of the same id would be refused) or raises
+the same error again.
+
+`compile_aot_kernel` only needs Triton (it compiles for an explicit target, e.g.
+GPUTarget("cuda", 90, 32), on a CPU-only machine too, provided TRITON_INTERPRET is not set in
+that process).
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin checks the annotations of the
@@ -53,6 +64,9 @@ PLUGIN_NAMESPACE = "fssam"
 PLUGIN_NAME = "SCMA"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 REQUIREMENT = "TensorRT plugin needs the tensorrt package and a CUDA device"
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl / KernelLaunchParams: AOT quickly-deployable plugins
+# what register() uses of tensorrt.plugin beyond register / autotune / impl (TensorRT >= 10.9)
+_AOT_API = ("aot_impl", "KernelLaunchParams", "SymIntExprs", "SymInt32", "cdiv")
 MAX_STATIC_LAUNCH_SHARED = 48 * 1024
 
 # kernel parameter positions (see _scma_fwd_kernel): pointers and the multiples-of-c strides
@@ -73,9 +87,51 @@ def available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
+class PluginUnavailable(RuntimeError):
+    """The plugin cannot be registered here: no tensorrt, no GPU, or a TensorRT older than 10.9."""
+
+
 def require() -> None:
     if not available():
-        raise RuntimeError(REQUIREMENT)
+        raise PluginUnavailable(REQUIREMENT)
+
+
+def _too_old(version, lacks: str = "") -> str:
+    found = f"TensorRT {version}" if version else "this TensorRT"
+    lacks = f" ({lacks})" if lacks else ""
+    low = ".".join(map(str, MIN_TENSORRT))
+    return (f"{found} is too old for the fssam::SCMA plugin{lacks}: its AOT kernel needs TensorRT >= {low} "
+            f"(tensorrt.plugin.aot_impl, KernelLaunchParams); pip install 'tensorrt>={low},<12', or export with "
+            "--scma-node decomposed")
+
+
+def check_tensorrt_version(trt) -> None:
+    """The version gate: PluginUnavailable (one line) when the `tensorrt` module `trt` says it is
+    older than MIN_TENSORRT. Only its `__version__` is read ("10.8.0.43", "11.1.0.106"; compared as
+    numbers: 10.10 > 10.9); a missing or unreadable version passes here and `plugin_api` checks
+    the API itself."""
+    version = getattr(trt, "__version__", None)
+    match = re.match(r"\s*(\d+)\.(\d+)", str(version)) if version is not None else None
+    if match is not None and (int(match[1]), int(match[2])) < MIN_TENSORRT:
+        raise PluginUnavailable(_too_old(version))
+
+
+def plugin_api():
+    """(tensorrt, tensorrt.plugin), checked before anything is registered: the version gate, then
+    the AOT API register() uses (so a TensorRT that lacks it fails here, cleanly, not half-way
+    through the definitions)."""
+    import tensorrt as trt
+
+    check_tensorrt_version(trt)
+    version = getattr(trt, "__version__", None)
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        raise PluginUnavailable(_too_old(version, "no tensorrt.plugin module")) from None
+    missing = [name for name in _AOT_API if not hasattr(trtp, name)]
+    if missing:
+        raise PluginUnavailable(_too_old(version, f"its tensorrt.plugin has no {', '.join(missing)}"))
+    return trt, trtp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,33 +242,60 @@ def _compile_aot_kernel(dtype: torch.dtype, head_dim: int, target: tuple) -> Aot
                        f"(tried BLOCK_M, BLOCK_N, stages, shared = {tried}); use aot=0")
 
 
+def _definition(trtp):
+    """TensorRT's definition of fssam::SCMA in this process (`tensorrt.plugin.op.fssam.SCMA`), or None."""
+    return getattr(getattr(getattr(trtp, "op", None), PLUGIN_NAMESPACE, None), PLUGIN_NAME, None)
+
+
+# the definitions after trtp.register, in order, and the PluginDef field each one fills
+# (tensorrt/plugin/_lib.py: PluginDef.autotune_func / aot_impl_func / impl_func, None until defined)
+_DEFINITIONS = (("autotune", "autotune_func"), ("aot_impl", "aot_impl_func"), ("impl", "impl_func"))
+
+
+def _complete_registration(steps) -> None:
+    """Run the (name, present, define) `steps` in order, skipping those whose present() is true;
+    the registration is marked done only after the last one. A step that raises leaves it not
+    done: the next register() defines what is still missing (TensorRT keeps what went in and would
+    refuse a second trtp.register of the id) or raises the same error."""
+    for _name, present, define in steps:
+        if not present():
+            define()
+    _registered["done"] = True
+
+
 def register() -> None:
     """Register the fssam::SCMA plugin with TensorRT (idempotent). Then the ONNX parser maps
     nodes op "SCMA" with attribute plugin_namespace="fssam" to it."""
     require()
     if _registered["done"]:
         return
-    import tensorrt as trt
-    import tensorrt.plugin as trtp
+    trt, trtp = plugin_api()  # before anything is registered: a too old TensorRT registers nothing
+    functions = _plugin_functions(trt, trtp)
 
-    if hasattr(getattr(getattr(trtp, "op", None), PLUGIN_NAMESPACE, None), PLUGIN_NAME):
-        # registered in this process already (TensorRT's registry is global; a second
-        # definition would raise): e.g. by an earlier call that failed after registering
-        _registered["done"] = True
-        return
+    def defined(field):
+        # a definition already in TensorRT's registry (an earlier call that failed half-way): its
+        # fields say what is missing; one that does not expose them is taken as complete
+        plugin = _definition(trtp)
+        return plugin is not None and getattr(plugin, field, True) is not None
 
+    steps = [("register", lambda: _definition(trtp) is not None,
+              lambda: trtp.register(PLUGIN_ID)(functions["register"]))]
+    steps += [(kind, lambda field=field: defined(field),
+               lambda kind=kind: getattr(trtp, kind)(PLUGIN_ID)(functions[kind])) for kind, field in _DEFINITIONS]
+    _complete_registration(steps)
+
+
+def _plugin_functions(trt, trtp) -> dict:
+    """The functions of the plugin (not yet registered): {"register", "autotune", "aot_impl", "impl"}."""
     torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
 
-    @trtp.register(PLUGIN_ID)
     def _describe(q: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, cal: trtp.TensorDesc) -> trtp.TensorDesc:
         return q.like()
 
-    @trtp.autotune(PLUGIN_ID)
     def _autotune(q, keys, values, cal, outputs):
         # q, keys, values, out share one of fp32/fp16/bf16 (paired index-wise); cal is always fp32
         return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32, FP32|FP16|BF16", "LINEAR")]
 
-    @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, cal: trtp.TensorDesc,
              outputs: tuple[trtp.TensorDesc], tactic: int
              ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
@@ -239,7 +322,6 @@ def register() -> None:
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
         return kernel.name.encode(), kernel.ptx.encode(), launch, extra
 
-    @trtp.impl(PLUGIN_ID)
     def _jit(q: trtp.Tensor, keys: trtp.Tensor, values: trtp.Tensor, cal: trtp.Tensor, outputs, stream: int):
         from fssam.ops.scma.triton_kernel import kernel_config, scma_fused
 
@@ -251,4 +333,4 @@ def register() -> None:
             config = kernel_config(tq.shape[-1], tq.shape[2], tq.dtype, interpret=False)
             scma_fused(tq, tk, tv, tc, out=out, block_m=config["BLOCK_M"], block_n=config["BLOCK_N"], num_splits=1)
 
-    _registered["done"] = True
+    return {"register": _describe, "autotune": _autotune, "aot_impl": _aot, "impl": _jit}

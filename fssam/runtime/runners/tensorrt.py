@@ -47,19 +47,34 @@ def require_tensorrt():
     return tensorrt
 
 
-def _torch_dtype(trt, dtype):
+def torch_dtypes(trt) -> dict:
+    """{TensorRT DataType: torch dtype} of the engine I/O this runner can hand over."""
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64,
              trt.bool: torch.bool, trt.uint8: torch.uint8, trt.int8: torch.int8}  # uint8: the graphs' pixels
     if hasattr(trt, "bfloat16"):
         table[trt.bfloat16] = torch.bfloat16
+    return table
+
+
+def torch_dtype(table: dict, dtype, tensor: str) -> torch.dtype:
+    """The torch dtype of engine tensor `tensor` (TensorRT `dtype`, `table` from torch_dtypes);
+    FSSAMError naming both when torch has none here (e.g. FP8, INT4, FP4 I/O)."""
+    if dtype not in table:
+        known = ", ".join(sorted(str(d).removeprefix("torch.") for d in set(table.values())))
+        raise FSSAMError(f"TensorRT engine tensor {tensor!r} has data type {dtype}, which this runner cannot hand "
+                         f"over as a torch tensor (engine inputs and outputs must be one of {known}): rebuild the "
+                         "engines with `fssam export --tensorrt`")
     return table[dtype]
 
 
 def _register_plugin_if_needed(manifest: dict) -> None:
     if manifest.get("scma_node") == "custom":
-        from fssam.ops.scma.tensorrt_plugin import register
+        from fssam.ops.scma.tensorrt_plugin import PluginUnavailable, register
 
-        register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
+        try:
+            register()  # the fssam::SCMA node runs the fused Triton kernel as a TensorRT plugin
+        except PluginUnavailable as error:  # no GPU / tensorrt, or TensorRT < 10.9: one line
+            raise TensorRTUnavailable(str(error)) from None
 
 
 def deserialize(runtime, data: bytes, what: str):
@@ -73,14 +88,15 @@ def deserialize(runtime, data: bytes, what: str):
 def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> dict:
     """Run one engine on `stream`: inputs {name: tensor} (moved to CUDA, cast to the engine's input
     dtypes), returns {output name: CUDA tensor}. Waits for the stream before returning."""
-    keep, outputs = [], {}
+    keep, outputs, dtypes = [], {}, torch_dtypes(trt)
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
             continue
         if name not in inputs:
             raise FSSAMError(f"TensorRT engine input {name!r} was not given (got {sorted(inputs)})")
-        tensor = inputs[name].to(device="cuda", dtype=_torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
+        dtype = torch_dtype(dtypes, engine.get_tensor_dtype(name), name)
+        tensor = inputs[name].to(device="cuda", dtype=dtype).contiguous()
         if tensor.data_ptr() % ALIGNMENT:  # a view into a larger tensor (e.g. memory[b:]): copy to a fresh block
             tensor = tensor.clone()
         if not context.set_input_shape(name, tuple(tensor.shape)):
@@ -94,7 +110,7 @@ def execute(trt, engine, context, inputs: dict, stream: torch.cuda.Stream) -> di
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
             out = torch.empty(tuple(context.get_tensor_shape(name)), device="cuda",
-                              dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)))
+                              dtype=torch_dtype(dtypes, engine.get_tensor_dtype(name), name))
             context.set_tensor_address(name, out.data_ptr())
             outputs[name] = out
     stream.wait_stream(torch.cuda.current_stream())  # inputs were made on the current stream

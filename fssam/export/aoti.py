@@ -1,0 +1,155 @@
+"""AOTInductor packages of the two deployable graphs (`fssam export --aoti fp32[,bf16,fp16] --device`).
+
+The same eager modules as the ONNX graphs (fssam.export.stages), through `torch.export` and
+`torch._inductor.aoti_compile_and_package`, one `.pt2` per graph and precision under
+aoti/<precision>/<device>/. Precisions: fp32 (IEEE: no TF32); bf16, the fp32 model under bf16
+autocast as the official test runs it (CPU: only where the CPU has native bf16); fp16, the model
+in fp16 (CUDA only). CPU packages take a dynamic batch (1 .. the export's limit); CUDA packages are
+static per batch bucket (1, 2, 4, 8 episodes, up to the export's limit) and compiled with
+max-autotune, so the runner can replay each from a CUDA graph. Each precision is gated like every
+export (fssam.runtime.parity against eager fp32; bf16 within 2x eager bf16 autocast's error, fp16
+within 2x eager fp16's) and recorded in manifest["aoti"][precision] with the torch version, the
+device (and GPU) that built it: a package loads only there (fssam.runtime.runners.torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from fssam.errors import ConfigError
+from fssam.export.stages import STAGE_MODULES, BF16Autocast
+from fssam.runtime.contract import BATCH, GRAPH_ORDER
+from fssam.runtime.manifest import file_sha256, write_manifest
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+FOLDER = "aoti"
+CUDA_BUCKETS = (1, 2, 4, 8)  # episodes per call of the static CUDA packages
+EXAMPLE_BATCH = 2  # CPU: tracing at batch 1 would specialise the dynamic batch
+
+
+def parse_precisions(text) -> tuple:
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    bad = [p for p in items if p not in PRECISIONS]
+    if bad or not items:
+        raise ConfigError(f"--aoti {','.join(items) or text!r}: expected a comma list of {', '.join(PRECISIONS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def check_target(precisions, device: str) -> None:
+    """ConfigError (one line) for a device this machine lacks or a precision it cannot build there."""
+    from fssam.runtime import cpu
+
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no CUDA GPU that torch can use; build CPU packages with "
+                          "--device cpu, or export on the GPU machine that will serve them")
+    if device == "cpu" and "fp16" in precisions:
+        raise ConfigError("--aoti fp16 is for --device cuda (CPUs have no fast fp16 matrix kernels); use fp32 or bf16")
+    if device == "cpu" and "bf16" in precisions and not cpu.native_bf16():
+        raise ConfigError(f"--aoti bf16 on the CPU needs native bf16 ({' or '.join(cpu.NATIVE_BF16_FLAGS)}); this "
+                          f"one has neither: {cpu.describe()}")
+
+
+def buckets(limit: int) -> tuple:
+    return tuple(b for b in CUDA_BUCKETS if b <= limit) or (1,)
+
+
+def graph_module(model, name: str, precision: str, device: str) -> torch.nn.Module:
+    """The eager graph module a package is compiled from (the ONNX export's own)."""
+    if precision == "fp16":
+        model = copy.deepcopy(model).to_dtype(torch.float16)
+    module = STAGE_MODULES[name](model.to(device)).eval()
+    return BF16Autocast(module, device).eval() if precision == "bf16" else module
+
+
+def _batched(examples: tuple, batch: int, device: str, dtype) -> tuple:
+    """The examples at `batch` (the first episode repeated), on `device`, floats in `dtype`."""
+    out = []
+    for array in examples:
+        array = torch.cat([array[:1]] * batch) if array.shape[0] != batch else array
+        # contiguous: a package is compiled for its examples' strides and trusts every call to match
+        out.append(array.to(device=device, dtype=dtype if array.is_floating_point() else array.dtype).contiguous())
+    return tuple(out)
+
+
+def compile_package(module, examples: tuple, path: str, device: str, dynamic_limit: int | None) -> None:
+    """torch.export the module on `examples` and package it with AOTInductor at `path`."""
+    from fssam.runtime.parity import ieee_fp32
+
+    names = list(_input_names(module))
+    dynamic = None
+    if dynamic_limit is not None:
+        batch = torch.export.Dim(BATCH, min=1, max=max(dynamic_limit, int(examples[0].shape[0])))
+        dynamic = {"args": tuple({0: batch} for _ in names)} if isinstance(module, BF16Autocast) else \
+            {name: {0: batch} for name in names}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with ieee_fp32(), torch.no_grad():
+        program = torch.export.export(module, examples, dynamic_shapes=dynamic)
+        options = {"max_autotune": True} if device == "cuda" else {}
+        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
+
+
+def _input_names(module) -> list:
+    """The forward argument names of a graph module (BF16Autocast: its stage's)."""
+    import inspect
+
+    inner = module.stage if isinstance(module, BF16Autocast) else module
+    return [name for name in inspect.signature(inner.forward).parameters]
+
+
+def build_packages(folder: str, manifest: dict, model, precisions, device: str = "cpu", progress=None,
+                   seed: int = 0) -> dict:
+    """Compile, write and gate the packages; returns manifest["aoti"] ({precision: entry}). A
+    precision whose gate fails keeps its entry with passed False and its files removed."""
+    from fssam.export.onnx_export import _examples
+    from fssam.runtime import as_torch
+    from fssam.runtime.parity import parity_report, sample_episode
+    from fssam.runtime.runners.torch import TorchRunner, build_record
+
+    shots = int(manifest["shots"])
+    result = dict(manifest.get("aoti", {}))
+    for precision in precisions:
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        base = model if precision != "fp16" else copy.deepcopy(model).to_dtype(torch.float16)
+        examples = _examples(base, shots, dtype, (GRAPH_ORDER,))
+        graphs = {}
+        for name in GRAPH_ORDER:
+            if progress is not None:
+                progress.set_postfix_str(f"{name} -> AOTInductor {precision} {device}")
+            module = graph_module(model, name, precision, device)
+            limit = int(manifest["graphs"][name]["max_batch"])
+            files = {}
+            sizes = (None,) if device == "cpu" else buckets(int(manifest.get("max_batch", limit)))
+            for size in sizes:
+                stem = f"{name}.pt2" if size is None else f"{name}.b{size}.pt2"
+                relative = os.path.join(FOLDER, precision, device, stem)
+                batch = EXAMPLE_BATCH if size is None else size  # the graphs see one item per episode
+                compile_package(module, _batched(examples[name], batch, device, dtype),
+                                os.path.join(folder, relative), device, limit if size is None else None)
+                files["dynamic" if size is None else str(size)] = {"file": relative,
+                                                                  "sha256": file_sha256(os.path.join(folder, relative))}
+            graphs[name] = {"files": files, "max_batch": limit}
+        result[precision] = {**build_record(device), "graphs": graphs}
+        manifest["aoti"] = result
+        write_manifest(folder, manifest)
+        if progress is not None:
+            progress.set_postfix_str(f"AOTInductor {precision} gate")
+        runner = as_torch(TorchRunner(folder, precision=precision, verify=False))
+        episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
+        report = parity_report(model, runner, precision, episode, stages=GRAPH_ORDER)
+        report["runtime"] = runner.describe()
+        result[precision]["parity"] = report
+        result[precision]["passed"] = bool(report["passed"])
+        if not report["passed"]:
+            for entry in graphs.values():
+                for item in entry["files"].values():
+                    os.unlink(os.path.join(folder, item["file"]))
+            result[precision]["graphs"] = {}
+        if progress is not None:
+            progress.update()
+    return result
