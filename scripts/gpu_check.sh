@@ -6,6 +6,7 @@
 #   gpu-tests-onnxruntime.log  (an onnxruntime with the CUDA provider) its runner and bench mode with IO binding
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
+#   aoti-artifacts/, aoti/   `--aoti` CUDA packages of small (gated) and benchmarks/bench_aoti.py at batch 1 and 8
 # Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
 #   --quick (first argument; for a short lease): bench_scma in fp16 only; the pipeline bench at 1 shot, 10
 #   runs, without torch.compile (eager fp32, bf16 autocast, and TensorRT / ONNX Runtime GPU where installed). On the lent H200 (Triton 3.6, cold kernel cache) the GPU tests took 285 s and a
@@ -47,6 +48,18 @@ if [ "${ort_gpu_tests:-0}" = 1 ]; then  # the CUDA provider with IO binding: run
     python -m pytest -q -rs tests/test_runtime.py tests/test_bench.py -k "gpu or io_binding or tensorrt_provider" 2>&1 \
         | tee "$out/gpu-tests-onnxruntime.log" || failed+=(onnxruntime-tests)
 fi
+# torch AOTInductor packages of the two graphs on CUDA (static batch buckets, CUDA graphs) vs eager fp32 and
+# eager bf16 autocast at batch 1 and 8; --quick: bf16 only, buckets 1 and 8
+if [ "$quick" = 1 ]; then aoti=bf16; export FSSAM_AOTI_BUCKETS=1,8; else aoti=bf16,fp16,fp32; fi
+python - "$out/aoti-artifacts" "$aoti" <<'PY' 2>&1 | tee "$out/aoti-export.log" || failed+=(aoti-export)
+import sys
+from fssam.export import export
+manifest = export("small", out=sys.argv[1], stages=False, aoti=tuple(sys.argv[2].split(",")), aoti_device="cuda",
+                  progress=False)
+print({p: (e["passed"], e["parity"]["end_to_end"]) for p, e in manifest["aoti"].items()})
+PY
+python benchmarks/bench_aoti.py --artifacts "$out/aoti-artifacts" --batches 1,8 --out "$out/aoti" || failed+=(bench_aoti)
+python -m pytest -q -rs tests/test_torch_backend.py tests/test_scma.py 2>&1 | tee "$out/gpu-tests-torch.log" || failed+=(torch-tests)
 if [ "$quick" = 1 ]; then pipeline=(--shots 1 --iterations 10 --warmup 2); else pipeline=(--shots 1,5 --iterations 20 --warmup 3); fi
 python -m fssam.cli bench --config small --modes "$modes" "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi

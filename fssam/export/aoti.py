@@ -35,7 +35,8 @@ def parse_precisions(text) -> tuple:
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     bad = [p for p in items if p not in PRECISIONS]
     if bad or not items:
-        raise ConfigError(f"--aoti {','.join(items) or text!r}: expected a comma list of {', '.join(PRECISIONS)}")
+        shown = ",".join(items) or repr(text)
+        raise ConfigError(f"--aoti {shown}: expected a comma list of {', '.join(PRECISIONS)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -56,7 +57,11 @@ def check_target(precisions, device: str) -> None:
 
 
 def buckets(limit: int) -> tuple:
-    return tuple(b for b in CUDA_BUCKETS if b <= limit) or (1,)
+    """The CUDA batch buckets up to `limit`; $FSSAM_AOTI_BUCKETS (e.g. "1,8") picks fewer for a short run."""
+    chosen = CUDA_BUCKETS
+    if os.environ.get("FSSAM_AOTI_BUCKETS"):
+        chosen = tuple(sorted({int(b) for b in os.environ["FSSAM_AOTI_BUCKETS"].split(",") if b.strip()}))
+    return tuple(b for b in chosen if b <= limit) or (1,)
 
 
 def graph_module(model, name: str, precision: str, device: str) -> torch.nn.Module:
@@ -90,7 +95,8 @@ def compile_package(module, examples: tuple, path: str, device: str, dynamic_lim
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with ieee_fp32(), torch.no_grad():
         program = torch.export.export(module, examples, dynamic_shapes=dynamic)
-        options = {"max_autotune": True} if device == "cuda" else {}
+        # $FSSAM_AOTI_AUTOTUNE=0: no max-autotune (minutes less per package, slower kernels)
+        options = {"max_autotune": os.environ.get("FSSAM_AOTI_AUTOTUNE", "1") != "0"} if device == "cuda" else {}
         torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
 
 
