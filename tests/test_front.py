@@ -98,16 +98,9 @@ class Served:
 
 
 def _children(pid: int) -> list:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
+    from fssam.serving.server import child_processes
+
+    return child_processes(pid)
 
 
 def _tritonserver_pid(serve_pid: int) -> int:

@@ -12,6 +12,9 @@ NATIVE_NOTES = {
     "openvino": "native OpenVINO configs are for an official tritonserver container (its OpenVINO backend, CPU; it "
                 "cannot pin f32, see the docs); the nvidia-pytriton wheel's server has no OpenVINO backend: use "
                 "python-openvino there",
+    "torch-aoti": "torch_aoti configs are for an official tritonserver container from 26.05 (its PyTorch backend, "
+                  "beta: one episode per request) whose torch is the one that built the packages; the "
+                  "nvidia-pytriton wheel's server has no PyTorch backend: use python-torch there",
 }
 
 
@@ -26,17 +29,20 @@ def register(subparsers) -> None:
     repository.add_argument("--backend", default="python-ort", choices=BACKENDS,
                             help="what runs the two graphs: plan (each graph on the runtime and precision the export's "
                                  "graph plan chose, `fssam export --plan`); python-ort / python-openvino (ONNX Runtime / "
-                                 "OpenVINO in the Python backend, CPU, this machine's tritonserver); onnxruntime, "
-                                 "tensorrt, openvino: Triton's native backends (official containers)")
-    repository.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8"),
+                                 "OpenVINO in the Python backend, CPU, this machine's tritonserver); python-torch (the "
+                                 "AOTInductor packages of `fssam export --aoti` on torch in the Python backend, CPU or "
+                                 "GPU); onnxruntime, tensorrt, openvino, torch-aoti: Triton's native backends "
+                                 "(official containers)")
+    repository.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16", "int8"),
                             help="python-openvino / openvino: OpenVINO precision of the graphs (default fp32; bf16 needs "
                                  "a CPU with native bf16 for python-openvino; int8: the graph plan's NNCF int8 IR); "
                                  "python-ort / onnxruntime: int8 serves the graph plan's ONNX Runtime int8 graphs; "
-                                 "otherwise the export's own")
+                                 "python-torch / torch-aoti: the AOTInductor packages of `fssam export --aoti` (fp32, "
+                                 "bf16, fp16; default fp32); otherwise the export's own")
     repository.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                             help=f"episodes per request and per dynamic batch (default {DEFAULT_MAX_BATCH})")
     repository.add_argument("--instances", type=at_least(1), default=1, help="instances per graph model")
-    repository.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime / OpenVINO threads per graph instance "
+    repository.add_argument("--threads", type=at_least(0), default=0, help="ONNX Runtime / OpenVINO / torch threads per graph instance "
                                                                     "(0: the runtime's default, all cores)")
     repository.add_argument("--max-queue-delay-us", type=at_least(0), default=500, help="dynamic batching delay")
     repository.add_argument("--no-cache", action="store_true",

@@ -6,7 +6,8 @@ Layout (REPO), every model versioned (folder 1/, `version_policy: latest 1`):
   validate/config.pbtxt         Python backend (numpy only): mask values -> INVALID_ARGUMENT; 255 -> 0
   validate/1/model.py
   support_encoder/config.pbtxt  deployable graph 1, Triton's response cache on: the support-set cache
-  support_encoder/1/model.*     model.onnx | model.xml + model.bin | model.plan (+ model.py, Python backends)
+  support_encoder/1/model.*     model.onnx | model.xml + model.bin | model.plan | model.pt2 (model.b<N>.pt2: CUDA
+                                batch buckets) (+ model.py, Python backends)
   support_encoder/warmup/*      raw input files of model_warmup (a real episode)
   query_segmenter/...           deployable graph 2, same layout
   fssam_repository.json         what was written: backend, precision per graph, shapes, weights
@@ -22,8 +23,13 @@ FP32 (B,1,S,S). Backends of the two graphs:
   openvino         Triton's OpenVINO backend (official containers, CPU)
   tensorrt         Triton's TensorRT backend, the graph engines of `fssam export --tensorrt` (GPU); engines
                    holding the fssam::SCMA plugin's AOT kernel load as they are, JIT ones are refused
+  python-torch     Python backend running torch on the AOTInductor packages of `fssam export --aoti P`
+                   (--precision fp32 | bf16 | fp16), CPU or the GPU they were built on, with the torch
+                   that built them; this machine's server
+  torch-aoti       Triton's PyTorch backend, platform torch_aoti (official containers from 26.05, beta):
+                   the same packages, one episode per request (the backend's limit)
 --max-batch is at most the export's own limit (manifest["max_batch"]).
-The Python models import numpy, the runtime and triton_python_backend_utils only; no file names a
+The Python models import numpy, their runtime and triton_python_backend_utils only; no file names a
 path of the machine that wrote them.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -43,10 +50,14 @@ from fssam.runtime.manifest import MANIFEST, file_sha256, load_manifest, weights
 from fssam.runtime.runners import openvino as ov_runner
 from fssam.serving import ENSEMBLE_MODEL, WEIGHTS_PARAMETER
 
-BACKENDS = ("plan", "python-ort", "python-openvino", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("plan", "python-ort", "python-openvino", "python-torch", "onnxruntime", "openvino", "tensorrt",
+            "torch-aoti")
 PLAN = "plan"  # each graph on the backend of the export's graph plan (python-ort / python-openvino)
 OPENVINO_BACKENDS = ("python-openvino", "openvino")
-PYTHON_BACKENDS = ("python-ort", "python-openvino")  # templates/graph_model.py in the Python backend
+PYTHON_BACKENDS = ("python-ort", "python-openvino", "python-torch")  # templates/graph_model.py in the Python backend
+RUNTIME_OF = {"python-ort": "onnxruntime", "python-openvino": "openvino", "python-torch": "torch"}  # its sections
+TORCH_BACKENDS = ("python-torch", "torch-aoti")  # the AOTInductor packages of `fssam export --aoti`
+AOTI_EPISODES = 1  # torch-aoti: Triton's PyTorch backend runs PT2 packages at batch size 1 only (see _torch_config)
 VALIDATE_MODEL = "validate"
 MARKER = "fssam_repository.json"
 REPOSITORY_FORMAT = "fssam-triton-repository/2"
@@ -63,7 +74,7 @@ KEY_BYTES = 32
 NATIVE_NO_CACHE = ("no support cache: Triton's response-cache key is a 64-bit non-cryptographic hash that clients "
                    "can make collide, so the cache is keyed by validate's HMAC of the support set, an input that "
                    "only the Python backends' support_encoder takes (a native backend would pass it to the graph); "
-                   "serve python-ort or python-openvino for a support cache")
+                   "serve python-ort, python-openvino or python-torch for a support cache")
 
 
 # ---------------------------------------------------------------- config.pbtxt text
@@ -225,6 +236,11 @@ def _precision(manifest: dict, backend: str, precision: str | None) -> str:
         if precision is not None:
             raise ConfigError("--backend plan serves each graph at the precision its plan chose: leave --precision out")
         return PLAN
+    if backend in TORCH_BACKENDS:
+        precision = precision or "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision {precision!r}: the AOTInductor packages are fp32, bf16 or fp16")
+        return precision
     if backend in OPENVINO_BACKENDS:
         precision = precision or "fp32"
         if precision not in ("fp32", "bf16", "int8"):
@@ -274,7 +290,33 @@ def _plan(manifest: dict, backend: str, precision: str) -> dict:
     if backend == "tensorrt":
         engines = manifest["tensorrt"]["engines"]
         return {name: {"precision": precision, "file": engines[name]["file"]} for name in GRAPH_ORDER}
+    if backend in TORCH_BACKENDS:
+        entry = torch_packages(manifest, backend, precision)
+        return {name: {"precision": precision, "file": None, "packages": entry["graphs"][name]["files"]}
+                for name in GRAPH_ORDER}
     return {name: {"precision": precision, "file": manifest["graphs"][name]["file"]} for name in GRAPH_ORDER}
+
+
+def torch_packages(manifest: dict, backend: str, precision: str) -> dict:
+    """manifest["aoti"][precision] where it can be served: gated packages of both graphs; for
+    python-torch (this machine's server) built by this torch for a device this machine has
+    (fssam.runtime.runners.torch.check_where). One ConfigError line otherwise."""
+    entry = manifest.get("aoti", {}).get(precision)
+    if entry is None:
+        raise ConfigError(f"this export has no AOTInductor {precision} packages for --backend {backend}: export them "
+                          f"with `fssam export --aoti {precision}` (--device cuda on the GPU that serves them)")
+    if not entry.get("passed") or any(name not in entry.get("graphs", {}) for name in GRAPH_ORDER):
+        raise ConfigError(f"the AOTInductor {precision} packages of this export failed their gate (nothing to serve): "
+                          f"export again with `fssam export --aoti {precision}`, or serve another --precision")
+    if backend == "python-torch":
+        from fssam.runtime.runners.torch import check_where
+
+        check_where(entry, precision)
+    elif precision == "fp16":
+        raise ConfigError("--backend torch-aoti serves fp32 and bf16 packages: fp16 ones take and give fp16 tensors, "
+                          "Triton's PyTorch backend casts nothing, and the ensemble passes fp32 between the graphs; "
+                          "serve fp16 with --backend python-torch")
+    return entry
 
 
 # ---------------------------------------------------------------- models
@@ -290,6 +332,21 @@ def _copy_model(artifacts: str, file: str, version: str, backend: str) -> str:
     return name
 
 
+def _copy_packages(packages: dict, artifacts: str, version: str, backend: str) -> str:
+    """A graph's AOTInductor package(s) into the version folder: model.pt2 (a CPU package, dynamic
+    batch; torch-aoti: the batch-1 one), or model.b<N>.pt2 per CUDA batch bucket (python-torch);
+    returns the config's model_file (the smallest bucket's)."""
+    if "dynamic" in packages:
+        chosen = {"model.pt2": packages["dynamic"]}
+    elif backend == "torch-aoti":
+        chosen = {"model.pt2": packages["1"]}
+    else:
+        chosen = {f"model.b{key}.pt2": packages[key] for key in sorted(packages, key=int)}
+    for name, item in chosen.items():
+        shutil.copy2(os.path.join(artifacts, item["file"]), os.path.join(version, name))
+    return next(iter(chosen))
+
+
 def _backend_config(backend: str, precision: str, model_file: str, threads: int, device: str,
                     accelerator: str | None, tensorrt_profile: dict | None = None) -> tuple[str, dict, str]:
     """(config header lines, parameters, instance kind) of one graph model. tensorrt_profile: the
@@ -301,13 +358,39 @@ def _backend_config(backend: str, precision: str, model_file: str, threads: int,
     if backend == "onnxruntime":
         header = 'backend: "onnxruntime"\n'
         if accelerator == "tensorrt":
+            import uuid
+
             mode = {"fp16": "FP16"}.get(precision, "FP32")
+            # Engine cache (ONNX Runtime's TensorRT EP options trt_engine_cache_enable / _path, which
+            # Triton's onnxruntime backend accepts as accelerator parameters and passes on as given).
+            # The backend has no model-folder mechanism: a relative path would be relative to
+            # tritonserver's working directory, so the folder is a fixed path of the server (its /tmp,
+            # writable in the official containers, whatever the user; ONNX Runtime creates only the
+            # last level of the path). ONNX Runtime names engines after the model's file and tensor
+            # names, not its weights: a folder of this model of this repository write (a random
+            # name) keeps another repository's, or an earlier write's, engines out of it.
+            cache = f"/tmp/fssam-ort-trt-{uuid.uuid4().hex[:16]}"
+            params = {"precision_mode": mode, "max_workspace_size_bytes": "4294967296",
+                      "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache}
+            note = ("# TensorRT execution accelerator: its engines are built at the first load and cached in\n"
+                    f"# {cache}, a folder of this model of this repository write only (ONNX Runtime\n"
+                    "# names engines after file and tensor names, not weights); later loads reuse them. Mount a\n"
+                    "# volume there (or at /tmp) to keep them across container restarts.\n")
+            if precision == "fp32":
+                # TensorRT allows TF32 for fp32 layers by default, and neither ONNX Runtime's TensorRT EP
+                # nor Triton's onnxruntime backend has a parameter for it (the backend refuses unknown
+                # ones): NVIDIA_TF32_OVERRIDE=0 in tritonserver's environment keeps TensorRT (and cuBLAS /
+                # cuDNN of the CUDA EP's nodes) off TF32. Engines are cached: it must be set before they
+                # are built.
+                note += ("# fp32 export: start tritonserver with NVIDIA_TF32_OVERRIDE=0 in its environment\n"
+                         "# (docker run -e NVIDIA_TF32_OVERRIDE=0 ...) before the engines are built: TensorRT uses\n"
+                         "# TF32 for fp32 layers by default and this backend has no parameter to turn it off;\n"
+                         "# engines built with TF32 stay cached until the folder above is removed.\n")
+            header = note + header
             header += ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
                        '        name: "tensorrt"\n'
-                       f'        parameters {{ key: "precision_mode" value: "{mode}" }}\n'
-                       '        parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
                        + "".join(f'        parameters {{ key: "{key}" value: "{value}" }}\n'
-                                 for key, value in sorted((tensorrt_profile or {}).items()))
+                                 for key, value in [*params.items(), *sorted((tensorrt_profile or {}).items())])
                        + "      }\n    ]\n  }\n}\n")
         return header, {}, "KIND_GPU" if device == "gpu" else "KIND_CPU"
     if backend == "tensorrt":
@@ -328,6 +411,33 @@ def native_openvino_parameters(properties: dict) -> dict:
     if properties.get("INFERENCE_PRECISION_HINT") == "bf16":
         params["HINT_BF16"] = "YES"
     return params
+
+
+def _torch_config(backend: str, precision: str, entry: dict, packages: dict, model_file: str,
+                  threads: int) -> tuple[str, dict, str]:
+    """(config header lines, parameters, instance kind) of a graph model on AOTInductor packages
+    (entry: manifest["aoti"][precision]): on the GPU where they were built for CUDA."""
+    kind = "KIND_GPU" if entry["device"] == "cuda" else "KIND_CPU"
+    where = f"torch {entry['torch']} on " + (f"a CUDA GPU ({entry.get('gpu')})" if entry["device"] == "cuda"
+                                              else "the CPU")
+    if backend == "python-torch":
+        buckets = ",".join(sorted((key for key in packages if key != "dynamic"), key=int))
+        return 'backend: "python"\n', {"runtime": "torch", "model_file": model_file, "torch_version": entry["torch"],
+                                       "torch_device": entry["device"], "torch_buckets": buckets,
+                                       "torch_float": "float16" if precision == "fp16" else "float32",
+                                       "intra_op_threads": threads}, kind
+    # triton-inference-server/pytorch_backend, README "AOT Inductor Support (Beta)" and src/pt2: model.pt2
+    # loads with platform "torch_aoti" (from 26.03); tensors are named by their position in the package's
+    # call, INPUT__<i> / OUTPUT__<i> (26.05 maps the call spec's ordinals; 26.03 and 26.04 compare the
+    # config's input count with the 2 entries of get_call_spec(), so query_segmenter's 5 inputs need
+    # 26.05); batch sizes above 1 are not supported yet.
+    note = ("# Triton's PyTorch backend, platform torch_aoti (beta; official containers from 26.05: 26.03 and\n"
+            "# 26.04 load only packages of 2 inputs). It runs AOTInductor packages one episode per request\n"
+            "# (batch sizes above 1 are not supported yet), so every model of this repository has\n"
+            f"# max_batch_size 0 and a batch dimension of {AOTI_EPISODES}. Tensors are named by their position in the\n"
+            "# package's call (INPUT__<i>, OUTPUT__<i>). The package loads only with\n"
+            f"# {where}: export it in the NGC PyTorch container of the server's release.\n")
+    return note + 'backend: "pytorch"\nplatform: "torch_aoti"\n', {}, kind
 
 
 def _write_raw(folder: str, arrays: dict) -> None:
@@ -367,16 +477,24 @@ def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episod
     spec = manifest["graphs"][name]
     version = os.path.join(tmp, name, "1")
     os.makedirs(version)
-    model_file = _copy_model(artifacts, entry["file"], version, backend)
+    if backend in TORCH_BACKENDS:
+        model_file = _copy_packages(entry["packages"], artifacts, version, backend)
+    else:
+        model_file = _copy_model(artifacts, entry["file"], version, backend)
     if backend in PYTHON_BACKENDS:
-        shutil.copy2(os.path.join(TEMPLATES, "graph_model.py"), os.path.join(version, "model.py"))
+        with open(os.path.join(version, "model.py"), "w") as handle:
+            handle.write(graph_model_source(RUNTIME_OF[backend]))
     profile = None
     if backend == "onnxruntime" and options["accelerator"] == "tensorrt":
         from fssam.runtime.runners.onnxruntime import tensorrt_profile_options
 
         profile = tensorrt_profile_options(name, spec, max(1, options["max_batch"]), int(manifest["shots"]))
-    header, params, kind = _backend_config(backend, entry["precision"], model_file, options["threads"],
-                                           options["device"], options["accelerator"], profile)
+    if backend in TORCH_BACKENDS:
+        header, params, kind = _torch_config(backend, entry["precision"], options["aoti"], entry["packages"],
+                                             model_file, options["threads"])
+    else:
+        header, params, kind = _backend_config(backend, entry["precision"], model_file, options["threads"],
+                                               options["device"], options["accelerator"], profile)
     if backend == "tensorrt" and graph_plugins(manifest)[name] == "aot":
         header = AOT_NOTE + header
     batched = options["max_batch"] > 0
@@ -385,15 +503,43 @@ def _write_graph(tmp, artifacts, manifest, name, entry, backend, options, episod
     if cached:  # validate's HMAC of the support set: part of Triton's cache key, not of the graph
         inputs.append(_key_tensor(batched))
         params["cache_key_inputs"] = SUPPORT_KEY
-    _write_raw(os.path.join(tmp, name, "warmup"), {e["name"]: episode[e["name"]] for e in inputs})
+    # torch-aoti: the tensors named by position (see _torch_config), a batch dimension of 1
+    names = ({e["name"]: f"{prefix}__{i}" for prefix, entries in (("INPUT", inputs), ("OUTPUT", outputs))
+              for i, e in enumerate(entries)} if backend == "torch-aoti" else {})
+    config_inputs, config_outputs = (_fixed(entries, names, options["episodes"]) for entries in (inputs, outputs))
+    _write_raw(os.path.join(tmp, name, "warmup"), {names.get(e["name"], e["name"]): episode[e["name"]] for e in inputs})
     cache = 'response_cache {\n  enable: true\n}\n' if cached else ""
-    text = (_header(name, options["max_batch"]) + header + _tensors("input", inputs) + _tensors("output", outputs)
-            + _batching(options["max_batch"], options["queue_delay_us"]) + cache
-            + _instances(options["instances"], kind) + _parameters(params) + _warmup(inputs, batched))
+    text = (_header(name, options["max_batch"]) + header + _tensors("input", config_inputs)
+            + _tensors("output", config_outputs) + _batching(options["max_batch"], options["queue_delay_us"]) + cache
+            + _instances(options["instances"], kind) + _parameters(params) + _warmup(config_inputs, batched))
     with open(os.path.join(tmp, name, "config.pbtxt"), "w") as handle:
         handle.write(text)
-    return {"backend": backend, "precision": entry["precision"], "file": model_file, "inputs": inputs,
-            "outputs": outputs}
+    return {"backend": backend, "precision": entry["precision"], "file": model_file,
+            "inputs": _fixed(inputs, {}, options["episodes"]), "outputs": _fixed(outputs, {}, options["episodes"]),
+            **({"tensor_names": names} if names else {})}
+
+
+def _fixed(entries: list, names: dict, episodes: int | None) -> list:
+    """Config tensors renamed by `names`, with a batch dimension of `episodes` where the batch is fixed."""
+    return [dict(e, name=names.get(e["name"], e["name"]),
+                 dims=[episodes, *e["dims"][1:]] if episodes else e["dims"]) for e in entries]
+
+
+def graph_model_source(runtime: str) -> str:
+    """templates/graph_model.py with only the section of `runtime` (between its `# >>> runtime R` and
+    `# <<< runtime R` lines): a model file imports the runtime it runs and no other."""
+    with open(os.path.join(TEMPLATES, "graph_model.py")) as handle:
+        lines, keep = [], True
+        for line in handle:
+            if line.startswith(("# >>> runtime ", "# <<< runtime ")):
+                keep = line.startswith("# <<<") or line.split()[-1] == runtime
+                if line.split()[-1] != runtime:
+                    continue
+            if keep:
+                lines.append(line)
+    if f'RUNTIMES["{runtime}"] = ' not in "".join(lines):
+        raise ValueError(f"templates/graph_model.py has no section of runtime {runtime!r}")
+    return re.sub(r"\n{4,}", "\n\n\n", "".join(lines))  # the blank lines around a dropped section
 
 
 def _key_tensor(batched: bool) -> dict:
@@ -408,12 +554,18 @@ def _write_validate(tmp: str, images: dict, masks: dict, options: dict, episode:
     batched = options["max_batch"] > 0
     _write_raw(os.path.join(tmp, VALIDATE_MODEL, "warmup"),
                {name: episode[name] for name in ("support_images", "support_masks")})
-    text = (_header(VALIDATE_MODEL, options["max_batch"]) + 'backend: "python"\n' + _tensors("input", [images, masks])
-            + _tensors("output", [binary, _key_tensor(batched)])
+    text = (_header(VALIDATE_MODEL, options["max_batch"]) + _episodes_note(options["episodes"]) + 'backend: "python"\n'
+            + _tensors("input", [images, masks]) + _tensors("output", _fixed([binary, _key_tensor(batched)], {},
+                                                                              options["episodes"]))
             + _batching(options["max_batch"], options["queue_delay_us"])
             + _instances(1, "KIND_CPU") + _warmup([images, masks], batched))
     with open(os.path.join(tmp, VALIDATE_MODEL, "config.pbtxt"), "w") as handle:
         handle.write(text)
+
+
+def _episodes_note(episodes: int | None) -> str:
+    return ("# one episode per request (a batch dimension of 1): Triton's PyTorch backend runs the graphs'\n"
+            "# AOTInductor packages (platform torch_aoti) at batch size 1 only\n") if episodes else ""
 
 
 def _map(kind: str, pairs: dict) -> str:
@@ -426,9 +578,16 @@ def _step(model: str, inputs: dict, outputs: dict) -> str:
             + _map("output_map", outputs) + "    }")
 
 
-def _write_ensemble(tmp: str, graphs: dict, max_batch: int, weights: str) -> dict:
+def _graph_step(graphs: dict, model: str, inputs: dict, outputs: dict) -> str:
+    names = graphs[model].get("tensor_names", {})
+    return _step(model, {names.get(k, k): v for k, v in inputs.items()},
+                 {names.get(k, k): v for k, v in outputs.items()})
+
+
+def _write_ensemble(tmp: str, graphs: dict, max_batch: int, weights: str, episodes: int | None = None) -> dict:
     """The `fssam` ensemble: validate -> support_encoder -> query_segmenter, all in the server; its
-    WEIGHTS_PARAMETER says which weights it serves."""
+    WEIGHTS_PARAMETER says which weights it serves. A graph model's tensor_names (torch-aoti) name its
+    side of the steps' maps."""
     support, query = graphs["support_encoder"], graphs["query_segmenter"]
     inputs = [query["inputs"][0], *support["inputs"][:2]]  # query, support_images, support_masks
     outputs = query["outputs"]
@@ -438,12 +597,13 @@ def _write_ensemble(tmp: str, graphs: dict, max_batch: int, weights: str) -> dic
     steps = [
         _step(VALIDATE_MODEL, {"support_images": "support_images", "support_masks": "support_masks"},
               {"binary_masks": "binary_masks", **key}),
-        _step("support_encoder", {"support_images": "support_images", "support_masks": "binary_masks", **key},
-              {name: name for name in support_outputs}),
-        _step("query_segmenter", {"query": "query", **{name: name for name in support_outputs},
-                                  "support_masks": "binary_masks"}, {"logits": "logits"}),
+        _graph_step(graphs, "support_encoder", {"support_images": "support_images", "support_masks": "binary_masks",
+                                                **key}, {name: name for name in support_outputs}),
+        _graph_step(graphs, "query_segmenter", {"query": "query", **{name: name for name in support_outputs},
+                                                "support_masks": "binary_masks"}, {"logits": "logits"}),
     ]
-    text = (_header(ENSEMBLE_MODEL, max_batch) + 'platform: "ensemble"\n' + _tensors("input", inputs)
+    text = (_header(ENSEMBLE_MODEL, max_batch) + _episodes_note(episodes) + 'platform: "ensemble"\n'
+            + _tensors("input", inputs)
             + _tensors("output", outputs) + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
             + _parameters({WEIGHTS_PARAMETER: weights}))
     os.makedirs(os.path.join(tmp, ENSEMBLE_MODEL, "1"))
@@ -474,7 +634,9 @@ def write_repository(
     0). `threads`: ONNX Runtime / OpenVINO threads per graph instance (0: the runtime's default).
     `cache`: Triton's response cache on support_encoder (the server needs --cache-config; `fssam
     serve` passes it). `device`, `accelerator` (None | "tensorrt"): the native onnxruntime backend's
-    instance kind and execution accelerator."""
+    instance kind and execution accelerator. python-torch / torch-aoti: `precision` picks the
+    AOTInductor packages (default fp32); torch-aoti serves one episode per request (max_batch is
+    ignored)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if device not in ("gpu", "cpu"):
@@ -488,7 +650,7 @@ def write_repository(
     manifest = load_manifest(artifacts)
     _check_servable(artifacts, manifest, backend)
     limit = max_batch_limit(manifest, backend)
-    if backend != "openvino" and max_batch > limit:  # the native openvino models run unbatched (see below)
+    if backend not in ("openvino", "torch-aoti") and max_batch > limit:  # those run unbatched (see below)
         raise ConfigError(f"max batch {max_batch} is over the export's limit of {limit} episodes per call (its ONNX "
                           f"files{', TensorRT profiles' if backend == 'tensorrt' else ''} and runners admit no more): "
                           f"use --max-batch {limit} or less, or export again with `fssam export --max-batch "
@@ -499,15 +661,18 @@ def write_repository(
                           "does not run: leave --accelerator out")
     plan = _plan(manifest, backend, precision)
     out = _prepare_out(out)
-    batch = 0 if backend == "openvino" else max_batch  # see native_openvino: a fixed batch otherwise
+    # native openvino: a fixed batch otherwise (see native_openvino_parameters); torch-aoti: one episode
+    batch = 0 if backend in ("openvino", "torch-aoti") else max_batch
     options = {"max_batch": batch, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us,
-               "cache": cache, "device": device, "accelerator": accelerator}
+               "cache": cache, "device": device, "accelerator": accelerator,
+               "episodes": AOTI_EPISODES if backend == "torch-aoti" else None,
+               "aoti": manifest["aoti"][precision] if backend in TORCH_BACKENDS else None}
     episode = _warmup_episode(artifacts, manifest)
     with partial_folder(out, markers=(MARKER,)) as tmp:
         graphs = {name: _write_graph(tmp, artifacts, manifest, name, plan[name], backend, options, episode)
                   for name in GRAPH_ORDER}
         _write_validate(tmp, *graphs["support_encoder"]["inputs"][:2], options, episode)
-        ensemble = _write_ensemble(tmp, graphs, batch, weights_line(manifest))
+        ensemble = _write_ensemble(tmp, graphs, batch, weights_line(manifest), options["episodes"])
         keyed = any(e["name"] == SUPPORT_KEY for e in graphs["support_encoder"]["inputs"])
         description = {
             "format": REPOSITORY_FORMAT,
@@ -533,6 +698,12 @@ def write_repository(
                if backend == PLAN else {}),
             **({"openvino_gated": precision == "int8" or "graphs" in manifest.get("openvino", {}).get(precision, {})}
                if backend in OPENVINO_BACKENDS else {}),
+            # where the AOTInductor packages load: only with this torch version, on this device (and GPU)
+            **({"torch": {key: value for key, value in options["aoti"].items()
+                          if key in ("torch", "device", "gpu", "cuda")}} if backend in TORCH_BACKENDS else {}),
+            **({"episodes_per_request": AOTI_EPISODES,
+                "tensor_names": {name: graphs[name]["tensor_names"] for name in GRAPH_ORDER}}
+               if backend == "torch-aoti" else {}),
         }
         description["files"] = written_files(tmp, exclude=(MARKER,))
         with open(os.path.join(tmp, MARKER), "w") as handle:

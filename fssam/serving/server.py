@@ -256,6 +256,17 @@ def _cmdline(pid: int) -> list:
         return []
 
 
+def child_processes(pid: int) -> list:
+    """The pids of the live processes whose parent is `pid`."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat[1] == pid and stat[0] not in "ZX":
+                children.append(int(entry))
+    return children
+
+
 def stub_processes(server_pid: int) -> dict:
     """{pid: model name} of the Python backend stubs that are children of `server_pid` and alive (not zombies).
 

@@ -1,17 +1,24 @@
 """Triton Python-backend model: one deployable FSSAM graph (support_encoder or query_segmenter) on
-ONNX Runtime or OpenVINO (CPU).
+ONNX Runtime or OpenVINO (CPU), or torch running AOTInductor packages (CPU or GPU).
 
-Written by `fssam repository --backend python-ort|python-openvino`. Config parameters:
-  runtime              "onnxruntime" or "openvino"
-  model_file           the model in the version folder: model.onnx, or model.xml (+ model.bin)
-  intra_op_threads     ONNX Runtime threads (0: ONNX Runtime's default)
+Written by `fssam repository --backend python-ort|python-openvino|python-torch`, which keeps only the
+section of the runtime the model runs (between its `# >>> runtime` and `# <<< runtime` lines).
+Config parameters:
+  runtime              "onnxruntime", "openvino" or "torch"
+  model_file           the model in the version folder: model.onnx, model.xml (+ model.bin), or model.pt2
+                       (model.b<N>.pt2 per batch bucket for CUDA packages)
+  intra_op_threads     ONNX Runtime / torch threads (0: the runtime's default)
   openvino_properties  JSON of the compile_model properties, written by the generator from
                        fssam.runtime.runners.openvino.compile_properties (precision hint, threads)
+  torch_version, torch_device, torch_float, torch_buckets
+                       torch: the torch that built the packages (the only one that loads them), cpu or
+                       cuda, the float dtype the packages take (float16 for fp16 ones), and the batch
+                       buckets of static CUDA packages ("1,2,4,8"; empty: one package, dynamic batch)
   cache_key_inputs     inputs that are part of the request (and so of Triton's response-cache key)
                        but not of the graph: support_key, the validate step's HMAC of the support set
-Imports numpy, the runtime and triton_python_backend_utils only (no torch, no fssam). Tensors
-cross the stub through DLPack both ways: under numpy 2 the 2.51 stub of the nvidia-pytriton wheel
-reads zeros through Tensor.as_numpy() and makes empty tensors from numpy arrays.
+Imports numpy, its runtime and triton_python_backend_utils only (no fssam). Tensors cross the stub
+through DLPack both ways: under numpy 2 the 2.51 stub of the nvidia-pytriton wheel reads zeros
+through Tensor.as_numpy() and makes empty tensors from numpy arrays.
 Requests gathered by the dynamic batcher are concatenated along the batch dimension, run as one
 call, and split back into one response per request; a bad request gets its own error.
 """
@@ -38,15 +45,27 @@ class _DLPack:
         return (KDL_CPU, 0)
 
 
-def to_numpy(tensor):
-    return np.from_dlpack(_DLPack(tensor))
+class NumpyIO:
+    """Request tensors as numpy arrays and back, through DLPack."""
+
+    @staticmethod
+    def array(tensor):
+        return np.from_dlpack(_DLPack(tensor))
+
+    @staticmethod
+    def concat(arrays):
+        return np.concatenate(arrays, axis=0)
+
+    @staticmethod
+    def tensor(name, array):
+        return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
 
 
-def to_tensor(name, array):
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+RUNTIMES = {}
 
 
-class OnnxRuntimeStage:
+# >>> runtime onnxruntime
+class OnnxRuntimeStage(NumpyIO):
     def __init__(self, path, params, inputs, outputs):
         import onnxruntime as ort
 
@@ -64,7 +83,13 @@ class OnnxRuntimeStage:
         return self.session.run(self.outputs, feeds)
 
 
-class OpenVINOStage:
+RUNTIMES["onnxruntime"] = OnnxRuntimeStage
+# <<< runtime onnxruntime
+
+
+# >>> runtime openvino
+
+class OpenVINOStage(NumpyIO):
     def __init__(self, path, params, inputs, outputs):
         import openvino as ov
 
@@ -85,7 +110,81 @@ class OpenVINOStage:
         return [self.request.get_output_tensor(index).data.copy() for index in self.ports]
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntimeStage, "openvino": OpenVINOStage}
+RUNTIMES["openvino"] = OpenVINOStage
+# <<< runtime openvino
+
+
+# >>> runtime torch
+class TorchStage:
+    """AOTInductor packages (torch._inductor.aoti_load_package) on the CPU, or, built for CUDA, on
+    this instance's GPU: inputs go there, outputs come back to the CPU for the DLPack hand-over.
+    Static CUDA packages (torch_buckets): a call is padded to the smallest bucket that holds it (its
+    last episode repeated), run, and cut back; larger calls run in chunks of the largest bucket."""
+
+    def __init__(self, path, params, inputs, outputs):
+        import torch
+
+        built = params.get("torch_version", torch.__version__)
+        if built != torch.__version__:
+            raise ValueError(f"the AOTInductor packages were built with torch {built}, this server's Python has "
+                             f"torch {torch.__version__}: a package loads only with the torch that built it")
+        self.torch, self.device = torch, torch.device("cpu")
+        if params.get("torch_device", "cpu") == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("the AOTInductor packages were built for CUDA and this server has no CUDA GPU")
+            self.device = torch.device("cuda", int(params.get("device_id", "0")))
+            torch.cuda.set_device(self.device)
+        threads = int(params.get("intra_op_threads", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.dtype = getattr(torch, params.get("torch_float", "float32"))
+        self.buckets = sorted(int(b) for b in params.get("torch_buckets", "").split(",") if b)
+        folder, index = os.path.dirname(path), self.device.index if self.device.type == "cuda" else -1
+
+        def load(file):
+            return torch._inductor.aoti_load_package(os.path.join(folder, file), device_index=index)
+
+        self.packages = ({b: load(f"model.b{b}.pt2") for b in self.buckets} if self.buckets
+                         else {None: load(os.path.basename(path))})
+
+    def array(self, tensor):
+        return self.torch.from_dlpack(_DLPack(tensor))
+
+    def concat(self, tensors):
+        return self.torch.cat(tensors)
+
+    @staticmethod
+    def tensor(name, value):
+        return pb_utils.Tensor.from_dlpack(name, value.contiguous())
+
+    def _call(self, size, args):
+        out = self.packages[size](*args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def run(self, feeds):
+        torch = self.torch
+        # contiguous: a package trusts its inputs to have the strides of its examples (contiguous ones)
+        args = [a.to(self.device, self.dtype if a.is_floating_point() else a.dtype).contiguous()
+                for a in feeds.values()]
+        with torch.no_grad():
+            if not self.buckets:
+                outputs = self._call(None, args)
+            else:
+                parts, start, batch = [], 0, int(args[0].shape[0])
+                while start < batch:
+                    take = min(batch - start, self.buckets[-1])
+                    size = next(b for b in self.buckets if b >= take)
+                    chunk = [a[start : start + take] for a in args]
+                    if take < size:
+                        chunk = [torch.cat([c, c[-1:].expand(size - take, *c.shape[1:])]) for c in chunk]
+                    parts.append([o[:take] for o in self._call(size, chunk)])
+                    start += take
+                outputs = [torch.cat(column) for column in zip(*parts)]
+        return [o.to("cpu", torch.float32 if o.is_floating_point() else o.dtype) for o in outputs]
+
+
+RUNTIMES["torch"] = TorchStage
+# <<< runtime torch
 
 
 class TritonPythonModel:
@@ -98,6 +197,8 @@ class TritonPythonModel:
         self.graph_inputs = [name for name in self.inputs if name not in keys]
         self.outputs = [entry["name"] for entry in config["output"]]
         runtime = params.get("runtime", "onnxruntime")
+        if args.get("model_instance_kind") == "GPU":
+            params["device_id"] = args["model_instance_device_id"]
         if runtime not in RUNTIMES:
             raise ValueError(f"model {self.name}: parameter runtime {runtime!r}, expected one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
@@ -110,7 +211,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise ValueError(f"model {self.name}: missing input {name!r}")
-            arrays.append(to_numpy(tensor))
+            arrays.append(self.stage.array(tensor))
         batch = {a.shape[0] for a in arrays}
         if len(batch) != 1:
             raise ValueError(f"model {self.name}: inputs have different batch sizes {sorted(batch)}")
@@ -131,13 +232,13 @@ class TritonPythonModel:
             if len(live) == 1:
                 columns = per_request[0]
             else:
-                columns = [np.concatenate([arrays[i] for arrays in per_request], axis=0)
+                columns = [self.stage.concat([arrays[i] for arrays in per_request])
                            for i in range(len(self.graph_inputs))]
             outputs = self.stage.run(dict(zip(self.graph_inputs, columns)))
             start = 0
             for index, arrays in zip(live, per_request):
                 size = arrays[0].shape[0]
-                tensors = [to_tensor(name, out[start : start + size]) for name, out in zip(self.outputs, outputs)]
+                tensors = [self.stage.tensor(name, out[start : start + size]) for name, out in zip(self.outputs, outputs)]
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start += size
         except Exception as error:
