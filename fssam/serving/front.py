@@ -73,7 +73,8 @@ class Front:
                  api_keys=(), ssl_context: ssl.SSLContext | None = None, available=lambda: True):
         ensemble = description["ensemble"]
         self.contract = Contract(int(description["image_size"]), int(description["shots"]),
-                                 int(ensemble["max_batch_size"] or description.get("export_max_batch") or 1))
+                                 int(description.get("episodes_per_request") or ensemble["max_batch_size"]
+                                     or description.get("export_max_batch") or 1))
         self.description = description
         self.weights = description.get("weights_line") or description.get("weights", "unknown")
         self.triton = f"http://{triton_url}"
