@@ -665,6 +665,269 @@ def test_custom_op_takes_k_and_v_in_another_dtype_on_every_device():
     assert [t.grad.dtype for t in leaves] == [torch.float32, torch.float16, torch.float16]
 
 
+# ----------------------------------------------------------------------------- the op as a triton_op
+
+
+class _OpModule(torch.nn.Module):
+    def __init__(self, mode="paper"):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, q, k, v, masks):
+        return torch.ops.fssam.scma(q, k, v, masks, self.mode) * 2.0
+
+
+def test_op_is_a_triton_op_with_the_reference_as_cpu_kernel(op_calls):
+    """fssam::scma is a torch.library.triton_op, not an opaque custom_op: triton_op records the op's
+    kernels (torch._library.triton) and decomposes the op into its body under FunctionalTensorMode
+    (what torch.compile / AOTInductor trace); the CPU kernel is the reference, the fake kernel the
+    explicit one (not the body, which needs a GPU to trace)."""
+    from torch._library.triton import get_triton_kernels_for_op, triton_ops_to_kernels
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    definition = scma_op.scma_op
+    assert torch.ops.fssam.scma.default._schema.name == "fssam::scma"
+    assert "fssam::scma" in triton_ops_to_kernels  # only triton_op records an op here
+    assert FunctionalTensorMode in definition._torch_dispatch_fns  # triton_op's decomposition hook
+    assert set(definition._backend_fns) == {None, "cpu"}  # the body (default: CUDA) and the CPU kernel
+    assert definition._abstract_fn is scma_op._scma_fake
+    kernels = list(get_triton_kernels_for_op("fssam::scma"))  # the compiled kernels; none when interpreted
+    expected = [] if INTERPRET else list(triton_kernel.KERNEL_FUNCTIONS.values())
+    assert kernels == expected
+    q, k, v, masks = make_inputs(1, 2, 16, 16, 2, 4, device="cpu", seed=4)
+    for mode in ("paper", "official"):
+        assert torch.equal(torch.ops.fssam.scma.default(q, k, v, masks, mode), scma_reference(q, k, v, masks, mode))
+    assert op_calls == {"reference": 2}
+
+
+
+def test_registering_the_op_imports_neither_triton_nor_inductor():
+    """Importing fssam.ops.scma registers the triton_op without importing triton or torch._inductor
+    (triton_op's scan of the body's source would: `op._without_source_scan`), and torch's record of
+    the op's kernels reads them on demand."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        import fssam.ops.scma
+        from torch._library.triton import get_triton_kernels_for_op
+        assert torch.ops.fssam.scma.default is not None
+        print(sorted(name for name in ("triton", "torch._inductor", "fssam.ops.scma.triton_kernel") if name in sys.modules))
+        print([kernel.__name__ for kernel in get_triton_kernels_for_op("fssam::scma")])
+        """
+    )
+    result = _run_compiled(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported, recorded = result.stdout.strip().splitlines()[-2:]
+    assert imported == "[]", imported
+    assert recorded == str([fn.__name__ for fn in triton_kernel.KERNEL_FUNCTIONS.values()]), recorded
+
+def test_torch_export_keeps_the_op_as_one_node():
+    """torch.export of a module calling the op on CPU tensors: one node fssam.scma.default (a
+    triton_op is decomposed only when compiled), static and with a dynamic batch; the exported
+    program runs the CPU kernel, the reference."""
+    inputs = make_inputs(2, 2, 16, 16, 2, 4, device="cpu", seed=5)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    for dynamic in (None, ({0: batch},) * 4):
+        program = torch.export.export(_OpModule(), inputs, dynamic_shapes=dynamic)
+        calls = [node.target for node in program.graph.nodes if node.op == "call_function"]
+        assert calls == [torch.ops.fssam.scma.default, torch.ops.aten.mul.Tensor], calls
+        assert torch.equal(program.module()(*inputs), 2.0 * scma_reference(*inputs))
+        (meta,) = [node.meta["val"] for node in program.graph.nodes if node.target == torch.ops.fssam.scma.default]
+        assert meta.shape == inputs[0].shape and meta.dtype == inputs[0].dtype
+
+
+def test_compiled_op_on_cpu_decomposes_into_the_reference():
+    """torch.compile decomposes the triton_op into its body; on CPU tensors that is the reference's
+    aten ops (no op node, no kernel launch), with the reference's result."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    inputs = make_inputs(1, 2, 16, 16, 2, 4, device="cpu", seed=6)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(_OpModule("official"), backend=aot_autograd(fw_compiler=keep), fullgraph=True)(*inputs)
+    finally:
+        torch._dynamo.reset()
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert graphs and not [t for t in targets if "fssam" in t or "triton" in t], targets
+    assert "aten.amin.default" in targets  # the reference's min-max normalisation
+    torch.testing.assert_close(got, 2.0 * scma_reference(*inputs, "official"), atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_aoti_package_runs_without_the_op_registered(tmp_path):
+    """AOTInductor decomposes the triton_op into its body: a CPU package of a module calling the op
+    compiles the reference into its own C++ and runs in a process that never imports fssam (a
+    custom_op would be a call back into Python, which needs the op registered there)."""
+    inputs = make_inputs(1, 2, 16, 16, 2, 4, device="cpu", seed=9)
+    program = torch.export.export(_OpModule(), inputs)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "scma.pt2"))
+    torch.save((inputs, 2.0 * scma_reference(*inputs)), tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        package = torch._inductor.aoti_load_package({str(package)!r})
+        inputs, expected = torch.load({str(tmp_path / "io.pt")!r})
+        out = package(*inputs)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert not [name for name in sys.modules if name.startswith("fssam")], sys.modules
+        print("ok")
+        """
+    )
+    result = _run_compiled(script)
+    assert result.returncode == 0 and result.stdout.split()[-1:] == ["ok"], result.stderr[-3000:]
+
+
+@needs_triton_device
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_traceable_launch_is_the_eager_launch(num_splits):
+    """`triton_scma(traceable=True)`, the op's CUDA body, in eager (nothing tracing: wrap_triton is
+    off around the op's body, and interpreted kernels are never wrapped) runs the same kernels."""
+    q, k, v, masks = make_inputs(1, 2, 36, 32, 3, 5, seed=12)
+    got = triton_scma(q, k, v, masks, "paper", num_splits=num_splits, traceable=True)
+    assert torch.equal(got, triton_scma(q, k, v, masks, "paper", num_splits=num_splits))
+    torch.testing.assert_close(got, scma_reference(q, k, v, masks, "paper"), atol=1e-5, rtol=1e-5)
+
+
+_TRACE_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._library.triton import get_triton_kernels_for_op
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fssam.ops.scma import triton_kernel as tk
+
+    tk._check_device = lambda *tensors: None  # CPU tensors stand in for CUDA ones (no GPU here)
+    result = {"recorded": [k.__name__ for k in get_triton_kernels_for_op("fssam::scma")], "cases": []}
+    for shots, mode, num_splits, dtype in ((1, "paper", 1, torch.float32), (3, "paper", 1, torch.float16),
+                                           (3, "official", 3, torch.float32), (2, "paper", 2, torch.float16)):
+        q = torch.randn(2, 2, 36, 64).to(dtype)
+        k = torch.randn(2, 2, (shots + 1) * 36 + 5, 64).to(dtype)
+        masks = (torch.rand(2, shots, 36) > 0.5).to(dtype)
+        run = lambda q, k, v, m: tk.triton_scma(q, k, v, m, mode, num_splits=num_splits, traceable=True)
+        graph = make_fx(run, tracing_mode="fake")(q, k, k.clone(), masks)
+        launches, others = [], set()
+        for node in graph.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if "triton_kernel_wrapper" not in str(node.target):
+                others.add(str(node.target))
+                continue
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            while not hasattr(kernel, "arg_names") or hasattr(kernel, "configs"):
+                kernel = kernel.fn  # autotuner -> JITFunction
+            arguments = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
+            tensors = sorted(name for name, value in arguments.items() if isinstance(value, torch.fx.Node))
+            constants = {name: type(value).__name__ for name, value in arguments.items() if name not in tensors}
+            launches.append({"kernel": kernel.__name__, "grids": [list(g) for g in node.kwargs["grid"]],
+                             "constants": constants, "tensors": tensors, "arguments": sorted(arguments)})
+        result["cases"].append({"shots": shots, "splits": num_splits, "launches": launches, "others": sorted(others)})
+    print(json.dumps(result))
+    """
+)
+
+
+def test_triton_op_body_traces_into_kernel_launches():
+    """What torch.compile / AOTInductor see of the op's CUDA body: make_fx (fake tensors) of
+    `triton_scma(traceable=True)` records every launch as one triton_kernel_wrapper node through
+    torch.library.wrap_triton: concrete grids, tensors as tensor arguments, shape-derived ints and the
+    constexprs as constants, and besides the launches only allocations and views (the calibration is
+    all in the kernels: no PyTorch arithmetic per call). In a fresh process with the compiled
+    kernels (not the interpreter), CPU tensors standing in for CUDA ones (no GPU needed to trace)."""
+    result = _run_compiled(_TRACE_SCRIPT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    assert traced["recorded"] == [fn.__name__ for fn in triton_kernel.KERNEL_FUNCTIONS.values()]
+    allowed = {"aten.empty.memory_format", "aten.empty_like.default", "aten.slice.Tensor"}
+    for case in traced["cases"]:
+        kernels = [launch["kernel"] for launch in case["launches"]]
+        attention = ["_scma_kernel"] if case["splits"] == 1 else ["_scma_stats_kernel", "_scma_split_kernel",
+                                                                  "_scma_combine_kernel"]
+        assert kernels == ["_scma_prototype_kernel", "_scma_calibration_kernel", *attention], case
+        assert set(case["others"]) <= allowed, case  # no casts, copies or arithmetic in PyTorch
+        for launch in case["launches"]:
+            fn = getattr(triton_kernel, launch["kernel"])
+            assert launch["grids"] and all(all(isinstance(x, int) and x >= 1 for x in g) for g in launch["grids"]), launch
+            assert {"HEAD_DIM", "BLOCK_D", "MAX_SLICES"} & set(launch["constants"]) >= {"HEAD_DIM", "BLOCK_D"}, launch
+            assert set(launch["constants"].values()) <= {"int", "float", "str"}, launch  # no data-dependent values
+            assert launch["tensors"] and all(name.isupper() for name in launch["tensors"]), launch
+            # every argument but the autotuned tiles (BLOCK_M / BLOCK_N: the configs') is given
+            assert set(fn.arg_names) - set(launch["arguments"]) <= {"BLOCK_M", "BLOCK_N"}, launch
+        prototype = case["launches"][0]
+        assert prototype["grids"][0][1] == 4  # B * H programs on axis 1
+
+
+_AOTI_RUN = textwrap.dedent(
+    """
+    import sys, torch
+    package = torch._inductor.aoti_load_package(sys.argv[1])
+    inputs = torch.load(sys.argv[2])
+    out = package(*inputs)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert out.is_cuda and not [name for name in sys.modules if name.startswith("fssam")]
+    torch.save(out.cpu(), sys.argv[3])
+    """
+)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,heads,tokens,shots", [(1, 1, 64, 2), (8, 4, 256, 1)])
+def test_gpu_triton_op_eager_compiled_and_aoti(batch, heads, tokens, shots, dtype, tmp_path):
+    """On CUDA, the triton_op three ways, each within the kernel tests' tolerance of the reference: eager
+    (plain launches), torch.compile (the op decomposed into its kernel launches: triton_kernel_wrapper
+    nodes, no op node) and an AOTInductor package of torch.export (the kernels compiled into it: it
+    runs in a process that never imports fssam). Shapes: the first takes the split path on an H100 /
+    H200 (one query tile), the second the one-pass kernel."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    inputs = make_inputs(batch, heads, tokens, 64, shots, 4, dtype=dtype, seed=tokens + shots)
+    q, k, v, masks = inputs
+    exact = 2.0 * scma_reference(q.float(), k.float(), v.float(), masks)
+    # fp16: the kernel tests' rule (twice torch's own fp16 error against fp32 on the same inputs)
+    torch_error = (2.0 * scma_reference(*inputs).float() - exact).abs().max().item()
+    # the keys the attention sees: N support-mean, N pseudo-query, P pointers (triton_scma's `length`)
+    plan = split_plan(batch * heads, tokens, 2 * tokens + 4, triton_kernel.sm_count(q.device))
+    assert (plan.num_chunks > 1) == (batch == 1), plan
+
+    def check(got, what):
+        assert got.dtype == dtype and got.is_cuda, what
+        if dtype == torch.float32:  # the fp32 kernel tests' tolerance (IEEE dots)
+            torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+        else:
+            error = (got.float() - exact).abs().max().item()
+            assert error <= 2 * torch_error + 1e-6, (what, error, torch_error)
+
+    with torch.no_grad():
+        check(_OpModule()(*inputs), "eager")
+        graphs = []
+        torch._dynamo.reset()
+        try:
+            traced = torch.compile(_OpModule(), backend=aot_autograd(fw_compiler=lambda g, _: graphs.append(g) or g),
+                                   fullgraph=True)(*inputs)
+            check(traced, "aot_autograd graph")
+            check(torch.compile(_OpModule(), fullgraph=True)(*inputs), "inductor")
+        finally:
+            torch._dynamo.reset()
+        targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+        assert not [t for t in targets if "fssam" in t], targets
+        assert sum("triton_kernel_wrapper" in t for t in targets) == (5 if plan.num_chunks > 1 else 3), targets
+        program = torch.export.export(_OpModule(), inputs)
+        assert [n.target for n in program.graph.nodes if n.op == "call_function"][0] == torch.ops.fssam.scma.default
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "scma.pt2"))
+    torch.save(inputs, tmp_path / "in.pt")
+    result = _run_compiled(_AOTI_RUN.replace("sys.argv[1]", repr(str(package))).replace(
+        "sys.argv[2]", repr(str(tmp_path / "in.pt"))).replace("sys.argv[3]", repr(str(tmp_path / "out.pt"))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    check(torch.load(tmp_path / "out.pt").to(q.device), "AOTInductor package")
+
+
 def test_model_forward_goes_through_custom_op(op_calls, monkeypatch):
     """The model, built on the device under test, calls torch.ops.fssam.scma: the Triton kernel on
     CUDA, the reference on CPU (and, under the interpreter, the Triton kernel inside

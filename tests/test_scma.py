@@ -129,3 +129,23 @@ def test_model_helpers_are_the_reference_ones():
     assert prior.masked_average is reference.masked_average
     assert prior.min_max_normalise is refine.min_max_normalise is reference.min_max_normalise
     assert prior.COSINE_EPS == reference.COSINE_EPS
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+@pytest.mark.parametrize("shots,pointers", [(1, 0), (5, 8)])
+def test_op_on_cpu_is_the_reference(shots, pointers, mode):
+    """torch.ops.fssam.scma (a triton_op: Triton kernels on CUDA) runs the reference on CPU tensors,
+    bit for bit, in eager and in a torch.export'ed program (where it stays one node)."""
+    import fssam.ops.scma  # noqa: F401  (registers the op)
+
+    inputs = _inputs(2, 2, shots, pointers)
+    expected = scma_reference(*inputs, mode=mode)
+    assert torch.equal(torch.ops.fssam.scma(*inputs, mode), expected)
+
+    class Module(torch.nn.Module):
+        def forward(self, q, k, v, masks):
+            return torch.ops.fssam.scma(q, k, v, masks, mode)
+
+    program = torch.export.export(Module(), inputs)
+    assert [n.target for n in program.graph.nodes if n.op == "call_function"] == [torch.ops.fssam.scma.default]
+    assert torch.equal(program.module()(*inputs), expected)

@@ -4,7 +4,8 @@ Modules (the math is defined once, in `reference`; the kernels are fused version
   reference        the PyTorch reference, and the calibration inputs of the ONNX node / TensorRT plugin
   triton_kernel    the fused OpenAI-Triton kernels: calibration + attention for the op, the attention alone
                    for the ONNX node (one pass, or split over the keys), autotuned
-  op               `torch.ops.fssam.scma`: CUDA -> Triton kernel, CPU -> reference, fake, autograd
+  op               `torch.ops.fssam.scma`, a torch.library.triton_op: CUDA -> Triton kernels (through
+                   wrap_triton: torch.compile / AOTInductor compile them in), CPU -> reference, fake, autograd
   onnx_node        the ONNX custom node fssam::SCMA and the per-export switch `onnx_custom_node`
   tensorrt_plugin  the TensorRT plugin running the Triton kernel for fssam::SCMA nodes
 

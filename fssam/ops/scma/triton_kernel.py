@@ -4,8 +4,10 @@ Same contract as `fssam.ops.scma.reference.scma_reference(q, k, v, support_masks
 q (B, H, N, c); k, v (B, H, K*N + N + P, c) already rotary-encoded; support_masks (B, K, N).
 
 Two entry points, one set of device functions:
-  * `triton_scma(q, k, v, support_masks, mode)`, what torch.ops.fssam.scma runs on CUDA, all in
-    Triton with no PyTorch arithmetic in between (two calibration launches, then the attention):
+  * `triton_scma(q, k, v, support_masks, mode)`, what torch.ops.fssam.scma runs on CUDA (the
+    triton_op's body: `traceable=True` launches through torch.library.wrap_triton, so torch.compile
+    and AOTInductor compile these kernels into their own code), all in Triton with no PyTorch
+    arithmetic in between, only allocations and views (two calibration launches, then the attention):
     - `_scma_prototype_kernel`, grid (K x slices + mean tiles, B*H), O(K N c): per shot and slice
       of its N support keys the masked sum and mask count (fp32 partials; up to MAX_SLICES
       programs per shot side by side); with K > 1 also the shot-mean support keys/values
@@ -875,11 +877,43 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _wrap_triton_enabled() -> bool:
+    """Whether wrap_triton would wrap now: off in eager around a triton_op's body. torch's switch
+    (private) read directly: wrap_triton's own checks cost microseconds per launch; a torch without
+    it: True (then `wrap_triton(kernel) is kernel` decides)."""
+    enabled = getattr(getattr(torch._library, "triton", None), "is_wrap_triton_enabled", None)
+    return True if enabled is None else enabled()
+
+
+def _traced_launcher(kernel: str, config: dict | None):
+    """`torch.library.wrap_triton` of the kernel (its autotuner when `config` is None) where that
+    records the launch into a graph (the fssam::scma triton_op's body traced by torch.compile /
+    AOTInductor); None where it would launch as is: eager (triton_op turns wrap_triton off around its
+    body), or kernels run by the interpreter (never traced)."""
+    if _INTERPRETED or not _wrap_triton_enabled():
+        return None
+    raw = KERNEL_FUNCTIONS[kernel] if config is not None else _AUTOTUNED[kernel]
+    launcher = torch.library.wrap_triton(raw)
+    return None if launcher is raw else launcher
+
+
 def _launch(kernel: str, grid, args: tuple, head_dim: int, dtype: torch.dtype, config: dict | None,
-            shots: int = 0):
-    """Launch `kernel` with an explicit config, or autotuned when `config` is None."""
+            shots: int = 0, traceable: bool = False):
+    """Launch `kernel` with an explicit config, or autotuned when `config` is None. traceable: through
+    `torch.library.wrap_triton` (`_traced_launcher`): what the triton_op's body does; a traced launch
+    is the kernel (or its autotuner, candidates pruned as for an eager launch) with `grid`, the
+    positional `args` (tensors and shape-derived ints) and the constexprs as keyword arguments, and
+    never reads or records the eager autotuner's pick (`_PICKED`)."""
     fn = KERNEL_FUNCTIONS[kernel]
     consts = constexprs(head_dim, dtype, config, fn, shots)
+    launcher = _traced_launcher(kernel, config) if traceable else None
+    if launcher is not None:
+        if config is None:
+            launcher[grid](*args, **consts)
+        else:
+            launcher[grid(config) if callable(grid) else grid](*args, **consts, num_warps=config["num_warps"],
+                                                               num_stages=config["num_stages"])
+        return
     if config is None:
         key = (kernel, dtype, head_dim, shots, *(args[i] for i in _KEY_POSITIONS[kernel]))
         picked = _PICKED.get(key)
@@ -920,7 +954,8 @@ def _check_device(q: torch.Tensor, *tensors: torch.Tensor) -> None:
         raise RuntimeError("scma Triton kernel: CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
 
 
-def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal: tuple, length: int, out, config, shots: int) -> None:
+def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal: tuple, length: int, out, config, shots: int,
+                traceable: bool = False) -> None:
     """The split path: stats, split and combine kernels (one pass is `_one_pass`'s kernels). cal: the
     calibration arguments of `_scma_split_kernel` (CAL, STATS, stride_cb, stride_ch, stride_cs,
     NUM_SLICES)."""
@@ -930,14 +965,16 @@ def _split_pass(plan: SplitPlan, q, sk, sv, k, v, cal: tuple, length: int, out, 
     o_part = torch.empty((b * h, plan.num_chunks, n, c), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b * h, plan.num_chunks, n), dtype=torch.float32, device=q.device)
     _launch("stats", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h, plan.num_stat_slices),
-            (q, k, row_min, row_max, *_strides(q), *_strides(k), h, n, plan.stat_chunk), c, q.dtype, config)
+            (q, k, row_min, row_max, *_strides(q), *_strides(k), h, n, plan.stat_chunk), c, q.dtype, config,
+            traceable=traceable)
     _launch("split", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h, plan.num_chunks),
             (q, sk, sv, k, v, *cal[:2], row_min, row_max, o_part, lse_part, *_strides(q), *_strides(sk),
              *_strides(sv), *_strides(k), *_strides(v), *cal[2:], h, n, length, plan.chunk, plan.num_stat_slices),
-            c, q.dtype, config, shots)
+            c, q.dtype, config, shots, traceable=traceable)
     combine = combine_config(c)
     _launch("combine", (_cdiv(n, combine["BLOCK_M"]), b * h),
-            (o_part, lse_part, *_strides(out), h, n, plan.num_chunks, out), c, q.dtype, combine)
+            (o_part, lse_part, *_strides(out), h, n, plan.num_chunks, out), c, q.dtype, combine,
+            traceable=traceable)
 
 
 def scma_fused(
@@ -1004,7 +1041,8 @@ def calibration_slices(num_tokens: int, block_t: int) -> tuple[int, int]:
     return _cdiv(num_tokens, per_slice), per_slice
 
 
-def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int):
+def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, shots: int, num_tokens: int,
+                      traceable: bool = False):
     """`_scma_prototype_kernel` then `_scma_calibration_kernel` on rotated k, v (B, H, >= (shots + 1) N,
     c, last dims contiguous) and masks (B, >= shots, N; fp32, fp16 or bf16): (cosines (B*H, shots, N), stats (B*H,
     shots, MAX_SLICES, 2) of which `num_slices` are written, num_slices, support-mean keys, values).
@@ -1024,10 +1062,10 @@ def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, sho
     mean_tiles = _cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
     _launch("prototype", (shots * num_slices + mean_tiles, b * h),
             (k, v, masks, proto_part, count_part, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2),
-             *_strides(sk), h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config)
+             *_strides(sk), h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config, traceable=traceable)
     _launch("calibration", (shots * num_slices, b * h),
             (k, proto_part, count_part, cosines, stats, *_strides(k), h, num_tokens, shots, num_slices, per_slice),
-            c, k.dtype, config)
+            c, k.dtype, config, traceable=traceable)
     return cosines, stats, num_slices, sk, sv
 
 
@@ -1043,6 +1081,7 @@ def triton_scma(
     num_splits: int | None = None,
     auto_split: bool | None = None,
     config: dict | None = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """Drop-in replacement of `scma_reference`, all in Triton: `_scma_prototype_kernel` and
     `_scma_calibration_kernel` (the calibration inputs: per-shot cosines with their min / max and,
@@ -1050,7 +1089,10 @@ def triton_scma(
     in place: no concatenated key tensor and no PyTorch arithmetic in between. block_m, block_n,
     num_splits, auto_split: as `scma_fused`; config: one whole launch config of the one-pass
     attention kernel (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning, with
-    num_splits=1 only (bench_scma.py --sweep)."""
+    num_splits=1 only (bench_scma.py --sweep). traceable: launch through `torch.library.wrap_triton`, as
+    the fssam::scma triton_op's body does, so that make_fx / torch.compile / AOTInductor tracing records
+    the launches (in eager it launches as without it); launch grids and arguments come from shapes
+    and strides only, never from tensor contents."""
     if mode not in ("paper", "official"):
         raise ValueError(f"scma mode {mode!r}: expected 'paper' or 'official'")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or support_masks.dim() != 3:
@@ -1082,13 +1124,13 @@ def triton_scma(
     config = dict(config) if config is not None else _tile_config(c, q.dtype, n, block_m, block_n)
     plan = split_plan(b * h, n, length, sm_count(q.device), num_splits, auto_split)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        cosines, stats, num_slices, sk, sv = _calibration_pass(k, v, masks, shots, n)
+        cosines, stats, num_slices, sk, sv = _calibration_pass(k, v, masks, shots, n, traceable)
         if plan.num_chunks == 1:
             _launch("scma", lambda meta: (_cdiv(n, meta["BLOCK_M"]), b * h),
                     (q, sk, sv, kc, vc, cosines, stats, *_strides(q), *_strides(sk), *_strides(sv), *_strides(kc),
                      *_strides(vc), *_strides(out), h, n, length, num_slices, _next_pow2(b * h), out),
-                    c, q.dtype, config, shots)
+                    c, q.dtype, config, shots, traceable=traceable)
         else:
             cal = (cosines, stats, h * shots * n, shots * n, n, num_slices)
-            _split_pass(plan, q, sk, sv, kc, vc, cal, length, out, config, shots=shots)
+            _split_pass(plan, q, sk, sv, kc, vc, cal, length, out, config, shots=shots, traceable=traceable)
     return out
