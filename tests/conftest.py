@@ -107,3 +107,16 @@ def pascal(tmp_path_factory):
 
     write_fold(scan_fold("pascal", str(root), str(lists / "val.txt"), 0, progress=False), str(lists))
     return str(root), str(lists)
+
+
+def imported_modules(path) -> set:
+    """The top-level modules a Python file imports (the repositories' model.py files are checked with it)."""
+    import ast
+
+    modules = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add((node.module or "").split(".")[0])
+    return modules

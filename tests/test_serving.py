@@ -7,7 +7,6 @@ fails the tests. The native configs (onnxruntime, openvino, tensorrt) are checke
 with Triton's model-config protobuf: the wheel's server has none of those backends.
 """
 
-import ast
 import concurrent.futures
 import json
 import os
@@ -83,13 +82,9 @@ def _parameters(config) -> dict:
 
 
 def _imports(path) -> set:
-    modules = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            modules |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            modules.add((node.module or "").split(".")[0])
-    return modules
+    from conftest import imported_modules
+
+    return imported_modules(path)
 
 
 # ---------------------------------------------------------------- the repository files

@@ -7,7 +7,6 @@ protobuf. One tiny export with CPU fp32 packages for the module (the tiny_artifa
 its packages compiled and gated: about 2 minutes on 2 CPUs).
 """
 
-import ast
 import concurrent.futures
 import json
 import os
@@ -84,13 +83,9 @@ def _parse(path):
 
 
 def _imports(path) -> set:
-    modules = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            modules |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            modules.add((node.module or "").split(".")[0])
-    return modules
+    from conftest import imported_modules
+
+    return imported_modules(path)
 
 
 def _with_manifest(tmp_path, artifacts, change) -> str:
