@@ -148,7 +148,8 @@ def handle(args) -> int:
     common = dict(log_path=args.log, verbose=args.verbose_server, cache_mb=cache_mb, extra_args=redis,
                   cache_secret=args.cache_secret, env=tf32)
     if args.no_front:
-        server = TritonServer(args.repository, host=args.host, http_port=args.port, grpc_port=args.grpc_port or 8001,
+        grpc_port = 8001 if args.grpc_port is None else args.grpc_port  # 0: a free port
+        server = TritonServer(args.repository, host=args.host, http_port=args.port, grpc_port=grpc_port,
                               metrics_port=args.metrics_port, admin_key=args.admin_key, **common)
         front = None
     else:
@@ -178,8 +179,8 @@ def handle(args) -> int:
         return 0
     try:
         if front is None:
-            print(f"ready (no front: tritonserver itself, loopback only): gRPC {server.grpc_url}  HTTP "
-                  f"http://{server.http_url}  model {info['ensemble']['model']}  (log {server.log_path}); admin APIs "
+            print(f"ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  model {info['ensemble']['model']}  "
+                  f"(no front: tritonserver itself, loopback only; log {server.log_path}); admin APIs "
                   f"{'open to the admin key' if args.admin_key else 'closed'}; Ctrl-C to stop", flush=True)
         else:
             print(f"ready: {front.url}  model {info['ensemble']['model']}  (the front; tritonserver on "
