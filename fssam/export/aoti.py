@@ -20,7 +20,7 @@ import os
 import torch
 
 from fssam.errors import ConfigError
-from fssam.export.stages import STAGE_MODULES, BF16Autocast
+from fssam.export.stages import STAGE_MODULES, BF16Autocast, batch_dynamic_shapes
 from fssam.runtime.contract import BATCH, GRAPH_ORDER
 from fssam.runtime.manifest import file_sha256, write_manifest
 
@@ -82,30 +82,21 @@ def _batched(examples: tuple, batch: int, device: str, dtype) -> tuple:
     return tuple(out)
 
 
-def compile_package(module, examples: tuple, path: str, device: str, dynamic_limit: int | None) -> None:
-    """torch.export the module on `examples` and package it with AOTInductor at `path`."""
+def compile_package(module, examples: tuple, names: list, path: str, device: str,
+                    dynamic_limit: int | None) -> None:
+    """torch.export the module on `examples` (inputs `names`) and package it with AOTInductor at `path`."""
     from fssam.runtime.parity import ieee_fp32
 
-    names = list(_input_names(module))
     dynamic = None
     if dynamic_limit is not None:
         batch = torch.export.Dim(BATCH, min=1, max=max(dynamic_limit, int(examples[0].shape[0])))
-        dynamic = {"args": tuple({0: batch} for _ in names)} if isinstance(module, BF16Autocast) else \
-            {name: {0: batch} for name in names}
+        dynamic = batch_dynamic_shapes(names, batch, isinstance(module, BF16Autocast))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with ieee_fp32(), torch.no_grad():
         program = torch.export.export(module, examples, dynamic_shapes=dynamic)
         # $FSSAM_AOTI_AUTOTUNE=0: no max-autotune (minutes less per package, slower kernels)
         options = {"max_autotune": os.environ.get("FSSAM_AOTI_AUTOTUNE", "1") != "0"} if device == "cuda" else {}
         torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
-
-
-def _input_names(module) -> list:
-    """The forward argument names of a graph module (BF16Autocast: its stage's)."""
-    import inspect
-
-    inner = module.stage if isinstance(module, BF16Autocast) else module
-    return [name for name in inspect.signature(inner.forward).parameters]
 
 
 def build_packages(folder: str, manifest: dict, model, precisions, device: str = "cpu", progress=None,
@@ -136,6 +127,7 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
                 relative = os.path.join(FOLDER, precision, device, stem)
                 batch = EXAMPLE_BATCH if size is None else size  # the graphs see one item per episode
                 compile_package(module, _batched(examples[name], batch, device, dtype),
+                                [entry["name"] for entry in manifest["graphs"][name]["inputs"]],
                                 os.path.join(folder, relative), device, limit if size is None else None)
                 files["dynamic" if size is None else str(size)] = {"file": relative,
                                                                   "sha256": file_sha256(os.path.join(folder, relative))}

@@ -39,7 +39,7 @@ from fssam.errors import FSSAMError, InputError
 from fssam.files import check_replaceable, make_parents, partial_folder, relative_paths, replace_folder, written_files
 from fssam.runtime.manifest import FORMAT, MANIFEST, listed_files, load_manifest, write_manifest
 from fssam.runtime.parity import DTYPES, ParityError, format_report, parity_report, sample_episode, stage_samples
-from fssam.export.stages import STAGE_MODULES, BF16Autocast
+from fssam.export.stages import STAGE_MODULES, BF16Autocast, batch_dynamic_shapes
 from fssam.runtime.contract import (BATCH, DEFAULT_MAX_BATCH, GRAPH_ORDER, MAX_BATCH_LIMIT, STAGE_ORDER, batch_limit,
                                     graph_specs, stage_specs)
 from fssam.runtime.bf16 import BF16_OPSET, EMULATION
@@ -91,9 +91,7 @@ def export_stage(model, name: str, example_args: tuple, spec, path: str, limit: 
         module = BF16Autocast(module).eval()
     limit = limit or batch_limit(name, DEFAULT_MAX_BATCH, 1)
     batch = torch.export.Dim(BATCH, min=1, max=max(limit, *(int(a.shape[0]) for a in example_args)))
-    dynamic_shapes = {t.name: {0: batch} for t in spec.inputs}
-    if bf16:  # BF16Autocast.forward(*args)
-        dynamic_shapes = {"args": tuple(dynamic_shapes.values())}
+    dynamic_shapes = batch_dynamic_shapes([t.name for t in spec.inputs], batch, bf16)
     with _quiet() as sink, torch.no_grad():
         try:
             program = torch.onnx.export(

@@ -86,6 +86,13 @@ class BF16Autocast(nn.Module):
         return out.float()
 
 
+def batch_dynamic_shapes(names, batch, autocast: bool):
+    """torch.export's dynamic_shapes for a stage or graph module whose inputs `names` share the
+    dynamic batch dimension `batch` (BF16Autocast takes them as *args)."""
+    shapes = {name: {0: batch} for name in names}
+    return {"args": tuple(shapes.values())} if autocast else shapes
+
+
 STAGE_MODULES = {
     "prior_backbone": PriorBackboneStage,
     "image_encoder": ImageEncoderStage,
