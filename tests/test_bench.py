@@ -539,3 +539,32 @@ def test_graph_modes_export_a_graph_plan_with_the_calibration_and_only_what_they
         args.modes = mode
         plan_modes(args)
         assert args.mode_list == ["eager_fp32", "eager_bf16", mode]
+
+
+def test_adaptive_timing_skips_the_warm_up_of_modes_that_already_ran():
+    """fssam deploy's latency: a mode named in `warm` ran the episode in this process already
+    (its checks), so it takes no warm-up run; `once` modes run one timed episode; the others
+    one warm-up and then at least `min_runs`. Every entry says how many runs it timed."""
+    from fssam.bench.harness import EpisodeMode, run_adaptive
+
+    calls = {"cold": 0, "warm": 0, "once": 0}
+
+    def mode(name):
+        def call(query, supports, masks, cache):
+            calls[name] += 1
+
+        return EpisodeMode(name, call)
+
+    inputs = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    result = run_adaptive([mode("cold"), mode("warm"), mode("once")], inputs, min_runs=3, budget_s=1e-9,
+                          once=("once",), warm=("warm",))
+    assert {name: entry["runs"] for name, entry in result.items()} == {"cold": 3, "warm": 3, "once": 1}
+    assert calls == {"cold": 2 * 4, "warm": 2 * 3, "once": 2 * 1}  # an episode and a cached call per run
+
+
+def test_default_client_levels_stop_at_the_cores():
+    from fssam.bench.served import CONCURRENCY, default_levels
+
+    assert default_levels(1) == default_levels(2) == default_levels(3) == (1, 2)
+    assert default_levels(4) == (1, 2, 4)
+    assert default_levels(8) == default_levels(64) == CONCURRENCY == (1, 2, 4, 8)

@@ -155,7 +155,7 @@ def test_failing_gate_fails_the_export_and_writes_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(parity, "FP32_ATOL", 0.0)
     out = tmp_path / "gated"
     with pytest.raises(ParityError, match="FAILED") as info:
-        export("tiny", out=str(out), progress=False)
+        export("tiny", out=str(out), progress=False, stages=False)  # the graphs' gate; the stages' is the same code
     assert info.value.report["failures"]
     assert not out.exists() and os.listdir(tmp_path) == []
 
@@ -452,7 +452,7 @@ def test_checkpoint_export_records_name_and_hash_and_compare_needs_it(tmp_path, 
     checkpoint.parent.mkdir()
     save_fssam_checkpoint(build("tiny", seed=3), str(checkpoint))
     out = tmp_path / "exp"
-    manifest = export("tiny", out=str(out), checkpoint=str(checkpoint), progress=False)
+    manifest = export("tiny", out=str(out), checkpoint=str(checkpoint), progress=False, stages=False)  # lean: faster
     entries = load_manifest(str(out))["weights"]["checkpoints"]
     assert entries == [{"file": "fssam_tiny.pth", "format": "fssam", "sha256": file_sha256(str(checkpoint))}]
     assert manifest["weights"]["source"] == "checkpoint"
@@ -608,3 +608,54 @@ def test_bf16_export_passes_the_checker_and_its_gate_says_what_it_ran(tmp_path):
             assert [n.attribute[0].i for n in casts] == [fp32], tensor
     profiles = profile_shapes({**manifest["stages"], **manifest["graphs"]}, manifest["max_batch"], manifest["shots"])
     assert profiles["image_encoder"]["images"][2][0] == 20 and profiles["head"]["feat_s0"][2][0] == 4
+
+
+# ---------------------------------------------------------------- position embeddings as constants
+
+def _constant_subgraph_ops(model) -> set:
+    """Op types of the nodes computed from initializers and constants alone (what a runtime folds)."""
+    constant = {i.name for i in model.graph.initializer}
+    ops = set()
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
+            constant.update(node.output)
+            if node.op_type != "Constant":
+                ops.add(node.op_type)
+    return ops
+
+
+def test_position_embeddings_are_constants_of_the_graphs(artifacts):
+    """Hiera's position embedding (a bicubic resize of its pos_embed plus the tiled window embedding)
+    and the prompt encoder's dense one (sin, cos of a projection) are computed at export time: no
+    graph holds a subgraph making them, which OpenVINO folded with reference kernels at every
+    compile (about 27 s a small graph on two cores)."""
+    out, manifest = artifacts
+    for name in ("image_encoder", "head", *GRAPH_ORDER):
+        model = onnx.load(os.path.join(out, f"{name}.onnx"))
+        assert not _constant_subgraph_ops(model) & {"Resize", "Sin", "Cos"}, name
+
+
+def test_folded_position_embeddings_are_the_modules_own_values_and_are_undone(tiny_model):
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.sam.prompt_encoder import PromptEncoder
+
+    from fssam.export.constants import folded_position_embeddings
+
+    hiera = next(m for m in tiny_model.modules() if isinstance(m, Hiera))
+    prompt = next(m for m in tiny_model.modules() if isinstance(m, PromptEncoder))
+    grid = tiny_model.config.image_size // hiera.patch_embed.proj.stride[0]
+    with torch.no_grad():
+        expected, dense = hiera._get_pos_embed((grid, grid)), prompt.get_dense_pe()
+        other = hiera._get_pos_embed((grid // 2, grid // 2))
+    buffers = {name for name, _ in tiny_model.named_buffers()}
+    with folded_position_embeddings(tiny_model, tiny_model.config.image_size):
+        assert torch.equal(hiera._get_pos_embed((grid, grid)), expected)
+        assert torch.equal(hiera._get_pos_embed((grid // 2, grid // 2)), other)  # another size: computed
+        assert torch.equal(prompt.get_dense_pe(), dense)
+    assert "_get_pos_embed" not in vars(hiera) and "get_dense_pe" not in vars(prompt)
+    assert {name for name, _ in tiny_model.named_buffers()} == buffers
+    with pytest.raises(RuntimeError, match="inside"):
+        with folded_position_embeddings(tiny_model, tiny_model.config.image_size):
+            raise RuntimeError("inside")
+    assert "_get_pos_embed" not in vars(hiera) and {name for name, _ in tiny_model.named_buffers()} == buffers

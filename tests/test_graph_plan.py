@@ -57,16 +57,13 @@ def test_an_end_to_end_failure_steps_the_worst_reduced_graph_up_one_precision():
                                 tried) is None  # nothing reduced: the failure is the export's, not the plan's
 
 
-def test_fall_back_levels_keep_fewer_parts_quantized(tmp_path):
+def test_fall_back_levels_keep_fewer_parts_quantized(tiny_artifacts):
     """The parts kept in float come from the exporter's module scopes: every level keeps more of
     the graph in float than the one before, and the last quantizes DINOv2 only."""
     import onnx
 
-    from fssam.export import export
-
-    out = tmp_path / "graphs"
-    export("tiny", out=str(out), stages=False, progress=False)
-    model = onnx.load(str(out / "query_segmenter.onnx"), load_external_data=False)
+    out, _ = tiny_artifacts
+    model = onnx.load(os.path.join(out, "query_segmenter.onnx"), load_external_data=False)
     parts = graph_plan.node_parts(model)
     assert {"model.dino", "model.sam2.image_encoder", "model.sam2.memory_attention"} <= set(parts.values())
     excluded = [set(graph_plan.excluded_nodes(model, level, graph_plan.ORT_OPS)) for level in range(len(graph_plan.FALLBACK))]

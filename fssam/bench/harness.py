@@ -248,12 +248,13 @@ def adaptive_median(call, budget_s: float, min_runs: int = 3, max_runs: int = 20
 
 
 def run_adaptive(modes, inputs, min_runs: int = 3, max_runs: int = 15, budget_s: float = 20.0, warmup: int = 1,
-                 once=(), spread: float = 0.03, progress=None) -> dict:
+                 once=(), spread: float = 0.03, progress=None, warm=()) -> dict:
     """As run_interleaved, but each mode runs until its median is stable (moves less than `spread`
     with a new run, after `min_runs`), its time budget is spent, or `max_runs`; rounds stay
     interleaved among the modes still running. Modes named in `once` run one timed episode and no
     warm-up (eager bf16 emulated on a CPU without bf16, about a minute an episode): their entries
-    say "runs": 1. Every entry records its "runs"."""
+    say "runs": 1. Modes named in `warm` have already run this episode in this process (the same
+    runner or server): no warm-up either. Every entry records its "runs"."""
     raw = {
         m.name: {"episode": [], "cached": [], "stages": {}, "peak_rss_mb": 0.0, "working_mb": 0.0, "gpu_peak_mb": 0.0,
                  "device": str(m.device), "runtime": m.runtime, "spent": 0.0, "done": False, "seen": 0}
@@ -276,7 +277,7 @@ def run_adaptive(modes, inputs, min_runs: int = 3, max_runs: int = 15, budget_s:
             if cuda:
                 entry["gpu_peak_mb"] = max(entry["gpu_peak_mb"], torch.cuda.max_memory_allocated() / 2**20)
             entry["seen"] += 1
-            if entry["seen"] > (0 if mode.name in once else warmup):
+            if entry["seen"] > (0 if mode.name in once or mode.name in warm else warmup):
                 entry["spent"] += time.perf_counter() - start
                 entry["episode"].append(seconds)
                 entry["cached"].append(cached)

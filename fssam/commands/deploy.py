@@ -29,14 +29,15 @@ def register(subparsers) -> None:
     deploy.add_argument("--out", required=True, help="folder for artifacts/, repository/ and deploy.json")
     deploy.add_argument("--runs", type=int, default=3, help="at least this many timed episodes per latency figure "
                                                             "(more until the median is stable; default 3)")
-    deploy.add_argument("--budget-s", type=float, default=20.0,
-                        help="seconds of timed episodes per latency mode before it stops (default 20)")
+    deploy.add_argument("--budget-s", type=float, default=12.0,
+                        help="seconds of timed episodes per latency mode before it stops (default 12)")
     deploy.add_argument("--calibration", help="int8 calibration: a folder of images/ and masks/ pairs (default: "
                                               "synthetic episodes, said so in the manifest)")
     deploy.add_argument("--threads", type=at_least(1), help="CPU threads of the ONNX Runtime / OpenVINO runs in the plan")
     deploy.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB, help="the server's response cache")
     deploy.add_argument("--clients", type=_levels, default=None, help="throughput at these client counts "
-                                                                      "(default 1,2,4,8)")
+                                                                      "(default 1,2,4,8 up to the number of cores, at least "
+                                                                      "2: 1,2 on two cores)")
     deploy.add_argument("--no-progress", action="store_true")
     deploy.set_defaults(func=handle)
 

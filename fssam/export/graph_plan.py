@@ -162,8 +162,12 @@ def quantize_onnxruntime(source: str, target: str, level: int = 0) -> dict:
             "fallback": fallback_label(level), "nodes_in_float": len(exclude)}
 
 
-def quantize_openvino(source: str, target: str, items: list[dict], level: int = 0, vnni: bool = True) -> dict:
-    """NNCF int8 of the ONNX graph `source` calibrated on `items` (graph inputs), IR at `target` (.xml)."""
+def quantize_openvino(source: str, target: str, items: list[dict], level: int = 0, vnni: bool = True,
+                      bias_correction: bool = True) -> dict:
+    """NNCF int8 of the ONNX graph `source` calibrated on `items` (graph inputs), IR at `target`
+    (.xml). `bias_correction`: NNCF's fast bias correction (a sub-model compiled and run per
+    quantized layer: about 13 s of a small graph's minute on two cores; `fssam deploy` leaves it
+    out to fit its time, the gate decides either way)."""
     import nncf
     import onnx
     import openvino as ov
@@ -184,12 +188,14 @@ def quantize_openvino(source: str, target: str, items: list[dict], level: int = 
             ignored_scope=ignored,
             advanced_parameters=AdvancedQuantizationParameters(
                 overflow_fix=OverflowFix.FIRST_LAYER if vnni else OverflowFix.ENABLE,
-                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                disable_bias_correction=not bias_correction),
         )
     ov.save_model(quantized, target, compress_to_fp16=False)
     return {"method": "NNCF post-training int8 (TRANSFORMER: SmoothQuant; min/max activation ranges; patch "
                       "embeddings in float)",
             "overflow_fix": "first layer" if vnni else "every layer (no VNNI)", "calibration_items": len(items),
+            "bias_correction": "fast" if bias_correction else "none",
             "fallback": fallback_label(level), "operators_in_float": len(friendly)}
 
 
@@ -275,8 +281,9 @@ def open_plan(artifacts: str, manifest: dict, threads=None) -> GraphPair:
 
 class Planner:
     def __init__(self, folder, manifest, model, seed, threads, calibration, progress, margin=SELECTION_MARGIN,
-                 budget_s: float | None = None):
-        self.margin = margin
+                 budget_s: float | None = None, bias_correction: bool = True):
+        self.margin, self.bias_correction = margin, bias_correction
+        self.prune = True  # a failing gate stops at its first failing episode (plan_graphs: its `prune`)
         self.deadline = time.perf_counter() + budget_s if budget_s else None
         self.folder, self.manifest, self.model, self.threads, self.progress = folder, manifest, model, threads, progress
         shots = manifest["shots"]
@@ -311,18 +318,21 @@ class Planner:
         """One graph of one candidate against its records: {"passed", "within_limits", "worst", ...}."""
         episodes = self.records[:1] if precision == "fp32" else self.records
         baseline = self.fp32 if precision == "fp32" else self.low
-        failures, worst, outputs = [], 0.0, {}
+        failures, worst, outputs, gated = [], 0.0, {}, 0
         with ieee_fp32():
             for index, records in enumerate(episodes):
                 got, failed = check_stage(runner, name, records[name], baseline)
+                gated += 1
                 failures += [f"gate episode {index}: {f}" for f in failed]
                 for key, stats in got.items():
                     ratio = limit_ratio(stats)
                     if ratio >= worst:
                         worst, outputs[key] = ratio, {k: stats[k] for k in ("max_abs", "limit", "max_rel") if k in stats}
+                if self.prune and (failures or (precision != "fp32" and worst > self.margin)):
+                    break  # decided: the remaining episodes cannot make it pass
         eligible = precision == "fp32" or worst <= self.margin
         return {"passed": not failures and eligible, "within_limits": not failures, "worst": round(worst, 4),
-                "episodes": len(episodes), "outputs": outputs, "failures": failures[:4]}
+                "episodes": gated, "outputs": outputs, "failures": failures[:4]}
 
     def time(self, runner, name: str, give_up_above_ms: float | None = None) -> tuple[float, int]:
         args = self.records[0][name][0][0]
@@ -340,7 +350,8 @@ class Planner:
             info = quantize_onnxruntime(source, os.path.join(self.folder, relative), level)
         else:
             relative = os.path.join(runtime, INT8_FOLDER, f"{name}.xml")
-            info = quantize_openvino(source, os.path.join(self.folder, relative), self.items()[name], level, self.vnni)
+            info = quantize_openvino(source, os.path.join(self.folder, relative), self.items()[name], level, self.vnni,
+                                     self.bias_correction)
         return relative, info
 
     def prepare(self, runtime: str, precision: str, name: str, level: int | None = None,
@@ -442,13 +453,15 @@ def step_down(chosen: dict, tried: dict) -> tuple[str, str | None] | None:
 
 def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None, calibration: str | None = None,
                 only=None, progress=None, margin: float = SELECTION_MARGIN, prune: bool = True,
-                budget_s: float | None = None) -> dict:
+                budget_s: float | None = None, bias_correction: bool = True) -> dict:
     """manifest["graph_plan"] (files of int8 candidates written under `folder`). `only`: a subset
     of candidate labels (default: every candidate of this CPU); `margin`: the fraction of its limits
     a reduced-precision candidate may reach; `prune`: a candidate no faster than one that passed is
-    not gated (False: every candidate is gated, for tests and reports); `budget_s`: past this many
+    not gated, and a failing gate stops at its first failing episode (False: every candidate is
+    gated on every episode, for tests and reports); `budget_s`: past this many
     seconds no further int8 fall-back is quantized (each is a new NNCF / ONNX Runtime quantization;
-    the entry says so), what `fssam deploy` uses to bound its time."""
+    the entry says so), what `fssam deploy` uses to bound its time, as `bias_correction=False`
+    (NNCF int8 without its fast bias correction; each entry records which)."""
     available, skipped = candidates()
     if only is not None:
         unknown = sorted(set(only) - {label(*c) for c in ORDER})
@@ -457,7 +470,8 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
                               f"{', '.join(label(*c) for c in ORDER)}")
         available = [c for c in available if label(*c) in only]
     begin = time.perf_counter()
-    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s)
+    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s, bias_correction)
+    planner.prune = prune
     tried = {name: {} for name in GRAPH_ORDER}
     # every candidate timed first (the gate then goes fastest first), the lowest precisions first:
     # usually the fastest, so the float candidates that are far slower are timed once
