@@ -33,8 +33,8 @@ from fssam.export import export
 export("tiny", out=os.path.join(os.environ["FSSAM_TEST_ARTIFACTS"], "tiny"), shots=1, precision="fp32", progress=False)
 PY
 export REPORTS="$reports"
-# longest first, so the two lanes end together
-order="test_export test_serving test_front test_bench test_graph_plan test_files test_eval test_runtime test_cli_predict test_server"
+# longest first (as measured on a 2-core EPYC), so the two lanes end together
+order="test_export test_bench test_runtime test_serving test_graph_plan test_torch_backend test_kernels test_cli_predict test_files test_front test_predict test_server"
 files=$( (for name in $order; do echo "tests/$name.py"; done; ls tests/test_*.py) | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 status=0
 echo "$files" | xargs -P "${FSSAM_TEST_JOBS:-2}" -I{} bash -c '
