@@ -284,9 +284,9 @@ def open_plan(artifacts: str, manifest: dict, threads=None) -> GraphPair:
 
 class Planner:
     def __init__(self, folder, manifest, model, seed, threads, calibration, progress, margin=SELECTION_MARGIN,
-                 budget_s: float | None = None, bias_correction: bool = True):
+                 budget_s: float | None = None, bias_correction: bool = True, prune: bool = True):
         self.margin, self.bias_correction = margin, bias_correction
-        self.prune = True  # a failing gate stops at its first failing episode (plan_graphs: its `prune`)
+        self.prune = prune  # a failing gate stops at its first failing episode
         self.deadline = time.perf_counter() + budget_s if budget_s else None
         self.folder, self.manifest, self.model, self.threads, self.progress = folder, manifest, model, threads, progress
         shots = manifest["shots"]
@@ -473,8 +473,8 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
                               f"{', '.join(label(*c) for c in ORDER)}")
         available = [c for c in available if label(*c) in only]
     begin = time.perf_counter()
-    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s, bias_correction)
-    planner.prune = prune
+    planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s, bias_correction,
+                      prune)
     tried = {name: {} for name in GRAPH_ORDER}
     # every candidate timed first (the gate then goes fastest first), the lowest precisions first:
     # usually the fastest, so the float candidates that are far slower are timed once

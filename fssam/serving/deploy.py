@@ -39,12 +39,12 @@ RESULT_FILE = "deploy.json"
 DEPLOY_FORMAT = "fssam-deploy/2"  # deploy.json: the folder is a deploy run's own, which a later run may replace
 OLDER_FORMATS = ("fssam-deploy/1",)
 BASELINES = ("eager fp32", "eager bf16 autocast")
-# past this many seconds of planning no further int8 fall-back is quantized (`fssam export --plan`
-# has no such bound): each is a new NNCF quantization, about a minute a small graph on two cores,
-# and the plan itself (every candidate quantized, timed and gated) takes about four there
-PLAN_BUDGET_S = 150
-# and its NNCF int8 candidates skip NNCF's fast bias correction (a sub-model compiled and run per
-# quantized layer, about 13 s a small graph there); the gate judges the result as any other
+# deploy's graph plan, bounded to fit its time (`fssam export --plan` has neither bound): past 150 s
+# of planning no further int8 fall-back is quantized (each is a new NNCF quantization, about a
+# minute a small graph on two cores, where the plan itself takes about four), and NNCF int8 skips
+# its fast bias correction (a sub-model compiled and run per quantized layer, about 13 s a small
+# graph there); the gate judges the result as any other
+PLAN_OPTIONS = {"budget_s": 150, "bias_correction": False}
 SERVED, INPROCESS = "served", "plan in process"
 
 
@@ -180,7 +180,7 @@ def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, t
                      f"(every runtime and precision gated and timed) -> {artifacts}", progress)
     manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
                       progress=progress, stages=False, plan=True, calibration=calibration, threads=threads,
-                      plan_options={"budget_s": PLAN_BUDGET_S, "bias_correction": False}, **overrides)
+                      plan_options=PLAN_OPTIONS, **overrides)
     weights = manifest["weights"]
     print(f"      exported and planned in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
     print("\n".join(describe(manifest["graph_plan"])), flush=True)
