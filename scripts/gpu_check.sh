@@ -7,6 +7,7 @@
 #   scma_*.json/png  benchmarks/bench_scma.py: kernel vs reference vs SDPA, time and memory
 #   pipeline/        fssam bench on the GPU (eager, bf16 autocast, compile, ONNX Runtime, TensorRT)
 #   aoti-artifacts/, aoti/   `--aoti` CUDA packages of small (gated) and benchmarks/bench_aoti.py at batch 1 and 8
+#   deploy/          fssam deploy --config small --device cuda (where a tritonserver is found)
 # Usage: bash scripts/gpu_check.sh [--quick] [results folder]   (default benchmarks/results/gpu-<date>)
 #   --quick (first argument; for a short lease): bench_scma in fp16 only; the pipeline bench at 1 shot, 10
 #   runs, without torch.compile (eager fp32, bf16 autocast, and TensorRT / ONNX Runtime GPU where installed). On the lent H200 (Triton 3.6, cold kernel cache) the GPU tests took 285 s and a
@@ -60,6 +61,14 @@ print({p: (e["passed"], e["parity"]["end_to_end"]) for p, e in manifest["aoti"].
 PY
 python benchmarks/bench_aoti.py --artifacts "$out/aoti-artifacts" --batches 1,8 --out "$out/aoti" || failed+=(bench_aoti)
 python -m pytest -q -rs tests/test_torch_backend.py tests/test_scma.py 2>&1 | tee "$out/gpu-tests-torch.log" || failed+=(torch-tests)
+# the main job on the GPU: AOTInductor bf16 / fp16 / fp32 packages gated and timed there, the fastest served by
+# python-torch through tritonserver (the nvidia-pytriton wheel's, or one on PATH), against eager on the GPU
+if python -c "from fssam.serving.server import find_tritonserver; find_tritonserver()" 2>/dev/null; then
+    python -m fssam.cli deploy --config small --device cuda --out "$out/deploy" --no-progress 2>&1 \
+        | tee "$out/deploy.log" || failed+=(deploy)
+else
+    echo "gpu_check: no tritonserver here (nvidia-pytriton wheel or PATH): fssam deploy --device cuda not run" >&2
+fi
 if [ "$quick" = 1 ]; then pipeline=(--shots 1 --iterations 10 --warmup 2); else pipeline=(--shots 1,5 --iterations 20 --warmup 3); fi
 python -m fssam.cli bench --config small --modes "$modes" "${pipeline[@]}" --out "$out/pipeline" || failed+=(pipeline)
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi

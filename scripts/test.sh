@@ -18,23 +18,14 @@ if [ "$#" -gt 0 ]; then
 fi
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
-# the tiny export that many test files read (read-only), made once before the files start
+# the exports that many test files read (read-only; tests/conftest.py shared_export): each made once,
+# by the first test process that needs it, while the others that need it wait for it
 export FSSAM_TEST_ARTIFACTS="$reports/artifacts"
 mkdir "$FSSAM_TEST_ARTIFACTS"
-python - <<'PY'
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py does
-from fssam.export import export
-
-export("tiny", out=os.path.join(os.environ["FSSAM_TEST_ARTIFACTS"], "tiny"), shots=1, precision="fp32", progress=False)
-PY
 export REPORTS="$reports"
-# longest first (as measured on a 2-core EPYC), so the two lanes end together
-order="test_export test_bench test_runtime test_serving test_graph_plan test_torch_backend test_kernels test_cli_predict test_files test_front test_predict test_server"
+# longest first (as measured on a 2-core EPYC), so the two lanes end together; test_kernels second:
+# it reads no export, so it runs while test_export makes the tiny export the others wait for
+order="test_export test_kernels test_bench test_runtime test_serving test_graph_plan test_torch_backend test_cli_predict test_files test_front test_predict test_server"
 files=$( (for name in $order; do echo "tests/$name.py"; done; ls tests/test_*.py) | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 status=0
 echo "$files" | xargs -P "${FSSAM_TEST_JOBS:-2}" -I{} bash -c '

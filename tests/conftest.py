@@ -52,17 +52,47 @@ def random_episode(batch=1, shots=1, size=64, seed=0):
     return query, supports, masks
 
 
+def shared_export(tmp_path_factory, name: str, make):
+    """(folder, manifest) of an export that test files read and never change (a test that changes
+    one copies it first), made by `make(folder)`. Under scripts/test.sh (FSSAM_TEST_ARTIFACTS) it
+    is made once per suite: by the first test process that needs it, while the others that need
+    it wait on its lock (the export is written whole or not at all, so a process that died half way
+    leaves it to the next); else once per test process, under its tmp."""
+    import fcntl
+
+    from fssam.export import load_manifest
+
+    shared = os.environ.get("FSSAM_TEST_ARTIFACTS")
+    if not shared:
+        out = str(tmp_path_factory.mktemp(name) / "tiny")
+        return out, make(out)
+    out = os.path.join(shared, name)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(out, "manifest.json")):
+            return out, load_manifest(out)
+        return out, make(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
-    """The tiny config exported once (1-shot, fp32) for every test that needs ONNX artifacts."""
-    from fssam.export import export, load_manifest
+    """The tiny config exported (1-shot, fp32: stage files and graphs) for every test that needs ONNX artifacts."""
+    from fssam.export import export
 
-    shared = os.environ.get("FSSAM_TEST_ARTIFACTS")  # scripts/test.sh: one export for every test process
-    out = os.path.join(shared, "tiny") if shared else str(tmp_path_factory.mktemp("export") / "tiny")
-    if shared and os.path.isfile(os.path.join(out, "manifest.json")):
-        return out, load_manifest(out)
-    manifest = export("tiny", out=out, shots=1, precision="fp32", progress=False)
-    return out, manifest
+    return shared_export(tmp_path_factory, "tiny", lambda out: export("tiny", out=out, shots=1, precision="fp32",
+                                                                        progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory):
+    """tiny's two graphs with a graph plan in which every candidate is gated (no pruning by time)
+    and reduced precision is held to the gate's rule (2x eager bf16 autocast's error) without the
+    selection margin, so the int8 graphs that keep to the rule can be served and benched."""
+    from fssam.export import export
+
+    return shared_export(tmp_path_factory, "tiny-plan",
+                         lambda out: export("tiny", out=out, stages=False, plan=True, progress=False,
+                                            plan_options={"prune": False, "margin": 1.0}))
 
 
 # ---------------------------------------------------------------- a synthetic PASCAL fold (eval, serving)

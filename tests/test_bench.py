@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,13 +368,13 @@ GRAPHS = {"support_encoder", "query_segmenter"}
 
 
 @pytest.fixture(scope="module")
-def graph_bench(tmp_path_factory):
-    """One bench of the graph modes on tiny, the bench making its own export with a graph plan (the
-    shared export has none; the plan is what costs, ~2-3 minutes): (out folder, completed process)."""
+def graph_bench(tmp_path_factory, tiny_plan):
+    """One bench of the graph modes on tiny's graphs with a graph plan (tests/conftest.py: the plan is
+    what costs, ~2-3 minutes, made once for the suite): (out folder, completed process)."""
     root = tmp_path_factory.mktemp("graph-bench")
     out = root / "out"
-    result = bench(root, "--modes", ",".join(("eager_fp32", "eager_bf16", *GRAPH_MODES)), "--iterations", "1",
-                   "--warmup", "0", "--threads", "1", "--out", str(out), timeout=1200)
+    result = bench(root, "--modes", ",".join(("eager_fp32", "eager_bf16", *GRAPH_MODES)), "--artifacts", tiny_plan[0],
+                   "--iterations", "1", "--warmup", "0", "--threads", "1", "--out", str(out), timeout=1200)
     return out, result
 
 
@@ -392,14 +393,15 @@ def _autocast_limit(shots=1, seed=100):
     return 2 * (autocast - exact).abs().max().item() + 1e-6
 
 
-def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph_bench):
+def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph_bench, tiny_plan):
     """plan runs the graphs the export's plan chose, onnxruntime_int8 / openvino_int8_graphs its int8
     graphs of one runtime where both passed the plan's gate, else they are skipped with the gate's
     reason; every mode that ran is a ratio to both eager baselines, timed per graph, and checked
     on the bench episode with eager bf16 autocast's rule as soon as a graph runs below fp32."""
     out, result = graph_bench
-    assert "exporting tiny 1-shot" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    manifest = json.loads((out / "artifacts-1shot" / "manifest.json").read_text())
+    assert "exporting" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (out / "artifacts-1shot").exists()  # the given export was reused
+    manifest = json.loads((Path(tiny_plan[0]) / "manifest.json").read_text())
     plan = manifest["graph_plan"]
     assert manifest["stages"] == {}  # no asked mode runs the stage files: the graphs only
     data = json.loads((out / "results.json").read_text())
@@ -459,9 +461,9 @@ def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph
             assert image.format == "PNG" and image.size[0] > 100
 
 
-def test_graph_modes_reuse_an_export_with_a_graph_plan_and_refuse_one_without(graph_bench, tiny_artifacts, tmp_path):
-    out, _ = graph_bench
-    planned = str(out / "artifacts-1shot")
+def test_graph_modes_reuse_an_export_with_a_graph_plan_and_refuse_one_without(graph_bench, tiny_plan, tiny_artifacts,
+                                                                             tmp_path):
+    planned = tiny_plan[0]
     result = bench(tmp_path, "--modes", "plan", "--artifacts", planned, "--iterations", "1", "--warmup", "0",
                    "--out", str(tmp_path / "reuse"))
     assert "exporting" not in result.stderr and not (tmp_path / "reuse" / "artifacts-1shot").exists()

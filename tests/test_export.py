@@ -138,13 +138,14 @@ def test_compare_on_a_gpu_provider_this_onnxruntime_lacks_is_refused(artifacts):
 
 
 def test_fp16_five_shot_gate(tmp_path):
-    """fp16: each error vs fp32 eager at most 2x eager PyTorch fp16's own; 5 shots in the graphs."""
-    manifest = export("tiny", out=str(tmp_path / "fp16"), shots=5, precision="fp16", progress=False)
-    report = manifest["parity"]["onnxruntime"]
+    """fp16: each error vs fp32 eager at most 2x eager PyTorch fp16's own; 5 shots in the graphs
+    (the graphs only: the stage files' gate is the same code, tested at fp32 and bf16)."""
+    manifest = export("tiny", out=str(tmp_path / "fp16"), shots=5, precision="fp16", progress=False, stages=False)
+    report = manifest["graph_parity"]["onnxruntime"]
     assert report["passed"], report["failures"]
     end = report["end_to_end"]
     assert end["max_abs"] <= 2 * end["baseline_max_abs"] + 1e-6
-    assert manifest["stages"]["prior"]["inputs"][1]["shape"][1] == 5
+    assert manifest["stages"] == {} and manifest["graphs"]["support_encoder"]["inputs"][0]["shape"][1] == 5
     assert manifest["dtype"] == "float16"
 
 

@@ -74,17 +74,7 @@ def test_fall_back_levels_keep_fewer_parts_quantized(tiny_artifacts):
 
 # ---------------------------------------------------------------- a real plan on the tiny config
 
-@pytest.fixture(scope="module")
-def tiny_plan(tmp_path_factory):
-    """tiny's two graphs with a graph plan in which every candidate is gated (no pruning by time)
-    and reduced precision is held to the gate's rule (2x eager bf16 autocast's error) without the
-    selection margin, so the int8 graphs that keep to the rule can be served below."""
-    from fssam.export import export
-
-    out = str(tmp_path_factory.mktemp("plan") / "tiny")
-    manifest = export("tiny", out=out, stages=False, plan=True, progress=False,
-                      plan_options={"prune": False, "margin": 1.0})
-    return out, manifest
+# tiny_plan (tests/conftest.py): tiny's graphs with a plan in which every candidate is gated
 
 
 def test_plan_records_every_candidate_its_gate_and_time_and_the_choice(tiny_plan):

@@ -24,8 +24,9 @@ NO_BF16_CPUINFO = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu s
 
 @pytest.fixture(scope="module")
 def int8_artifacts(tmp_path_factory):
-    """tiny exported with OpenVINO fp32 and int8 plans; int8 is forced wherever it passes its gate
-    (on tiny, fp32 is usually faster, so the plan alone would not exercise the int8 IR)."""
+    """tiny exported with OpenVINO fp32 and int8 plans (and bf16 where the CPU has it); int8 is forced
+    wherever it passes its gate (on tiny, fp32 is usually faster, so the plan alone would not
+    exercise the int8 IR). One export for all three: each plan is an export's slowest part."""
     import fssam.export.openvino as ov_export
 
     out = str(tmp_path_factory.mktemp("ov") / "tiny")
@@ -33,7 +34,8 @@ def int8_artifacts(tmp_path_factory):
     real = ov_export._choose
     patch.setattr(ov_export, "_choose", lambda tried: "int8" if tried.get("int8", {}).get("passed") else real(tried))
     try:
-        manifest = export("tiny", out=out, shots=1, progress=False, openvino=("fp32", "int8"))
+        manifest = export("tiny", out=out, shots=1, progress=False,
+                          openvino=("fp32", "int8") + (("bf16",) if cpu.native_bf16() else ()))
     finally:
         patch.undo()
     return out, manifest
@@ -128,15 +130,14 @@ def test_openvino_compiled_model_cache_and_threads(tiny_artifacts, tmp_path, mon
 
 @pytest.mark.skipif(not cpu.native_bf16(), reason=f"OpenVINO bf16 needs amx_bf16 or avx512_bf16; "
                     f"this CPU has: {cpu.describe()}")
-def test_openvino_bf16_runs_only_its_gated_plan(tiny_artifacts, tmp_path):
+def test_openvino_bf16_runs_only_its_gated_plan(tiny_artifacts, int8_artifacts):
     """bf16 needs the plan `--openvino bf16` gated (refused without one); the runner runs that plan:
     the bf16 hint exactly where the plan says bf16, and the result passes the 2x autocast rule."""
     from fssam.export.openvino import QUANTIZED_STAGES
 
     with pytest.raises(ConfigError, match="no OpenVINO bf16 plan"):
         open_runner("openvino", tiny_artifacts[0], precision="bf16")
-    out = str(tmp_path / "bf16")
-    manifest = export("tiny", out=out, progress=False, openvino=("bf16",))
+    out, manifest = int8_artifacts
     gated = manifest["openvino"]["bf16"]
     assert gated["parity"]["passed"] and gated["parity"]["baseline"] == "bf16_autocast"
     for name, stage in gated["stages"].items():  # reduced precision only where the compute is

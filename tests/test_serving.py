@@ -643,6 +643,8 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert "request payload per episode" in out and "4x less" in out
     info = json.loads((tmp_path / "d" / "repository" / "fssam_repository.json").read_text())
     figures = json.loads((tmp_path / "d" / "deploy.json").read_text())
+    # --device auto: the CPU where torch sees no GPU, served as the CPU plan chose
+    assert figures["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert figures["backend"] == info["backend"] == "plan" and figures["passed"]
     manifest = json.loads((tmp_path / "d" / "artifacts" / "manifest.json").read_text())
     assert manifest["stages"] == {} and set(os.listdir(tmp_path / "d" / "artifacts")) >= {
@@ -679,6 +681,18 @@ def test_deploy_tiny_end_to_end(tmp_path):
     fresh = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--out", str(tmp_path / "e"),
                             "--checkpoint", str(bad), "--no-progress"], capture_output=True, text=True, timeout=900)
     assert fresh.returncode == 1 and not (tmp_path / "e").exists(), fresh.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the refusal is for machines without")
+def test_deploy_on_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--device", "cuda",
+                             "--out", str(tmp_path / "d"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and not (tmp_path / "d").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda: this machine has no CUDA device" in lines[0], result.stderr
 
 
 def test_deploy_plan_says_why_openvino_bf16_is_no_candidate(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import shared_export
 from fssam.model import get_config
 from fssam.runtime.parity import FP32_MIN_IOU, fp32_limit, mask_iou, sample_episode
 
@@ -31,20 +32,19 @@ def aoti_artifacts(tmp_path_factory, tiny_artifacts, tiny_model):
     from fssam.runtime.manifest import load_manifest, write_manifest
     from fssam.runtime.parity import format_report
 
-    shared = os.environ.get("FSSAM_TEST_ARTIFACTS")  # scripts/test.sh: built once for every test process
-    out = os.path.join(shared, "tiny-aoti") if shared else str(tmp_path_factory.mktemp("aoti") / "tiny")
-    if shared and os.path.isfile(os.path.join(out, "manifest.json")):
-        return out
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(tiny_artifacts[0], partial)
-    manifest = load_manifest(partial)
-    manifest["aoti"] = build_packages(partial, manifest, tiny_model, ("fp32",), "cpu")
-    write_manifest(partial, manifest)
-    entry = manifest["aoti"]["fp32"]
-    assert entry["passed"], "AOTInductor fp32 gate: " + format_report(entry["parity"], manifest["graphs"])
-    os.replace(partial, out)
-    return out
+    def make(out):
+        partial = out + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(tiny_artifacts[0], partial)
+        manifest = load_manifest(partial)
+        manifest["aoti"] = build_packages(partial, manifest, tiny_model, ("fp32",), "cpu")
+        write_manifest(partial, manifest)
+        entry = manifest["aoti"]["fp32"]
+        assert entry["passed"], "AOTInductor fp32 gate: " + format_report(entry["parity"], manifest["graphs"])
+        os.replace(partial, out)
+        return manifest
+
+    return shared_export(tmp_path_factory, "tiny-aoti", make)[0]
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +262,44 @@ def test_exports_without_gated_packages_are_refused_naming_fssam_export_aoti(tmp
     with pytest.raises(ConfigError, match="torch-aoti serves fp32 and bf16 packages"):
         write_repository(artifacts, str(tmp_path / "repo"), backend="torch-aoti", precision="fp16")
     assert not (tmp_path / "repo").exists()
+
+
+# ---------------------------------------------------------------- fssam deploy --device
+
+def test_deploy_device_auto_is_the_gpu_when_torch_sees_one_and_cuda_needs_one(monkeypatch):
+    from fssam.device import resolve_device
+    from fssam.errors import ConfigError
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="--device cuda: this machine has no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device 'tpu'"):
+        resolve_device("tpu")
+
+
+def test_deploy_on_a_gpu_serves_the_fastest_package_precision_that_passed_its_gate(aoti_artifacts, tiny_model):
+    """What `fssam deploy --device cuda` serves (fssam.export.aoti.choose_packages), here on the CPU
+    packages: every gated precision timed on the packages' device, the fastest chosen; a precision
+    that failed its gate is recorded and not timed; none passed is a ParityError."""
+    import copy
+
+    from fssam.export.aoti import choose_packages
+    from fssam.runtime.manifest import load_manifest
+    from fssam.runtime.parity import ParityError
+
+    manifest = load_manifest(aoti_artifacts)
+    plan = choose_packages(aoti_artifacts, manifest, tiny_model.config, budget_s=1.0)
+    timed = plan["candidates"]["fp32"]
+    assert plan["chosen"] == "fp32" and timed["passed"] and timed["ms"] > 0 and timed["runs"] >= 3
+    assert timed["device"] == "cpu"
+    failed = copy.deepcopy(manifest)
+    failed["aoti"] = {"fp16": {**manifest["aoti"]["fp32"], "passed": False, "graphs": {}}, **failed["aoti"]}
+    plan = choose_packages(aoti_artifacts, failed, tiny_model.config, budget_s=1.0)
+    assert plan["chosen"] == "fp32" and plan["candidates"]["fp16"] == {
+        "passed": False, "note": "failed its gate at export: not timed"}
+    failed["aoti"]["fp32"]["passed"] = False
+    with pytest.raises(ParityError, match=r"no precision passed its gate \(fp16, fp32\)"):
+        choose_packages(aoti_artifacts, failed, tiny_model.config)

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     deploy.add_argument("--clients", type=_levels, default=None, help="throughput at these client counts "
                                                                       "(default 1,2,4,8 up to the number of cores, at least "
                                                                       "2: 1,2 on two cores)")
+    deploy.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the served graphs and the eager baselines run (default auto: the GPU when torch "
+                             "sees one; there the candidates are AOTInductor CUDA packages at bf16, fp16 and fp32, "
+                             "served by python-torch)")
     deploy.add_argument("--no-progress", action="store_true")
     deploy.set_defaults(func=handle)
 
@@ -49,5 +53,5 @@ def handle(args) -> int:
     options = model_options(args)
     deploy(args.config, out=args.out, shots=args.shots, runs=args.runs, budget_s=args.budget_s,
            progress=not args.no_progress, cache_mb=args.cache_mb, clients=args.clients,
-           calibration=args.calibration, threads=args.threads, **options)
+           calibration=args.calibration, threads=args.threads, device=args.device, **options)
     return 0

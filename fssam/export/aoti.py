@@ -151,3 +151,44 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
         if progress is not None:
             progress.update()
     return result
+
+
+def choose_packages(folder: str, manifest: dict, config, seed: int = 0, budget_s: float = 6.0) -> dict:
+    """The fastest gated precision of manifest["aoti"] on this machine (`fssam deploy --device cuda`):
+    each precision whose packages passed their gate is timed here (adaptive median of an episode
+    through both graphs, the gate's episode, on the packages' device); returns manifest["aoti_plan"]
+    ({"candidates": {precision: {"passed", "ms", "runs"} or the reason it was not timed},
+    "chosen": precision}); `config`: the model's (the episode's size). ParityError when no
+    precision passed its gate."""
+    from fssam.bench.harness import adaptive_median
+    from fssam.device import synchronize
+    from fssam.runtime import as_torch
+    from fssam.runtime.contract import run_graphs
+    from fssam.runtime.parity import ParityError, sample_episode
+    from fssam.runtime.runners.torch import TorchRunner
+
+    packages = manifest.get("aoti", {})
+    episode = sample_episode(config, int(manifest["shots"]), batch=1, seed=seed + 7)
+    candidates = {}
+    for precision, entry in packages.items():
+        if not entry.get("passed"):
+            candidates[precision] = {"passed": False, "note": "failed its gate at export: not timed"}
+            continue
+        runner = TorchRunner(folder, precision=precision, verify=False)
+        pair = as_torch(runner)
+        device = torch.device(runner.device)
+
+        def call():
+            run_graphs(pair, *episode)
+            synchronize(device)
+
+        with torch.inference_mode():
+            seconds, runs = adaptive_median(call, budget_s)
+        candidates[precision] = {"passed": True, "ms": round(1000 * seconds, 3), "runs": runs,
+                                 "device": runner.device}
+        del runner, pair
+    timed = [(c["ms"], p) for p, c in candidates.items() if c["passed"]]
+    if not timed:
+        raise ParityError("AOTInductor: no precision passed its gate ("
+                          + ", ".join(sorted(candidates)) + "): nothing to serve", {"passed": False})
+    return {"candidates": candidates, "chosen": min(timed)[1]}

@@ -332,6 +332,7 @@ def export(
     plan_options: dict | None = None,
     aoti=(),
     aoti_device: str = "cpu",
+    aoti_plan: bool = False,
     **overrides,
 ) -> dict:
     """Export every stage to ONNX under `out`; returns the manifest. Raises ParityError (with the
@@ -340,7 +341,10 @@ def export(
     `stages=False`: only the two deployable graphs (what a server runs; `fssam deploy`). `plan`:
     the graph plan of this machine (fssam.export.graph_plan: every runtime and precision gated and
     timed, int8 graphs written), manifest["graph_plan"]; `plan_options`: more keywords of
-    graph_plan.plan_graphs (only, margin, prune)."""
+    graph_plan.plan_graphs (only, margin, prune). `aoti`: AOTInductor packages at these precisions
+    on `aoti_device` (fssam.export.aoti); `aoti_plan`: a precision that fails its gate is recorded,
+    not fatal, and the fastest that passed is chosen here, manifest["aoti_plan"] (`fssam deploy
+    --device cuda`)."""
     if precision not in DTYPES:
         raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
     if scma_node not in ("decomposed", "custom"):
@@ -477,8 +481,13 @@ def export(
 
             write_manifest(tmp, manifest)
             manifest["aoti"] = build_packages(tmp, manifest, model, aoti, aoti_device, progress=bar, seed=seed)
+            if aoti_plan:
+                from fssam.export.aoti import choose_packages
+
+                bar.set_postfix_str("AOTInductor: timing the gated precisions")
+                manifest["aoti_plan"] = choose_packages(tmp, manifest, model.config, seed=seed)
             for name, entry in manifest["aoti"].items():
-                if gate and not entry["passed"]:
+                if gate and not entry["passed"] and not aoti_plan:
                     raise ParityError(f"AOTInductor {name}: " + format_report(entry["parity"], graphs), entry["parity"])
         if openvino:
             from fssam.export.openvino import gate_openvino

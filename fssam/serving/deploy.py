@@ -17,6 +17,12 @@ and precision gated and timed, the fastest that passes per graph) -> a repositor
    CPU without native bf16, where PyTorch emulates it at about a minute an episode).
 6. Throughput at 1, 2, 4, 8 clients (dynamic batching), cached and new support sets, and the
    request payload. deploy.json records every phase's wall time and the total.
+
+`device`: auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda. On a GPU the
+candidates are the AOTInductor packages of the two graphs at bf16, fp16 and fp32
+(fssam.export.aoti: static batch buckets, max-autotune, replayed from CUDA graphs), each gated and
+timed there, the fastest that passed served by python-torch on the GPU; the baselines are eager
+fp32 (IEEE: no TF32) and eager bf16 autocast on the same GPU.
 """
 
 from __future__ import annotations
@@ -54,17 +60,26 @@ def _step(i: int, text: str, progress: bool) -> float:
     return time.perf_counter()
 
 
-def _autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+CUDA_PRECISIONS = ("bf16", "fp16", "fp32")  # --device cuda: the AOTInductor candidates
+# the gate's reference of a served precision: eager fp32 for fp32; the official bf16 autocast's
+# error bounds bf16; eager fp16's own error bounds fp16
+REFERENCE = {"fp32": "fp32", "bf16": "bf16_autocast", "fp16": "same_dtype"}
+
+
+def _autocast(device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def plan_label(manifest: dict) -> str:
+    if "aoti_plan" in manifest:
+        entry = manifest["aoti"][manifest["aoti_plan"]["chosen"]]
+        return f"both graphs torch AOTInductor {manifest['aoti_plan']['chosen']} ({entry['device']})"
     chosen = manifest["graph_plan"]["chosen"]
     return "; ".join(f"{name} {entry['runtime']} {entry['precision']}" for name, entry in chosen.items())
 
 
-def check_served(model, pair, kind: str, served, episode, fresh_served,
-                 fresh) -> tuple[dict, list[str], dict, list[str]]:
+def check_served(model, pair, kind: str, served, episode, fresh_served, fresh,
+                 precision: str = "fp32") -> tuple[dict, list[str], dict, list[str]]:
     """The gate's end-to-end check of served logits vs eager fp32 (limits from eager bf16 autocast
     when a graph is reduced) on the gate's episode; and, on that episode and a fresh one, the served
     logits vs the same plan in process, held to the fp32 limit (the same computation: a difference
@@ -72,11 +87,13 @@ def check_served(model, pair, kind: str, served, episode, fresh_served,
     from fssam.runtime.contract import run_graphs
     from fssam.runtime.parity import Baseline, check_end_to_end, fp32_limit, ieee_fp32
 
+    device = next(model.parameters()).device
+    on = tuple(t.to(device) for t in episode)  # the eager model's device; the figures on the CPU
     with torch.inference_mode(), ieee_fp32():
-        eager = model(*episode)
-        inprocess = {"gate_episode": run_graphs(pair, *episode).float(),
-                     "fresh_episode": run_graphs(pair, *fresh).float()}
-    low = Baseline(model, "fp32", kind).episode(*episode) if kind != "fp32" else None
+        eager = model(*on).cpu()
+        inprocess = {"gate_episode": run_graphs(pair, *episode).float().cpu(),
+                     "fresh_episode": run_graphs(pair, *fresh).float().cpu()}
+    low = Baseline(model, precision, kind).episode(*on).cpu() if kind != "fp32" else None
     end, failures = check_end_to_end(served, eager, low, kind)
     same, wiring = {}, []
     for name, got in (("gate_episode", served), ("fresh_episode", fresh_served)):
@@ -111,7 +128,7 @@ def _overhead(served: float, inprocess: float) -> str:
 
 
 def _latency(url: str, pair, model, episode, runs: int, budget_s: float, emulated: bool, progress: bool,
-             warm=()) -> dict:
+             warm=(), device: str = "cpu") -> dict:
     """Served (a client of the front, HTTP binary tensors) interleaved with the plan in process and
     the eager baselines, each mode adaptively (fssam.bench.harness.run_adaptive); the modes in
     `warm` ran this episode in the checks: no warm-up."""
@@ -120,8 +137,9 @@ def _latency(url: str, pair, model, episode, runs: int, budget_s: float, emulate
 
     served = Served(url, protocol="http")
     try:
-        modes = [EpisodeMode(SERVED, served), GraphMode(INPROCESS, pair), GraphMode(BASELINES[0], model),
-                 GraphMode(BASELINES[1], model, context=_autocast)]
+        modes = [EpisodeMode(SERVED, served), GraphMode(INPROCESS, pair, device=device),
+                 GraphMode(BASELINES[0], model, device=device),
+                 GraphMode(BASELINES[1], model, context=lambda: _autocast(device), device=device)]
         bar = tqdm(desc="latency", unit="episode", disable=not progress, leave=False)
         try:
             return run_adaptive(modes, episode, min_runs=runs, budget_s=budget_s,
@@ -149,9 +167,9 @@ def _latency_figures(latency: dict, emulated: bool) -> dict:
     return figures
 
 
-def _print_latency(figures: dict, latency: dict, plan: str, config: str, shots: int) -> None:
+def _print_latency(figures: dict, latency: dict, plan: str, config: str, shots: int, device: str = "cpu") -> None:
     runs = ", ".join(f"{name} {entry['runs']}" for name, entry in latency.items())
-    print(f"      served ({plan}; client of the front over HTTP; {config}, {shots}-shot, CPU): new support set "
+    print(f"      served ({plan}; client of the front over HTTP; {config}, {shots}-shot, {device.upper()}): new support set "
           f"{figures['served_ms']:.1f} ms, cached support {figures['served_cached_ms']:.1f} ms (runs: {runs})")
     print(f"      plan in process: {figures['inprocess_ms']:.1f} ms, cached support {figures['inprocess_cached_ms']:.1f} ms; "
           f"server overhead at concurrency 1: {figures['overhead']} (cached {figures['overhead_cached']})")
@@ -172,18 +190,42 @@ def _print_throughput(rows: list[dict], payload: dict) -> None:
           f"{payload['ratio']:.0f}x less)")
 
 
-def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides) -> dict:
+def describe_aoti(manifest: dict) -> list[str]:
+    """Lines for the terminal: each AOTInductor precision's gate and time, and the choice."""
+    plan = manifest["aoti_plan"]
+    lines = []
+    for precision, entry in plan["candidates"].items():
+        parity = manifest["aoti"][precision]["parity"]["end_to_end"]
+        gate = (f"passed (max abs {parity['max_abs']:.2e}, limit {parity['limit']:.2e})" if entry["passed"]
+                else "FAILED its gate")
+        timed = f"{entry['ms']:9.2f} ms" if entry["passed"] else "not timed"
+        lines.append(f"    torch AOTInductor {precision:5s} {gate:45s} {timed}"
+                     + (" <- chosen" if precision == plan["chosen"] else ""))
+    return lines
+
+
+def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides,
+            device: str = "cpu") -> dict:
     from fssam.export import export
     from fssam.export.graph_plan import describe
 
-    start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) and plan them on this machine "
-                     f"(every runtime and precision gated and timed) -> {artifacts}", progress)
-    manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
-                      progress=progress, stages=False, plan=True, calibration=calibration, threads=threads,
-                      plan_options=PLAN_OPTIONS, **overrides)
+    if device == "cuda":
+        start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) as AOTInductor CUDA packages at "
+                         f"{', '.join(CUDA_PRECISIONS)}, each gated and timed on this GPU -> {artifacts}", progress)
+        manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
+                          progress=progress, stages=False, aoti=CUDA_PRECISIONS, aoti_device="cuda", aoti_plan=True,
+                          **overrides)
+        lines = describe_aoti(manifest)
+    else:
+        start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) and plan them on this machine "
+                         f"(every runtime and precision gated and timed) -> {artifacts}", progress)
+        manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
+                          progress=progress, stages=False, plan=True, calibration=calibration, threads=threads,
+                          plan_options=PLAN_OPTIONS, **overrides)
+        lines = describe(manifest["graph_plan"])
     weights = manifest["weights"]
     print(f"      exported and planned in {time.perf_counter() - start:.1f} s; weights: {weights['source']}", flush=True)
-    print("\n".join(describe(manifest["graph_plan"])), flush=True)
+    print("\n".join(lines), flush=True)
     if "note" in weights:
         print(f"      note: {weights['note']}", flush=True)
     return manifest
@@ -207,11 +249,13 @@ def _forget_earlier_run(out: str, repository: str) -> None:
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 3,
            budget_s: float = 12.0, progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None,
            requests_per_client: int = 2, calibration: str | None = None, threads: int | None = None,
-           **overrides) -> dict:
+           device: str = "auto", **overrides) -> dict:
     """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the
     config's). `runs`: at least this many timed episodes per latency mode; `budget_s`: a mode stops
-    once its median is stable or it has spent this many seconds."""
+    once its median is stable or it has spent this many seconds. `device`: auto, cpu or cuda (see
+    the module docstring)."""
     from fssam.bench.report import machine
+    from fssam.device import resolve_device
     from fssam.bench.served import concurrency_sweep, default_levels, payload_bytes
     from fssam.export.graph_plan import open_plan
     from fssam.model import build, get_config
@@ -223,6 +267,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     from fssam.serving.server import TritonServer
 
     begin = time.perf_counter()
+    target = resolve_device(device).type  # cuda without a GPU: one ConfigError line, before any work
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
     if not budget_s > 0:
@@ -244,20 +289,26 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     phases = {}
     try:
         _forget_earlier_run(out, repository)
-        manifest = _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides)
+        manifest = _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides,
+                           target)
     except BaseException:
         if created and not os.listdir(out):  # a run that failed before writing anything leaves no --out
             os.rmdir(out)
         raise
     phases["export_and_plan_s"] = time.perf_counter() - begin
-    phases["plan_s"] = manifest["graph_plan"]["wall_s"]
     weights = manifest["weights"]
     plan = plan_label(manifest)
-    kind = manifest["graph_plan"]["end_to_end"]["baseline"]  # the gate's reference of the chosen pair
+    if target == "cuda":
+        precision = manifest["aoti_plan"]["chosen"]
+        backend, kind = "python-torch", REFERENCE[precision]
+    else:
+        phases["plan_s"] = manifest["graph_plan"]["wall_s"]
+        precision, backend = None, PLAN
+        kind = manifest["graph_plan"]["end_to_end"]["baseline"]  # the gate's reference of the chosen pair
 
     start = _step(2, f"model repository (ensemble fssam: validate -> support_encoder -> query_segmenter; {plan}) "
                      f"-> {repository}", progress)
-    write_repository(artifacts, repository, backend=PLAN)
+    write_repository(artifacts, repository, backend=backend, **({"precision": precision} if precision else {}))
     phases["repository_s"] = time.perf_counter() - start
 
     start = _step(3, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB) behind the front",
@@ -272,15 +323,21 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         print(f"      ready in {phases['server_start_s']:.1f} s: the front {front.url} (tritonserver "
               f"{server.http_url} behind it)", flush=True)
         start = _step(4, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
-        model = build(config, checkpoint=checkpoint, seed=seed, **overrides)
-        pair = open_plan(artifacts, manifest, threads)
+        model = build(config, checkpoint=checkpoint, seed=seed, **overrides).to(target)
+        if target == "cuda":
+            from fssam.runtime import as_torch
+            from fssam.runtime.runners.torch import TorchRunner
+
+            pair = as_torch(TorchRunner(artifacts, precision=precision, device="cuda"))
+        else:
+            pair = open_plan(artifacts, manifest, threads)
         episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
         fresh = sample_episode(model.config, shots, batch=1, seed=seed + FRESH_EPISODE_SEED)
         with RemoteFSSAM(url, protocol="http") as remote:
             served, cache = check_cache(remote, episode)
             fresh_served = remote.infer(*fresh)
         end, failures, vs_inprocess, wiring = check_served(model, pair, kind, served, episode, fresh_served,
-                                                           fresh)
+                                                           fresh, precision or "fp32")
         print(f"      logits max abs {end['max_abs']:.2e} (limit {end['limit']:.3g}), mask IoU {end['mask_iou']:.4f} "
               f"(min {end['min_iou']:.4f}) vs eager fp32: {'FAIL' if failures else 'PASS'}; vs the plan in process, "
               f"this episode and a fresh one: max abs {vs_inprocess['gate_episode']['max_abs']:.2e}, "
@@ -291,15 +348,17 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
               f"+{cache['hits']} hit, +{cache['misses']} miss), identical logits", flush=True)
         phases["checks_s"] = time.perf_counter() - start
 
-        emulated = not cpu.native_bf16()
+        emulated = target == "cpu" and not cpu.native_bf16()
         start = _step(5, f"latency at concurrency 1 (interleaved; each mode until its median is stable, at least "
                          f"{runs} runs, at most {budget_s:g} s)", progress)
         # the checks ran the gate's episode served, in process and in eager fp32 (and eager bf16
         # autocast when a graph is reduced): those modes need no warm-up
-        warm = (SERVED, INPROCESS, BASELINES[0]) + ((BASELINES[1],) if kind != "fp32" else ())
-        latency = _latency(url, pair, model, episode, runs, budget_s, emulated, progress, warm)
+        warm = (SERVED, INPROCESS, BASELINES[0]) + ((BASELINES[1],) if kind == "bf16_autocast" else ())
+        if target == "cuda":
+            warm = ()  # a GPU's first calls (kernel selection, allocator) are not its speed: each mode warms up
+        latency = _latency(url, pair, model, episode, runs, budget_s, emulated, progress, warm, target)
         figures = _latency_figures(latency, emulated)
-        _print_latency(figures, latency, plan, config, shots)
+        _print_latency(figures, latency, plan, config, shots, target)
         phases["latency_s"] = time.perf_counter() - start
 
         start = _step(6, f"throughput at {', '.join(map(str, clients))} clients ({requests_per_client} requests each; "
@@ -327,10 +386,13 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         print("note: random-init weights (no --checkpoint): the server's masks are not a trained model's predictions",
               file=sys.stderr)
     result = {
-        "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"],
-        "plan": manifest["graph_plan"]["chosen"], "plan_candidates": manifest["graph_plan"]["candidates"],
-        "plan_skipped": manifest["graph_plan"]["skipped"], "backend": PLAN,
-        "precision": "reduced" if kind != "fp32" else "fp32", "served": latency,
+        "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"], "device": target,
+        **({"plan": manifest["graph_plan"]["chosen"], "plan_candidates": manifest["graph_plan"]["candidates"],
+            "plan_skipped": manifest["graph_plan"]["skipped"]} if target == "cpu" else
+           {"plan": {"torch aoti": precision}, "plan_candidates": manifest["aoti_plan"]["candidates"],
+            "aoti": {p: {k: v for k, v in e.items() if k != "graphs"} for p, e in manifest["aoti"].items()}}),
+        "backend": backend, "precision": ("reduced" if kind != "fp32" else "fp32") if target == "cpu" else precision,
+        "served": latency,
         "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
         "phases": phases, "wall_s": phases["total_s"], "machine": machine(), "artifacts": artifacts,
