@@ -190,7 +190,8 @@ def test_unknown_mode_is_one_error_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().endswith(
         "unknown bench mode(s) warp_drive: expected some of eager_fp32, eager_bf16, compile, onnxruntime, "
-        "openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton, plan, onnxruntime_int8, openvino_int8_graphs")
+        "openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton, plan, onnxruntime_int8, onnxruntime_int8_static, "
+        "openvino_int8_graphs")
 
 
 def test_an_empty_modes_list_is_its_own_error_line(tmp_path):
@@ -200,7 +201,7 @@ def test_an_empty_modes_list_is_its_own_error_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "fssam bench: error: --modes ',' names no mode: expected a comma list of some of eager_fp32, eager_bf16, "
         "compile, onnxruntime, openvino_fp32, openvino_bf16, openvino_int8, tensorrt, triton, plan, onnxruntime_int8, "
-        "openvino_int8_graphs")
+        "onnxruntime_int8_static, openvino_int8_graphs")
     assert not out.exists()
 
 
@@ -251,7 +252,8 @@ def test_calibration_without_an_int8_mode_is_one_error_line(tmp_path):
     result = bench(tmp_path, "--calibration", str(tmp_path), "--out", str(tmp_path / "x"))
     assert result.returncode == 1
     assert result.stderr.strip().endswith("--calibration is for the int8 export of the openvino_int8, plan, "
-                                          "onnxruntime_int8, openvino_int8_graphs modes: add one of them to --modes")
+                                          "onnxruntime_int8, onnxruntime_int8_static, openvino_int8_graphs modes: add "
+                                          "one of them to --modes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -363,7 +365,7 @@ def test_output_check_fails_a_wrong_mode_and_names_its_rule():
 
 # ---------------------------------------------------------------- the graph modes (the export's graph plan)
 
-GRAPH_MODES = ("onnxruntime_int8", "plan", "openvino_int8_graphs")
+GRAPH_MODES = ("onnxruntime_int8", "onnxruntime_int8_static", "plan", "openvino_int8_graphs")
 GRAPHS = {"support_encoder", "query_segmenter"}
 
 
@@ -394,8 +396,9 @@ def _autocast_limit(shots=1, seed=100):
 
 
 def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph_bench, tiny_plan):
-    """plan runs the graphs the export's plan chose, onnxruntime_int8 / openvino_int8_graphs its int8
-    graphs of one runtime where both passed the plan's gate, else they are skipped with the gate's
+    """plan runs the graphs the export's plan chose, onnxruntime_int8 / onnxruntime_int8_static /
+    openvino_int8_graphs its int8 graphs of one runtime and method where both passed the plan's
+    gate, else they are skipped with the gate's
     reason; every mode that ran is a ratio to both eager baselines, timed per graph, and checked
     on the bench episode with eager bf16 autocast's rule as soon as a graph runs below fp32."""
     out, result = graph_bench
@@ -409,12 +412,18 @@ def test_graph_modes_run_with_ratios_to_both_baselines_and_an_output_check(graph
     table = (out / "results.md").read_text()
 
     ran = {"plan": True}
-    for name, runtime in (("onnxruntime_int8", "onnxruntime"), ("openvino_int8_graphs", "openvino")):
-        missing = [g for g in ("support_encoder", "query_segmenter") if f"{runtime}/{g}" not in plan["int8_files"]]
+    for name, runtime, precision in (("onnxruntime_int8", "onnxruntime", "int8"),
+                                     ("onnxruntime_int8_static", "onnxruntime", "int8-static"),
+                                     ("openvino_int8_graphs", "openvino", "int8")):
+        missing = [g for g in ("support_encoder", "query_segmenter")
+                   if not plan["candidates"][g][f"{runtime} {precision}"]["passed"]]
+        if precision == "int8":  # the int8 files the plan keeps, which `--precision int8` serves
+            assert missing == [g for g in ("support_encoder", "query_segmenter")
+                               if f"{runtime}/{g}" not in plan["int8_files"]]
         ran[name] = not missing
         if missing:  # skipped, with the graph plan's reason, everywhere a skip is reported
             reason = runs["skipped"][name]
-            assert f"kept no {runtime} int8 {' or '.join(missing)} (it keeps the int8 graphs that passed" in reason
+            assert f"kept no {runtime} {precision} {' or '.join(missing)} (it keeps the int8 graphs that passed" in reason
             assert all(f"{g}: " in reason for g in missing)
             assert f"skipping {name}: {reason}" in result.stderr and f"- {name}: {reason}" in table
             assert name not in runs["modes"] and name not in runs["speedups"]

@@ -91,9 +91,15 @@ def test_plan_records_every_candidate_its_gate_and_time_and_the_choice(tiny_plan
             assert isinstance(entry["passed"], bool) and entry["worst"] >= 0
             if entry["precision"] != "fp32":  # the rule: within 2x autocast's error (margin 1.0 here)
                 assert entry["passed"] == (entry["within_limits"] and entry["worst"] <= 1.0)
-            if entry["precision"] == "int8":
+            if graph_plan.is_int8(entry["precision"]):
                 assert entry["attempts"] and entry["attempts"][-1]["fallback"] == entry["fallback"]
                 assert entry["method"]
+                # each int8 candidate's own file, kept only where it passed its gate (and listed with its hash)
+                assert (entry["file"] is not None) == entry["passed"], (name, key)
+                if entry["passed"]:
+                    assert entry["file"].startswith(os.path.join(entry["runtime"], entry["precision"]) + os.sep)
+        static = entries["onnxruntime int8-static"]
+        assert "quantize_static, QDQ" in static["method"] and static["calibration_items"] >= 2
         assert entries["onnxruntime fp32"]["passed"]  # the exported graph itself: fp32 always passes
         chosen = plan["chosen"][name]
         key = graph_plan.choose(entries)
@@ -105,7 +111,9 @@ def test_plan_records_every_candidate_its_gate_and_time_and_the_choice(tiny_plan
         assert plan["candidates"][name][f"{runtime} int8"]["passed"]
         assert os.path.isfile(os.path.join(out, entry["file"]))
     kept = {e["file"] for e in plan["int8_files"].values()}
-    for folder in ("onnxruntime/int8", "openvino/int8"):
+    kept |= {e["file"] for entries in plan["candidates"].values() for e in entries.values()
+             if e["precision"] == "int8-static" and e["passed"]}
+    for folder in ("onnxruntime/int8", "onnxruntime/int8-static", "openvino/int8"):
         for file in os.listdir(os.path.join(out, folder)) if os.path.isdir(os.path.join(out, folder)) else []:
             assert os.path.join(folder, file) in kept or os.path.join(folder, file[:-4] + ".xml") in kept, file
 
@@ -248,3 +256,12 @@ def test_the_plan_served_as_one_ensemble_even_when_its_graphs_mix_runtimes(tiny_
     config = (tmp_path / "repo" / "query_segmenter" / "config.pbtxt").read_text()
     assert '"openvino"' in config and "model.onnx" in config
     _served_matches(tmp_path, tmp_path / "repo", open_plan(str(out), manifest), tiny_model, reduced=False)
+
+
+def test_a_candidate_left_out_is_skipped_with_its_reason_and_an_unknown_one_refused(tiny_artifacts, tiny_model):
+    """`leave_out` (what `fssam deploy` passes to bound its time) before any work: an unknown label
+    is one ConfigError naming it."""
+    from fssam.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot leave out 'onnxruntime int4': not a candidate"):
+        graph_plan.plan_graphs(tiny_artifacts[0], tiny_artifacts[1], tiny_model, leave_out={"onnxruntime int4": "x"})

@@ -637,6 +637,8 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert "PASS" in out and "random-init seed 0" in out and out.count("<- chosen") == 2
     for label in ("onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8"):
         assert f"    {label} " in out, label  # a row of the plan's table, per graph
+    # static QDQ int8 is a candidate of `fssam export --plan`, left out of deploy's bounded plan, saying so
+    assert "  skipped onnxruntime int8-static: left out of fssam deploy's bounded plan" in out
     for label in ("eager fp32", "eager bf16 autocast"):
         assert f"      {label}" in out and "-> served" in out, label
     assert "response-cache hit on support_encoder" in out and "server overhead" in out

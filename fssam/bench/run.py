@@ -5,7 +5,8 @@ the two eager baselines (fp32, and bf16 autocast), which always run. A mode this
 Most modes run the six stages; the graph modes (GRAPH_MODES) run the two deployable graphs of the
 export's graph plan (`fssam export --plan`, fssam.export.graph_plan), as a server does: `plan` the
 graphs it chose (each on its runtime and precision), `onnxruntime_int8` / `openvino_int8_graphs`
-its ONNX Runtime / OpenVINO int8 graphs. An int8 graph the plan did not keep (it failed its gate,
+its ONNX Runtime / OpenVINO int8 graphs, `onnxruntime_int8_static` its ONNX Runtime static QDQ int8
+graphs (a candidate of `fssam export --plan`, not of deploy's bounded plan). An int8 graph the plan did not keep (it failed its gate,
 or was not gated, slower than a candidate that passed) skips its mode, with the reason (known once
 the export is made or read).
 
@@ -26,10 +27,12 @@ from fssam.errors import ConfigError, FSSAMError, InputError
 from fssam.runtime.runner import default_baseline
 
 MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16", "openvino_int8",
-         "tensorrt", "triton", "plan", "onnxruntime_int8", "openvino_int8_graphs")
+         "tensorrt", "triton", "plan", "onnxruntime_int8", "onnxruntime_int8_static", "openvino_int8_graphs")
 OPENVINO = {"openvino_fp32": "fp32", "openvino_bf16": "bf16", "openvino_int8": "int8"}  # mode: precision
-# the modes over the two deployable graphs of the export's graph plan: mode -> the plan's int8 runtime (None: its choice)
-GRAPH_MODES = {"plan": None, "onnxruntime_int8": "onnxruntime", "openvino_int8_graphs": "openvino"}
+# the modes over the two deployable graphs of the export's graph plan: mode -> the plan's int8 candidate
+# (runtime, precision) whose graphs it runs (None: the plan's choice)
+GRAPH_MODES = {"plan": None, "onnxruntime_int8": ("onnxruntime", "int8"),
+               "onnxruntime_int8_static": ("onnxruntime", "int8-static"), "openvino_int8_graphs": ("openvino", "int8")}
 STAGE_MODES = ("onnxruntime", *OPENVINO, "tensorrt")  # the modes that run the export's stage files
 INT8_MODES = ("openvino_int8", *GRAPH_MODES)  # the modes whose export quantizes to int8 (--calibration)
 DEFAULT_MODES = ("eager_fp32", "eager_bf16", "compile", "onnxruntime", "openvino_fp32", "openvino_bf16")
@@ -182,13 +185,14 @@ def _plan_description(chosen: dict) -> str:
     return "graph plan: " + "; ".join(f"{name} {entry['runtime']} {entry['precision']}" for name, entry in chosen.items())
 
 
-def _not_passed(plan: dict, runtime: str, graph: str) -> str:
-    """Why the graph plan has no `runtime` int8 `graph` (its record in the plan, worded)."""
+def _not_passed(plan: dict, runtime: str, graph: str, precision: str = "int8") -> str:
+    """Why the graph plan has no `runtime` `precision` `graph` (its record in the plan, worded)."""
     from fssam.export.graph_plan import label
 
-    entry = plan.get("candidates", {}).get(graph, {}).get(label(runtime, "int8"))
+    entry = plan.get("candidates", {}).get(graph, {}).get(label(runtime, precision))
     if entry is None:
-        return f"{graph}: not a candidate of this export's graph plan"
+        why = plan.get("skipped", {}).get(label(runtime, precision))
+        return f"{graph}: " + (f"skipped by the plan: {why}" if why else "not a candidate of this export's graph plan")
     if not entry.get("gated", True) or entry.get("within_limits") is None:  # slower than one that passed
         why = entry.get("note") or "not gated"
     elif entry["within_limits"]:
@@ -204,7 +208,7 @@ def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
     choice, or one runtime's int8 graphs (Unavailable where a graph's int8 did not pass the plan's
     gate). The output check's rule: eager bf16 autocast's limits as soon as a graph runs below fp32."""
     from fssam.export import load_manifest
-    from fssam.export.graph_plan import RANK, baseline, open_plan
+    from fssam.export.graph_plan import RANK, GraphPair, baseline, label, open_candidate, open_plan
     from fssam.runtime import as_torch, open_runner
     from fssam.runtime.contract import GRAPH_ORDER
     from fssam.runtime.manifest import int8_graph_files
@@ -212,10 +216,23 @@ def _graph_mode(args, name: str, shots: int, progress: bool) -> GraphMode:
     artifacts = _artifacts_for(args, shots, progress)
     manifest = load_manifest(artifacts)
     plan = manifest["graph_plan"]
-    runtime = GRAPH_MODES[name]
-    if runtime is None:
+    candidate = GRAPH_MODES[name]
+    runtime, precision = candidate or (None, None)
+    if candidate is None:
         precisions = [entry["precision"] for entry in plan["chosen"].values()]
         mode = GraphMode(name, open_plan(artifacts, manifest, args.threads), runtime=_plan_description(plan["chosen"]))
+    elif precision != "int8":  # a candidate of its own files (ONNX Runtime static QDQ), run as the plan runs it
+        entries = {graph: plan.get("candidates", {}).get(graph, {}).get(label(*candidate)) for graph in GRAPH_ORDER}
+        missing = [graph for graph, entry in entries.items() if not (entry and entry.get("passed"))]
+        if missing:
+            raise Unavailable(f"the graph plan of {artifacts} kept no {label(*candidate)} {' or '.join(missing)} "
+                              "(it keeps the int8 graphs that passed their gate): "
+                              + "; ".join(_not_passed(plan, runtime, graph, precision) for graph in missing))
+        pair = GraphPair({graph: open_candidate(artifacts, runtime, precision, {graph: entry["file"]}, args.threads)
+                          for graph, entry in entries.items()})
+        precisions = [precision] * len(GRAPH_ORDER)
+        mode = GraphMode(name, pair, runtime=f"{label(*candidate)} (the graph plan's: "
+                         + "; ".join(f"{graph} {entry['fallback']}" for graph, entry in entries.items()) + ")")
     else:
         kept = int8_graph_files(manifest, runtime)
         missing = [graph for graph in GRAPH_ORDER if graph not in kept]

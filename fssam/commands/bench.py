@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                        help=f"comma list of {', '.join(MODES)} (eager_fp32 and eager_bf16, the baselines, always run; "
                             f"default: {', '.join(DEFAULT_MODES)}). {', '.join(GRAPH_MODES)}: the two deployable graphs "
                             "of the export's graph plan (`fssam export --plan`; the bench's own export makes one): "
-                            "the graphs it chose, its ONNX Runtime int8 graphs, its OpenVINO int8 graphs; an int8 mode is "
+                            "the graphs it chose, its ONNX Runtime int8 graphs (dynamic; static QDQ), its OpenVINO int8 "
+                            "graphs; an int8 mode is "
                             "skipped, with the reason, where the plan kept no such int8 graph (failed its gate, or "
                             "not gated: slower than a candidate that passed)")
     bench.add_argument("--calibration", metavar="DIR",

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                         "(int8: NNCF quantization; bf16 needs a CPU with amx_bf16 or avx512_bf16)")
     export.add_argument("--plan", action="store_true",
                         help="the graph plan of this machine: every runtime and precision it runs (ONNX Runtime "
-                             "fp32 / int8, OpenVINO fp32 / bf16 / int8) gated and timed per deployable graph, int8 "
+                             "fp32 / int8 / int8-static, OpenVINO fp32 / bf16 / int8) gated and timed per deployable graph, int8 "
                              "graphs written; `fssam repository --backend plan` serves the fastest that passed")
     export.add_argument("--aoti", metavar="PRECISIONS",
                         help="comma list of fp32, bf16, fp16: torch AOTInductor packages (.pt2) of the two deployable "

@@ -5,6 +5,12 @@ Candidates (`candidates()`), each a runtime and precision this CPU can run:
 * ONNX Runtime fp32: the exported graph as it is;
 * ONNX Runtime int8: `onnxruntime.quantization.quantize_dynamic` of the MatMul/Gemm nodes with
   constant weights (QInt8 weights, activations quantized per call), written to onnxruntime/int8/;
+* ONNX Runtime int8-static: `quantize_static` in the QDQ format, the same nodes (per-channel QInt8
+  weights, QUInt8 activations with min/max ranges from the calibration episodes), written to
+  onnxruntime/int8-static/: where it is faster than dynamic int8, the timing says so (on the
+  avx512_vnni EPYC of the results it was not: small support_encoder 1.95-2.07 s vs 1.53 s);
+  `fssam deploy` leaves it out (its calibration and quantization cost about 40 s a small graph
+  on two cores), `fssam export --plan` tries it;
 * OpenVINO fp32 (f32 pinned), and bf16 (its bf16 hint) on a CPU with native bf16;
 * OpenVINO int8: NNCF post-training quantization of the graph (model type TRANSFORMER, so
   SmoothQuant runs on the matrix products; OverflowFix on every layer where the CPU has no VNNI,
@@ -52,6 +58,7 @@ from fssam.runtime.parity import (Baseline, MemoBaseline, ParityError, check_end
 
 GATE_EPISODES = 3  # bf16 / int8 candidates: every error within SELECTION_MARGIN of its limit on each
 INT8_FOLDER = "int8"
+STATIC = "int8-static"  # ONNX Runtime's static QDQ int8 (a precision label of its own: its own files)
 CALIBRATION_EPISODES = 2  # graph inputs NNCF collects its statistics on (synthetic unless --calibration)
 CALIBRATION_SEED = 500  # synthetic calibration episodes: seeds far from the gate's
 TIME_BUDGET_S = 6.0  # per candidate and graph: enough runs for a stable median, not more
@@ -66,10 +73,14 @@ FALLBACK = (
     ("int8: image backbones only", lambda part: part in BACKBONES),
     ("int8: DINOv2 only", lambda part: part == "model.dino"),
 )
-ORDER = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"),
-         ("openvino", "int8"))
+ORDER = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", STATIC), ("openvino", "fp32"),
+         ("openvino", "bf16"), ("openvino", "int8"))
 BACKENDS = {"onnxruntime": "python-ort", "openvino": "python-openvino"}
-RANK = {"fp32": 0, "bf16": 1, "int8": 2}
+RANK = {"fp32": 0, "bf16": 1, "int8": 2, STATIC: 2}
+
+
+def is_int8(precision: str) -> bool:
+    return RANK[precision] == RANK["int8"]
 
 
 def baseline(precisions) -> str:
@@ -162,6 +173,36 @@ def quantize_onnxruntime(source: str, target: str, level: int = 0) -> dict:
     finally:
         root.setLevel(saved)
     return {"method": "onnxruntime quantize_dynamic (MatMul/Gemm, constant weights, QInt8)",
+            "fallback": fallback_label(level), "nodes_in_float": len(exclude)}
+
+
+def quantize_onnxruntime_static(source: str, target: str, items: list[dict], level: int = 0) -> dict:
+    """ONNX Runtime static int8 of `source` in the QDQ format (MatMul/Gemm with constant weights:
+    per-channel QInt8 weights, QUInt8 activations, min/max ranges over `items`, the graph inputs of
+    the calibration episodes) -> `target`."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Items(CalibrationDataReader):
+        def __init__(self):
+            self.rest = iter(items)
+
+        def get_next(self):
+            return next(self.rest, None)
+
+    exclude = excluded_nodes(onnx.load(source, load_external_data=False), level, ORT_OPS)
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.ERROR)  # as quantize_onnxruntime
+    try:
+        quantize_static(source, target, Items(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ORT_OPS),
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                        extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(saved)
+    return {"method": "onnxruntime quantize_static, QDQ (MatMul/Gemm, constant weights; per-channel QInt8 weights, "
+                      "QUInt8 activations, min/max ranges)", "calibration_items": len(items),
             "fallback": fallback_label(level), "nodes_in_float": len(exclude)}
 
 
@@ -268,7 +309,7 @@ def open_candidate(folder: str, runtime: str, precision: str, files: dict, threa
         from fssam.runtime.runners.openvino import OpenVINORunner
 
         stages = {name: {"precision": precision, "file": file} for name, file in files.items()}
-        runner = OpenVINORunner(folder, precision="fp32" if precision == "int8" else precision, threads=threads,
+        runner = OpenVINORunner(folder, precision="fp32" if is_int8(precision) else precision, threads=threads,
                                 verify=False, stages=stages, cache=False)
     return as_torch(runner)
 
@@ -344,11 +385,14 @@ class Planner:
             seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args), TIME_BUDGET_S, give_up_above=limit)
         return 1000 * seconds, runs
 
-    def int8_file(self, runtime: str, name: str, level: int) -> tuple[str, dict]:
+    def int8_file(self, runtime: str, name: str, level: int, precision: str = "int8") -> tuple[str, dict]:
         source = os.path.join(self.folder, self.manifest["graphs"][name]["file"])
-        folder = os.path.join(self.folder, runtime, INT8_FOLDER)
+        folder = os.path.join(self.folder, runtime, precision)
         os.makedirs(folder, exist_ok=True)
-        if runtime == "onnxruntime":
+        if precision == STATIC:
+            relative = os.path.join(runtime, precision, f"{name}.onnx")
+            info = quantize_onnxruntime_static(source, os.path.join(self.folder, relative), self.items()[name], level)
+        elif runtime == "onnxruntime":
             relative = os.path.join(runtime, INT8_FOLDER, f"{name}.onnx")
             info = quantize_onnxruntime(source, os.path.join(self.folder, relative), level)
         else:
@@ -367,7 +411,7 @@ class Planner:
             relative = self.manifest["graphs"][name]["file"]
             entry = {"file": relative}
         else:
-            relative, info = self.int8_file(runtime, name, level)
+            relative, info = self.int8_file(runtime, name, level, precision)
             entry = {**file_entry(self.folder, relative), **info, "level": level, "attempts": attempts or []}
         runner = open_candidate(self.folder, runtime, precision, {name: relative}, self.threads)
         ms, runs = self.time(runner, name, SLOWER_BY * fastest_ms if fastest_ms else None)
@@ -386,14 +430,14 @@ class Planner:
             entry["runner"] = runner  # may be chosen: kept
         del runner
         gc.collect()
-        if entry["precision"] == "int8":
+        if is_int8(entry["precision"]):
             entry["attempts"].append({key: entry[key] for key in ("fallback", "ms", "passed", "within_limits", "worst")})
             if not entry["passed"] and entry["level"] + 1 < len(FALLBACK):
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     entry["note"] = (f"fall-back to {fallback_label(entry['level'] + 1)} not tried: the plan's time "
                                      "budget was spent")
                     return entry
-                return self.prepare(entry["runtime"], "int8", name, entry["level"] + 1, entry["attempts"])
+                return self.prepare(entry["runtime"], entry["precision"], name, entry["level"] + 1, entry["attempts"])
         return entry
 
     def gate_fastest(self, name: str, entries: dict, prune: bool, rank: int | None = None) -> None:
@@ -456,7 +500,7 @@ def step_down(chosen: dict, tried: dict) -> tuple[str, str | None] | None:
 
 def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None, calibration: str | None = None,
                 only=None, progress=None, margin: float = SELECTION_MARGIN, prune: bool = True,
-                budget_s: float | None = None, bias_correction: bool = True) -> dict:
+                budget_s: float | None = None, bias_correction: bool = True, leave_out: dict | None = None) -> dict:
     """manifest["graph_plan"] (files of int8 candidates written under `folder`). `only`: a subset
     of candidate labels (default: every candidate of this CPU); `margin`: the fraction of its limits
     a reduced-precision candidate may reach; `prune`: a candidate no faster than one that passed is
@@ -464,8 +508,15 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
     gated on every episode, for tests and reports); `budget_s`: past this many
     seconds no further int8 fall-back is quantized (each is a new NNCF / ONNX Runtime quantization;
     the entry says so), what `fssam deploy` uses to bound its time, as `bias_correction=False`
-    (NNCF int8 without its fast bias correction; each entry records which)."""
+    (NNCF int8 without its fast bias correction; each entry records which); `leave_out`: {candidate
+    label: why} not tried, recorded with the reason among the skipped."""
     available, skipped = candidates()
+    for key, why in (leave_out or {}).items():
+        if key not in {label(*c) for c in ORDER}:
+            raise ConfigError(f"graph plan: cannot leave out {key!r}: not a candidate")
+        if key in {label(*c) for c in available}:
+            available = [c for c in available if label(*c) != key]
+            skipped[key] = why
     if only is not None:
         unknown = sorted(set(only) - {label(*c) for c in ORDER})
         if unknown:
@@ -482,7 +533,7 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
         for name in GRAPH_ORDER:
             fastest = min((e["ms"] for e in tried[name].values()), default=None) if prune else None
             tried[name][label(runtime, precision)] = planner.prepare(runtime, precision, name,
-                                                                     0 if precision == "int8" else None,
+                                                                     0 if is_int8(precision) else None,
                                                                      fastest_ms=fastest)
         if progress is not None:
             progress.update()
@@ -544,7 +595,7 @@ def _drop_unused(folder: str, result: dict) -> None:
     """int8 files of candidates that failed their gate are removed (nothing can run them)."""
     for entries in result["candidates"].values():
         for entry in entries.values():
-            if entry["precision"] == "int8" and not entry["passed"] and "file" in entry:
+            if is_int8(entry["precision"]) and not entry["passed"] and "file" in entry:
                 for relative in (entry["file"], entry.get("weights", {}).get("file")):
                     if relative and os.path.exists(os.path.join(folder, relative)):
                         os.remove(os.path.join(folder, relative))
@@ -566,11 +617,11 @@ def describe(plan: dict) -> list[str]:
                 gate = "passed" if entry["passed"] else ("outside margin" if entry["within_limits"] else "FAILED")
             worst = f"worst {entry['worst']:.2f} of limit" if entry["worst"] is not None else "slower: not gated"
             extra = ""
-            if entry["precision"] == "int8":
+            if is_int8(entry["precision"]):
                 failed = [a["fallback"] for a in entry.get("attempts", []) if not a["passed"]]
                 extra = f" ({entry['fallback']}" + (f"; failed its gate at: {', '.join(failed)}" if failed else "") + ")"
             mark = " <- chosen" if (chosen["runtime"], chosen["precision"]) == (entry["runtime"], entry["precision"]) else ""
-            lines.append(f"    {key:18s} {gate:15s} {worst:24s} {entry['ms']:9.1f} ms{extra}{mark}")
+            lines.append(f"    {key:23s} {gate:15s} {worst:24s} {entry['ms']:9.1f} ms{extra}{mark}")
     for key, why in plan["skipped"].items():
         lines.append(f"  skipped {key}: {why}")
     return lines
