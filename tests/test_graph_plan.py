@@ -118,10 +118,23 @@ def test_plan_records_every_candidate_its_gate_and_time_and_the_choice(tiny_plan
             assert os.path.join(folder, file) in kept or os.path.join(folder, file[:-4] + ".xml") in kept, file
 
 
-def test_a_failing_int8_gate_falls_back_part_by_part_and_the_manifest_says_so(tiny_plan, tmp_path, tiny_model):
+def test_a_failing_int8_gate_falls_back_part_by_part_and_the_manifest_says_so(tiny_plan, tmp_path, tiny_model,
+                                                                             monkeypatch):
     """With no room for any error (margin 0), int8 cannot pass: every fall-back level is tried and
-    recorded, the file is removed, and the graph stays on the fp32 candidate."""
+    recorded, the file is removed, and the graph stays on the fp32 candidate. The first level of
+    both graphs is quantized ahead in worker processes (as for graphs of real size; tiny's are
+    below the threshold), the fall-backs here."""
     from fssam.runtime.manifest import load_manifest
+
+    made = []
+    real = graph_plan.Planner.quantize_ahead
+
+    def ahead(planner, int8):
+        real(planner, int8)
+        made.extend(sorted(planner.ahead))
+
+    monkeypatch.setattr(graph_plan, "AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(graph_plan.Planner, "quantize_ahead", ahead)
 
     out = str(tmp_path / "copy")
     shutil.copytree(tiny_plan[0], out)
@@ -136,6 +149,7 @@ def test_a_failing_int8_gate_falls_back_part_by_part_and_the_manifest_says_so(ti
         assert all(not a["passed"] and a["worst"] > 0 for a in int8["attempts"])  # each attempt gated, none passed
         assert plan["chosen"][name]["precision"] == "fp32"
     assert plan["int8_files"] == {} and not os.listdir(os.path.join(out, "onnxruntime", "int8"))
+    assert made == [("onnxruntime", "int8", "query_segmenter"), ("onnxruntime", "int8", "support_encoder")]
 
 
 def test_candidates_are_gated_fastest_first_and_the_slower_ones_say_why_not(tiny_plan, tmp_path, tiny_model):

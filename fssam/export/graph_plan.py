@@ -243,6 +243,29 @@ def quantize_openvino(source: str, target: str, items: list[dict], level: int = 
             "fallback": fallback_label(level), "operators_in_float": len(friendly)}
 
 
+AHEAD_WORKERS = 2  # int8 quantizations at a time before the plan's timing (Planner.quantize_ahead)
+AHEAD_MIN_BYTES = 64 << 20  # graphs smaller than this are quantized one by one, as they come
+
+
+def make_int8(folder: str, source: str, runtime: str, precision: str, name: str, level: int, items, vnni: bool,
+              bias_correction: bool) -> tuple[str, dict]:
+    """One int8 file of graph `name` (its fp32 ONNX `source`, relative to `folder`) at fall-back
+    `level`: (file relative to `folder`, what made it). `items`: the graph's calibration inputs
+    (NNCF and static QDQ; None for dynamic). A plain function: worker processes run it too."""
+    os.makedirs(os.path.join(folder, runtime, precision), exist_ok=True)
+    source = os.path.join(folder, source)
+    if precision == STATIC:
+        relative = os.path.join(runtime, precision, f"{name}.onnx")
+        info = quantize_onnxruntime_static(source, os.path.join(folder, relative), items, level)
+    elif runtime == "onnxruntime":
+        relative = os.path.join(runtime, INT8_FOLDER, f"{name}.onnx")
+        info = quantize_onnxruntime(source, os.path.join(folder, relative), level)
+    else:
+        relative = os.path.join(runtime, INT8_FOLDER, f"{name}.xml")
+        info = quantize_openvino(source, os.path.join(folder, relative), items, level, vnni, bias_correction)
+    return relative, info
+
+
 # ---------------------------------------------------------------- episodes and calibration data
 
 def gate_episodes(cfg, shots: int, seed: int) -> list[tuple]:
@@ -344,6 +367,7 @@ class Planner:
         self.calibration, self.calibration_source = calibration, None
         self.seed = seed
         self._items = None
+        self.ahead = {}  # (runtime, precision, graph): (file, info) of level 0, quantized before the timing
 
     def note(self, text: str) -> None:
         if self.progress is not None:
@@ -386,20 +410,47 @@ class Planner:
         return 1000 * seconds, runs
 
     def int8_file(self, runtime: str, name: str, level: int, precision: str = "int8") -> tuple[str, dict]:
-        source = os.path.join(self.folder, self.manifest["graphs"][name]["file"])
-        folder = os.path.join(self.folder, runtime, precision)
-        os.makedirs(folder, exist_ok=True)
-        if precision == STATIC:
-            relative = os.path.join(runtime, precision, f"{name}.onnx")
-            info = quantize_onnxruntime_static(source, os.path.join(self.folder, relative), self.items()[name], level)
-        elif runtime == "onnxruntime":
-            relative = os.path.join(runtime, INT8_FOLDER, f"{name}.onnx")
-            info = quantize_onnxruntime(source, os.path.join(self.folder, relative), level)
-        else:
-            relative = os.path.join(runtime, INT8_FOLDER, f"{name}.xml")
-            info = quantize_openvino(source, os.path.join(self.folder, relative), self.items()[name], level, self.vnni,
-                                     self.bias_correction)
-        return relative, info
+        if level == 0 and (runtime, precision, name) in self.ahead:
+            return self.ahead.pop((runtime, precision, name))
+        items = self.items()[name] if runtime == "openvino" or precision == STATIC else None
+        return make_int8(self.folder, self.manifest["graphs"][name]["file"], runtime, precision, name, level, items,
+                         self.vnni, self.bias_correction)
+
+    def quantize_ahead(self, int8: list) -> None:
+        """The first quantization (level 0) of every int8 candidate of both graphs, made before the
+        timing starts, AHEAD_WORKERS at a time in worker processes: each is mostly single-threaded
+        Python (NNCF: about 1.2 cores busy on average), and nothing else runs meanwhile, so no
+        timing is disturbed. Only for graphs of at least AHEAD_MIN_BYTES (below, a worker's start
+        costs more than it saves). Where workers cannot start, they are quantized here as they come."""
+        import concurrent.futures
+        import concurrent.futures.process
+        import multiprocessing
+
+        jobs = [(runtime, precision, name) for runtime, precision in int8 for name in GRAPH_ORDER]
+        sizes = [os.path.getsize(os.path.join(self.folder, self.manifest["graphs"][name]["file"])) for name in GRAPH_ORDER]
+        if len(jobs) < 2 or min(sizes) < AHEAD_MIN_BYTES:
+            return
+        self.note(f"quantizing {len(jobs)} int8 candidates, {AHEAD_WORKERS} at a time")
+        pool = concurrent.futures.ProcessPoolExecutor(min(AHEAD_WORKERS, len(jobs)),
+                                                      mp_context=multiprocessing.get_context("spawn"))
+        try:
+            pending = {}
+            for runtime, precision, name in jobs:  # NNCF first: the longest
+                items = self.items()[name] if runtime == "openvino" or precision == STATIC else None
+                pending[(runtime, precision, name)] = pool.submit(
+                    make_int8, self.folder, self.manifest["graphs"][name]["file"], runtime, precision, name, 0, items,
+                    self.vnni, self.bias_correction)
+            for job, future in pending.items():
+                self.ahead[job] = future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            pass  # workers cannot start here (e.g. a `python -` main): the rest is quantized in this process
+        finally:
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # an error or an interrupt: no worker outlives the plan
+                if process.is_alive():
+                    process.terminate()
+                process.join()
 
     def prepare(self, runtime: str, precision: str, name: str, level: int | None = None,
                 attempts: list | None = None, fastest_ms: float | None = None) -> dict:
@@ -527,6 +578,7 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
     planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s, bias_correction,
                       prune)
     tried = {name: {} for name in GRAPH_ORDER}
+    planner.quantize_ahead(sorted((c for c in available if is_int8(c[1])), key=lambda c: c[0] != "openvino"))
     # every candidate timed first (the gate then goes fastest first), the lowest precisions first:
     # usually the fastest, so the float candidates that are far slower are timed once
     for runtime, precision in sorted(available, key=lambda c: -RANK[c[1]]):

@@ -401,9 +401,11 @@ def export(
         stage_order = STAGE_ORDER if stages else ()
         units = len(stage_order) + len(GRAPH_ORDER)
         if plan:
-            from fssam.export.graph_plan import candidates
+            from fssam.export.graph_plan import candidates, label
 
-            plan_steps = len(candidates()[0])
+            options = plan_options or {}
+            plan_steps = len([c for c in candidates()[0] if label(*c) not in options.get("leave_out", {})
+                              and (options.get("only") is None or label(*c) in options["only"])])
         else:
             plan_steps = 0
         bar = tqdm(total=units + 1 + bool(stages) + (units if tensorrt else 0) + len(openvino) + plan_steps + len(aoti),
