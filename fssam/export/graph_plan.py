@@ -107,6 +107,26 @@ def candidates(info: dict | None = None) -> tuple[list[tuple[str, str]], dict]:
     return chosen, skipped
 
 
+def plan_candidates(only=None, leave_out: dict | None = None) -> tuple[list[tuple[str, str]], dict]:
+    """candidates() narrowed to the labels in `only` (None: all) and without those of `leave_out`
+    ({label: why}, recorded among the skipped): what a plan tries. ConfigError for a label that is
+    no candidate."""
+    available, skipped = candidates()
+    known = {label(*c) for c in ORDER}
+    for key, why in (leave_out or {}).items():
+        if key not in known:
+            raise ConfigError(f"graph plan: cannot leave out {key!r}: not a candidate")
+        if key in {label(*c) for c in available}:
+            skipped[key] = why
+    if only is not None:
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise ConfigError(f"graph plan: unknown candidate(s) {', '.join(unknown)}: expected some of "
+                              f"{', '.join(label(*c) for c in ORDER)}")
+    return [c for c in available if label(*c) not in (leave_out or {})
+            and (only is None or label(*c) in only)], skipped
+
+
 def has_vnni(info: dict | None = None) -> bool:
     info = info or cpu.cpu_info()
     return any(flag in info["flags"] for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
@@ -409,12 +429,16 @@ class Planner:
             seconds, runs = adaptive_median(lambda: getattr(runner, name)(*args), TIME_BUDGET_S, give_up_above=limit)
         return 1000 * seconds, runs
 
+    def int8_args(self, runtime: str, precision: str, name: str, level: int) -> tuple:
+        """make_int8's arguments for one int8 file (calibration items only where the method takes them)."""
+        items = self.items()[name] if runtime == "openvino" or precision == STATIC else None
+        return (self.folder, self.manifest["graphs"][name]["file"], runtime, precision, name, level, items, self.vnni,
+                self.bias_correction)
+
     def int8_file(self, runtime: str, name: str, level: int, precision: str = "int8") -> tuple[str, dict]:
         if level == 0 and (runtime, precision, name) in self.ahead:
             return self.ahead.pop((runtime, precision, name))
-        items = self.items()[name] if runtime == "openvino" or precision == STATIC else None
-        return make_int8(self.folder, self.manifest["graphs"][name]["file"], runtime, precision, name, level, items,
-                         self.vnni, self.bias_correction)
+        return make_int8(*self.int8_args(runtime, precision, name, level))
 
     def quantize_ahead(self, int8: list) -> None:
         """The first quantization (level 0) of every int8 candidate of both graphs, made before the
@@ -434,12 +458,8 @@ class Planner:
         pool = concurrent.futures.ProcessPoolExecutor(min(AHEAD_WORKERS, len(jobs)),
                                                       mp_context=multiprocessing.get_context("spawn"))
         try:
-            pending = {}
-            for runtime, precision, name in jobs:  # NNCF first: the longest
-                items = self.items()[name] if runtime == "openvino" or precision == STATIC else None
-                pending[(runtime, precision, name)] = pool.submit(
-                    make_int8, self.folder, self.manifest["graphs"][name]["file"], runtime, precision, name, 0, items,
-                    self.vnni, self.bias_correction)
+            # NNCF first: the longest
+            pending = {job: pool.submit(make_int8, *self.int8_args(*job, 0)) for job in jobs}
             for job, future in pending.items():
                 self.ahead[job] = future.result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -561,19 +581,7 @@ def plan_graphs(folder: str, manifest: dict, model, seed: int = 0, threads=None,
     the entry says so), what `fssam deploy` uses to bound its time, as `bias_correction=False`
     (NNCF int8 without its fast bias correction; each entry records which); `leave_out`: {candidate
     label: why} not tried, recorded with the reason among the skipped."""
-    available, skipped = candidates()
-    for key, why in (leave_out or {}).items():
-        if key not in {label(*c) for c in ORDER}:
-            raise ConfigError(f"graph plan: cannot leave out {key!r}: not a candidate")
-        if key in {label(*c) for c in available}:
-            available = [c for c in available if label(*c) != key]
-            skipped[key] = why
-    if only is not None:
-        unknown = sorted(set(only) - {label(*c) for c in ORDER})
-        if unknown:
-            raise ConfigError(f"graph plan: unknown candidate(s) {', '.join(unknown)}: expected some of "
-                              f"{', '.join(label(*c) for c in ORDER)}")
-        available = [c for c in available if label(*c) in only]
+    available, skipped = plan_candidates(only, leave_out)
     begin = time.perf_counter()
     planner = Planner(folder, manifest, model, seed, threads, calibration, progress, margin, budget_s, bias_correction,
                       prune)
@@ -679,4 +687,4 @@ def describe(plan: dict) -> list[str]:
     return lines
 
 
-__all__ = ["plan_graphs", "open_plan", "candidates", "describe", "GraphPair", "choose"]
+__all__ = ["plan_graphs", "open_plan", "candidates", "plan_candidates", "describe", "GraphPair", "choose"]

@@ -401,11 +401,10 @@ def export(
         stage_order = STAGE_ORDER if stages else ()
         units = len(stage_order) + len(GRAPH_ORDER)
         if plan:
-            from fssam.export.graph_plan import candidates, label
+            from fssam.export.graph_plan import plan_candidates
 
             options = plan_options or {}
-            plan_steps = len([c for c in candidates()[0] if label(*c) not in options.get("leave_out", {})
-                              and (options.get("only") is None or label(*c) in options["only"])])
+            plan_steps = len(plan_candidates(options.get("only"), options.get("leave_out"))[0])
         else:
             plan_steps = 0
         bar = tqdm(total=units + 1 + bool(stages) + (units if tensorrt else 0) + len(openvino) + plan_steps + len(aoti),
