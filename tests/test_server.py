@@ -407,3 +407,26 @@ def test_tritonserver_dies_with_its_parent(repository, tmp_path):
             os.unlink(os.path.join("/dev/shm", name))
         if os.path.isfile(log):
             os.unlink(log)
+
+
+def test_stubs_of_a_virtualenv_embed_its_interpreter(tmp_path):
+    """Started from a real venv (the lent GPU images run /opt/torch/.venv), the wheel's stubs run that
+    venv's interpreter: their sys.prefix is the venv and its site-packages is on their sys.path. (The
+    stub embeds libpython in isolated mode and finds `python3` on PATH, so PYTHONPATH could not do it.)"""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_server import write_repository; "
+              "from fssam.serving.server import TritonServer; "
+              "from pathlib import Path; "
+              "t = TritonServer(write_repository(Path(sys.argv[1]), Path(sys.argv[2])), http_port=0, grpc_port=0); "
+              "t.start(timeout=120); t.stop()")
+    report = tmp_path / "probe.json"
+    subprocess.run([str(venv / "bin" / "python"), "-c", script, str(tmp_path / "repository"), str(report)],
+                   env={**os.environ, "PYTHONPATH": str(SOURCE_ROOT)}, check=True, timeout=300)
+    seen = json.loads(report.read_text())
+    assert Path(seen["prefix"]).resolve() == venv.resolve(), seen
+    site_packages = [entry for entry in seen["sys_path"] if entry.endswith("site-packages")]
+    assert site_packages and Path(site_packages[0]).resolve().is_relative_to(venv.resolve()), seen["sys_path"]

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ SIZE = 64
 MODELS = ("fssam", "validate", "support_encoder", "query_segmenter")
 TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "fssam", "serving", "templates")
 CACHE_MB = 64
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _serve(folder, repository, **options):
@@ -546,36 +548,72 @@ def test_python_openvino_ensemble_matches_eager(tmp_path, tiny_artifacts, tiny_m
         _stop(triton)
 
 
-def test_repository_copied_alone_serves_without_fssam_or_torch(tmp_path, repository, tiny_model):
-    """Copy the repository folder alone; start the server with `fssam`, `torch`, `sam2` and `timm`
-    made unimportable for its Python models (packages that raise on import, first on PYTHONPATH):
-    it loads and answers as eager does."""
-    from fssam.serving.client import RemoteFSSAM
+LAUNCHER = """
+import sys
+from fssam.serving.server import TritonServer
+triton = TritonServer(sys.argv[1], http_port=0, grpc_port=0, log_path=sys.argv[2], cache_mb=64)
+try:
+    triton.start(timeout=240)
+except Exception as error:
+    print("FAILED", str(error).splitlines()[0], flush=True)
+    raise SystemExit(1)
+print(triton.grpc_url, flush=True)
+sys.stdin.read()  # until the test closes our stdin
+raise SystemExit(triton.stop())
+"""
 
-    poison = tmp_path / "poison"
-    for name in ("fssam", "torch", "sam2", "timm"):
-        (poison / name).mkdir(parents=True)
-        (poison / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the server')\n")
+
+def _poisoned_server(tmp_path, repository, poisoned: tuple, log: str):
+    """tritonserver started from a venv whose site-packages holds packages `poisoned` that raise on
+    import. The stubs embed that venv's interpreter (they find `python3` on PATH, our folder first,
+    fssam.serving.server.stub_interpreter_dir), so its site-packages comes before the base's on their
+    sys.path. The launcher itself runs with -S and the real packages on PYTHONPATH (which the stubs,
+    isolated interpreters, ignore). Returns (process, its first line: the gRPC URL or FAILED ...)."""
+    import site
     import subprocess
     import sys
 
-    for name in ("fssam", "torch"):  # the poison does shadow the installed packages for this interpreter
-        probe = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(poison)}, cwd=tmp_path)
-        assert probe.returncode != 0 and "must not be imported" in probe.stderr
+    venv = tmp_path / f"venv-{len(poisoned)}"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    packages = next(venv.glob("lib/python*/site-packages"))
+    for name in poisoned:
+        (packages / name).mkdir()
+        (packages / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the server')\n")
+    path = os.pathsep.join([str(SOURCE_ROOT), *site.getsitepackages()])
+    process = subprocess.Popen([str(venv / "bin" / "python"), "-S", "-c", LAUNCHER, str(repository), log],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": path})
+    return process, process.stdout.readline().strip()
+
+
+def test_repository_copied_alone_serves_without_fssam_or_torch(tmp_path, repository, tiny_model):
+    """Copy the repository folder alone; serve it with `fssam`, `torch`, `sam2` and `timm` made
+    unimportable for its Python models (packages that raise on import, first on the stubs' sys.path):
+    it loads and answers as eager does. The control: `onnxruntime` poisoned the same way (the
+    python-ort models need it), the server does not come up, so the poison does reach the stubs."""
+    from fssam.serving.client import RemoteFSSAM
+
     copy = tmp_path / "elsewhere" / "repo"
     shutil.copytree(repository, copy)
-    triton = _serve(tmp_path, copy, env={"PYTHONPATH": str(poison)})
+    control, line = _poisoned_server(tmp_path, copy, ("onnxruntime",), str(tmp_path / "control.log"))
+    control.communicate(timeout=60)
+    assert line.startswith("FAILED") and "onnxruntime must not be imported" in open(tmp_path / "control.log").read()
+    shutil.rmtree(copy)
+    shutil.copytree(repository, copy)  # without the control's bytecode caches
+    log = str(tmp_path / "tritonserver.log")
+    process, url = _poisoned_server(tmp_path, copy, ("fssam", "torch", "sam2", "timm"), log)
     try:
+        assert not url.startswith("FAILED"), url
         query, supports, masks = episode(11)
         with torch.inference_mode():
             eager = tiny_model(query, supports, masks)
-        with RemoteFSSAM(triton.grpc_url) as remote:
+        with RemoteFSSAM(url) as remote:
             logits = remote.infer(query, supports, masks)
         assert (logits - eager).abs().max().item() <= fp32_limit(eager.abs().max().item())
     finally:
-        _stop(triton)
-    assert "must not be imported" not in open(triton.log_path).read()
+        process.communicate(timeout=120)
+    assert process.returncode == 0, f"tritonserver did not shut down cleanly; log {log}"
+    assert "must not be imported" not in open(log).read()
     # what serving added to the repository is Python's bytecode of its model.py files, nothing else (the
     # stub ignores PYTHONDONTWRITEBYTECODE); `fssam repository` replaces those too (tests/test_files.py)
     added = {path.relative_to(copy) for path in copy.rglob("*") if path.is_file()} - {
@@ -695,6 +733,24 @@ def test_deploy_on_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path
     assert result.returncode == 1 and not (tmp_path / "d").exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--device cuda: this machine has no CUDA device" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("device, precisions, message", [
+    ("cpu", "bf16", "--precisions is for --device cuda"),
+    ("cpu", "bf16,fp8", "--precisions bf16,fp8: expected a comma list of fp32, bf16, fp16"),
+])
+def test_deploy_precisions_are_checked_in_one_line_before_any_work(tmp_path, device, precisions, message):
+    """--precisions picks the AOTInductor candidates of a CUDA deploy: with the CPU plan, or naming an
+    unknown precision (refused first, on any machine), one error line and no --out."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--device", device,
+                             "--precisions", precisions, "--out", str(tmp_path / "d"), "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and not (tmp_path / "d").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
 
 
 def test_deploy_plan_says_why_openvino_bf16_is_no_candidate(monkeypatch, tmp_path):

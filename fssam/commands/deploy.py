@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                         help="where the served graphs and the eager baselines run (default auto: the GPU when torch "
                              "sees one; there the candidates are AOTInductor CUDA packages at bf16, fp16 and fp32, "
                              "served by python-torch)")
+    deploy.add_argument("--precisions", default=None,
+                        help="with --device cuda: the AOTInductor precisions tried, a comma list of bf16, fp16, fp32 "
+                             "(default all three; fewer compile faster)")
     deploy.add_argument("--no-progress", action="store_true")
     deploy.set_defaults(func=handle)
 
@@ -53,5 +56,6 @@ def handle(args) -> int:
     options = model_options(args)
     deploy(args.config, out=args.out, shots=args.shots, runs=args.runs, budget_s=args.budget_s,
            progress=not args.no_progress, cache_mb=args.cache_mb, clients=args.clients,
-           calibration=args.calibration, threads=args.threads, device=args.device, **options)
+           calibration=args.calibration, threads=args.threads, device=args.device,
+           precisions=args.precisions, **options)
     return 0

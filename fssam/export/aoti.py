@@ -31,12 +31,12 @@ CUDA_BUCKETS = (1, 2, 4, 8)  # episodes per call of the static CUDA packages
 EXAMPLE_BATCH = 2  # CPU: tracing at batch 1 would specialise the dynamic batch
 
 
-def parse_precisions(text) -> tuple:
+def parse_precisions(text, flag: str = "--aoti") -> tuple:
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     bad = [p for p in items if p not in PRECISIONS]
     if bad or not items:
         shown = ",".join(items) or repr(text)
-        raise ConfigError(f"--aoti {shown}: expected a comma list of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{flag} {shown}: expected a comma list of {', '.join(PRECISIONS)}")
     return tuple(dict.fromkeys(items))
 
 

@@ -34,7 +34,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from fssam.errors import InputError
+from fssam.errors import ConfigError, InputError
 from fssam.files import check_output_folder, json_with, write_json
 from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
@@ -209,15 +209,15 @@ def describe_aoti(manifest: dict) -> list[str]:
 
 
 def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", precisions: tuple = CUDA_PRECISIONS) -> dict:
     from fssam.export import export
     from fssam.export.graph_plan import describe
 
     if device == "cuda":
         start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) as AOTInductor CUDA packages at "
-                         f"{', '.join(CUDA_PRECISIONS)}, each gated and timed on this GPU -> {artifacts}", progress)
+                         f"{', '.join(precisions)}, each gated and timed on this GPU -> {artifacts}", progress)
         manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
-                          progress=progress, stages=False, aoti=CUDA_PRECISIONS, aoti_device="cuda", aoti_plan=True,
+                          progress=progress, stages=False, aoti=precisions, aoti_device="cuda", aoti_plan=True,
                           **overrides)
         lines = describe_aoti(manifest)
     else:
@@ -253,13 +253,15 @@ def _forget_earlier_run(out: str, repository: str) -> None:
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 3,
            budget_s: float = 12.0, progress: bool = True, cache_mb: int = DEFAULT_CACHE_MB, clients=None,
            requests_per_client: int = 2, calibration: str | None = None, threads: int | None = None,
-           device: str = "auto", **overrides) -> dict:
+           device: str = "auto", precisions=None, **overrides) -> dict:
     """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the
     config's). `runs`: at least this many timed episodes per latency mode; `budget_s`: a mode stops
     once its median is stable or it has spent this many seconds. `device`: auto, cpu or cuda (see
-    the module docstring)."""
+    the module docstring); `precisions`: with device cuda, the AOTInductor precisions tried (a comma
+    list or a sequence; default bf16, fp16, fp32)."""
     from fssam.bench.report import machine
     from fssam.device import resolve_device
+    from fssam.export.aoti import parse_precisions
     from fssam.bench.served import concurrency_sweep, default_levels, payload_bytes
     from fssam.export.graph_plan import open_plan
     from fssam.model import build, get_config
@@ -272,6 +274,12 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
 
     begin = time.perf_counter()
     target = resolve_device(device).type  # cuda without a GPU: one ConfigError line, before any work
+    if precisions is not None:
+        precisions = parse_precisions(precisions, "--precisions")
+        if target != "cuda":
+            raise ConfigError("--precisions is for --device cuda (the AOTInductor candidates); on the CPU every "
+                              "runtime and precision of this machine is planned")
+    precisions = precisions or CUDA_PRECISIONS
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
     if not budget_s > 0:
@@ -294,7 +302,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     try:
         _forget_earlier_run(out, repository)
         manifest = _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides,
-                           target)
+                           target, precisions)
     except BaseException:
         if created and not os.listdir(out):  # a run that failed before writing anything leaves no --out
             os.rmdir(out)

@@ -12,7 +12,9 @@ root, '' and '.' are removed from PYTHONPATH, and tritonserver (and so every stu
 private temporary folder, not in the caller's working directory (the stub's embedded interpreter
 puts '' first on sys.path whatever PYTHONSAFEPATH says). An editable install of fssam in the
 interpreter's site-packages stays visible to the stubs, which embed that interpreter; nothing
-served relies on it.
+served relies on it. The stubs find their interpreter as `python3` on PATH: this interpreter's
+folder comes first there (`stub_interpreter_dir`), so from a virtual environment they import the
+venv's torch and numpy, as this process does.
 
 Lifetime: tritonserver runs in its own process group and, on Linux, is SIGKILLed by the kernel
 when the thread that started it exits (PR_SET_PDEATHSIG; its stubs exit when it does), so
@@ -159,6 +161,20 @@ def _source_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def stub_interpreter_dir() -> str | None:
+    """The folder to put first on the server's PATH so that the wheel's stubs embed this interpreter's
+    environment; None when its `python3` is not this interpreter. The stub embeds libpython in
+    isolated mode (PYTHONPATH and PYTHONHOME are ignored) with the program name "python3", found on
+    PATH: its prefix, and a venv's pyvenv.cfg beside it, decide the stub's sys.path. Without this,
+    from a virtual environment (the lent GPU images run /opt/torch/.venv) the stubs would import the
+    base installation's numpy and torch, or none."""
+    folder = os.path.dirname(os.path.abspath(sys.executable))
+    python3 = os.path.join(folder, "python3")
+    if os.path.isfile(python3) and os.path.realpath(python3) == os.path.realpath(sys.executable):
+        return folder
+    return None
+
+
 def server_environment(wheel_root: str | None, extra: dict | None = None) -> dict:
     """os.environ updated with `extra`, for tritonserver: libraries for the wheel's stub, and no
     path to fssam or the working directory on PYTHONPATH."""
@@ -173,6 +189,10 @@ def server_environment(wheel_root: str | None, extra: dict | None = None) -> dic
         libs = os.path.join(site, "nvidia_pytriton.libs")
         if os.path.isdir(libs):
             paths.append(libs)
+        interpreter = stub_interpreter_dir()
+        if interpreter:
+            env["PATH"] = os.pathsep.join([interpreter] + [p for p in env.get("PATH", "").split(os.pathsep)
+                                                           if p and p != interpreter])
     if env.get("LD_LIBRARY_PATH"):
         paths.append(env["LD_LIBRARY_PATH"])
     if paths:

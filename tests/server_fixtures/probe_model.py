@@ -39,6 +39,7 @@ class TritonPythonModel:
             "cwd": os.getcwd(),
             "sys_path": list(sys.path),
             "pythonpath": os.environ.get("PYTHONPATH"),
+            "executable": sys.executable, "prefix": sys.prefix, "argv": list(getattr(sys, "argv", [])),
         }
         with open(params["report"]["string_value"], "w") as handle:
             json.dump(report, handle)
