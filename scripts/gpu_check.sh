@@ -37,19 +37,7 @@ out=$(cd "$out" && pwd)
 begin=$(date +%s)
 if [ "$full" = 1 ]; then deadline=0; else deadline=$((begin + ${FSSAM_GPU_CHECK_S:-480})); fi
 
-# the kit of scripts/gpu_deps.sh, when it was carried here
-if [ -d .gpu-deps/site ]; then
-    paths="$PWD/.gpu-deps/site"
-    if [ -d .gpu-deps/wheels ] && ! python -c "import tritonclient.http" 2>/dev/null; then
-        python -m pip install --quiet --no-index --no-deps --no-compile --target "$work/serving" .gpu-deps/wheels/*.whl \
-            && paths="$paths:$work/serving"
-    fi
-    kit=$(ls .gpu-deps/tritonserver-*.tar.xz 2>/dev/null | head -1)
-    if [ -n "$kit" ] && ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytriton') is None)"; then
-        mkdir -p "$work/site" && tar -xJf "$kit" -C "$work/site" && paths="$paths:$work/site"
-    fi
-    export PYTHONPATH="$paths:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/gpu_env.sh  # the kit of scripts/gpu_deps.sh, when it was carried here
 # the compiled kernels, never the interpreter: tests/conftest.py only sets TRITON_INTERPRET on a
 # machine without CUDA or when FSSAM_TRITON_INTERPRET=1, and test_gpu_kernel_runs_compiled checks it
 unset TRITON_INTERPRET
@@ -66,7 +54,7 @@ step() {
     left=$((deadline - now - 25))
     if [ "$deadline" != 0 ] && [ "$left" -lt 20 ]; then
         echo "gpu_check: $name skipped: the deadline (${FSSAM_GPU_CHECK_S:-480} s) is near" >&2
-        printf '%s\tskipped\t\t0\n' "$name" >>"$steps"; return 0
+        printf '%s\tskipped\t\t0\tthe deadline was near\n' "$name" >>"$steps"; return 0
     fi
     echo "gpu_check: $name ($(( now - begin )) s in)" >&2
     start=$(date +%s.%N)
@@ -74,7 +62,7 @@ step() {
     else timeout --kill-after=20 "$left" "$@" >"$out/$name.log" 2>&1; rc=$?; fi
     case $rc in 0) status=passed ;; 124|137) status=timed-out ;; *) status=failed ;; esac
     [ "$rc" = 0 ] || failed+=("$name")
-    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(python -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(date +%s.%N)" "$start")" >>"$steps"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(python -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(date +%s.%N)" "$start")" "$(tail -n 1 "$out/$name.log" | tr '\t' ' ' | cut -c1-300)" >>"$steps"
     tail -n 3 "$out/$name.log" >&2
 }
 
@@ -120,6 +108,8 @@ fi
 [ -f "$artifacts/manifest.json" ] && cp "$artifacts/manifest.json" "$out/manifest.json"
 if [ -f "$artifacts/manifest.json" ]; then
     step bench-aoti python benchmarks/bench_aoti.py --artifacts "$artifacts" --batches 1,8 --out "$out/aoti"
+else
+    printf 'bench-aoti\tskipped\t\t0\tno packages: the export did not finish\n' >>"$steps"
 fi
 if [ "$full" = 1 ]; then
     step bench-scma python benchmarks/bench_scma.py --sweep --dtypes fp16 bf16 --out "$out"
@@ -149,8 +139,9 @@ except ImportError:
     triton_version = None
 rows = []
 for line in open(steps):
-    name, status, rc, seconds = line.rstrip("\n").split("\t")
-    rows.append({"step": name, "status": status, "rc": int(rc) if rc else None, "wall_s": float(seconds)})
+    name, status, rc, seconds, last = line.rstrip("\n").split("\t")
+    rows.append({"step": name, "status": status, "rc": int(rc) if rc else None, "wall_s": float(seconds),
+                 "last_line": last})
 summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "triton": triton_version, "mode": "full" if full else "bounded", "served": serve, "steps": rows,
            "wall_s": round(time.time() - begin, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -158,5 +149,7 @@ with open(os.path.join(out, "gpu-check.json"), "w") as handle:
     json.dump(summary, handle, indent=1)
 print(json.dumps(summary, indent=1))
 PY
+skipped=$(awk -F'\t' '$2 == "skipped" {printf "%s%s", sep, $1; sep = " "}' "$steps")
+[ -z "$skipped" ] || echo "gpu_check: skipped: $skipped (see gpu-check.json)" >&2
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu_check: failed: ${failed[*]} (results in $out)" >&2; exit 1; fi
 echo "gpu_check: results in $out"
