@@ -91,7 +91,9 @@ def handle(args) -> int:
         if "graph_parity" in manifest["tensorrt"]:
             print("TensorRT graphs " + format_report(manifest["tensorrt"]["graph_parity"], manifest["graphs"]))
     weights = manifest["weights"]
-    print(f"wrote {len(manifest['stages'])} stage and {len(manifest['graphs'])} graph ONNX files and manifest.json "
+    packages = [f"{p} ({e['device']})" for p, e in manifest.get("aoti", {}).items() if e.get("graphs")]
+    aoti = f", AOTInductor packages of both graphs at {', '.join(packages)} under aoti/," if packages else ""
+    print(f"wrote {len(manifest['stages'])} stage and {len(manifest['graphs'])} graph ONNX files{aoti} and manifest.json "
           f"to {args.out} "
           f"({args.config}, {args.shots}-shot, {args.precision}, up to {manifest['max_batch']} episodes per call; "
           f"weights: {weights['source']})")
