@@ -11,7 +11,8 @@
 #   scma_*       benchmarks/bench_scma.py: the SCMA op vs SDPA (fp16; --full: fp16 and bf16, --sweep)
 #   gpu-tests.log  the GPU tests: compiled Triton kernels (fp16/fp32/bf16), the triton_op in eager,
 #                torch.compile and a CUDA AOTInductor package (--full: all of test_kernels, the torch
-#                backend and the TensorRT / ONNX Runtime GPU tests where installed)
+#                backend and the TensorRT / ONNX Runtime GPU tests where installed); gpu-tests-torch.log:
+#                tiny's CUDA packages replayed from CUDA graphs, in process and served
 #   pipeline/    (--full only) fssam bench on the GPU: eager fp32, bf16 autocast, torch.compile, ...
 #   gpu-check.json  the device (GPU name, torch, triton), each step's status and seconds
 # The big files (packages, repository) go to a work folder outside the results ($FSSAM_GPU_WORK, default
@@ -127,6 +128,7 @@ if [ "$full" = 1 ]; then
     step pipeline python -m fssam.cli bench --config small --modes eager_fp32,eager_bf16,compile --shots 1,5 --iterations 20 --warmup 3 --out "$out/pipeline" --no-progress
 else
     step gpu-tests python -m pytest -q -rs tests/test_kernels.py -k "gpu or bf16 or compiled or aoti"
+    step gpu-tests-torch python -m pytest -q -rs tests/test_torch_backend.py -k cuda_packages
 fi
 
 python - "$out" "$steps" "$begin" "$full" "$serve" <<'PY'

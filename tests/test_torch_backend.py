@@ -303,3 +303,49 @@ def test_deploy_on_a_gpu_serves_the_fastest_package_precision_that_passed_its_ga
     failed["aoti"]["fp32"]["passed"] = False
     with pytest.raises(ParityError, match=r"no precision passed its gate \(fp16, fp32\)"):
         choose_packages(aoti_artifacts, failed, tiny_model.config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA packages, CUDA graphs")
+def test_cuda_packages_replayed_from_cuda_graphs_match_direct_calls_in_process_and_served(
+        tmp_path, monkeypatch, tiny_artifacts, tiny_model):
+    """CUDA packages of tiny at batch buckets 1 and 2 (gated); 3 episodes run as a call of 2 and a call
+    of 1: the runner replaying CUDA graphs equals the runner calling the packages directly, says
+    it replays, and the python-torch server (which replays too) gives the same logits."""
+    from fssam.export.aoti import build_packages
+    from fssam.runtime import as_torch
+    from fssam.runtime.contract import run_graphs
+    from fssam.runtime.manifest import load_manifest, write_manifest
+    from fssam.runtime.runners.torch import TorchRunner
+    from fssam.serving.client import RemoteFSSAM
+    from fssam.serving.repository import write_repository
+    from fssam.serving.server import TritonServer
+
+    monkeypatch.setenv("FSSAM_AOTI_BUCKETS", "1,2")
+    monkeypatch.setenv("FSSAM_AOTI_AUTOTUNE", "0")
+    folder = tmp_path / "cuda"
+    shutil.copytree(tiny_artifacts[0], folder)
+    manifest = load_manifest(str(folder))
+    manifest["aoti"] = build_packages(str(folder), manifest, tiny_model, ("fp32",), "cuda")
+    write_manifest(str(folder), manifest)
+    assert manifest["aoti"]["fp32"]["passed"], manifest["aoti"]["fp32"]["parity"]
+    assert sorted(manifest["aoti"]["fp32"]["graphs"]["support_encoder"]["files"]) == ["1", "2"]
+    episode = sample_episode(get_config("tiny"), 1, batch=3, seed=21)
+    replayed = TorchRunner(str(folder), precision="fp32")
+    direct = TorchRunner(str(folder), precision="fp32", cuda_graphs=False)
+    with torch.inference_mode():
+        first, again = (run_graphs(as_torch(replayed), *episode) for _ in range(2))  # capture, then replay
+        plain = run_graphs(as_torch(direct), *episode)
+    assert "replayed from CUDA graphs" in replayed.describe(), replayed.describe()
+    for logits in (first, again):
+        torch.testing.assert_close(logits.cpu(), plain.cpu(), rtol=0, atol=1e-6)
+    repository = tmp_path / "repository"
+    write_repository(str(folder), str(repository), backend="python-torch")
+    triton = TritonServer(str(repository), http_port=0, grpc_port=0, log_path=str(tmp_path / "tritonserver.log"))
+    triton.start(timeout=240)
+    try:
+        with RemoteFSSAM(triton.grpc_url) as remote:
+            served = remote.infer(*episode)
+    finally:
+        assert triton.stop() == 0
+    torch.testing.assert_close(torch.as_tensor(served), plain.cpu(), rtol=0, atol=1e-5)
+    assert "CUDA graph capture failed" not in open(tmp_path / "tritonserver.log").read()

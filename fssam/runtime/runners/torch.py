@@ -49,23 +49,36 @@ def check_where(entry: dict, precision: str, device: str | None = None) -> str:
 
 
 class _Replay:
-    """One static-shape CUDA package replayed from a CUDA graph (captured on the first call)."""
+    """One static-shape CUDA package replayed from a CUDA graph (captured on the first call). A
+    capture that fails (an operation the package makes that a graph cannot hold) leaves the package
+    called directly from then on, with the reason in `error` (the runner's describe() says so)."""
 
     def __init__(self, package):
-        self.package, self.graph, self.inputs, self.outputs = package, None, None, None
+        self.package, self.graph, self.inputs, self.outputs, self.error = package, None, None, None, None
+
+    def _capture(self, args) -> None:
+        self.inputs = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (autotuned kernels, allocator) before capture
+                self.package(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.package(*self.inputs)
+        self.graph = graph
 
     def __call__(self, *args):
+        if self.graph is None and self.error is None:
+            try:
+                self._capture(args)
+            except RuntimeError as error:
+                self.error = str(error).splitlines()[0] if str(error) else type(error).__name__
+                self.inputs = self.outputs = None
+                torch.cuda.synchronize()
         if self.graph is None:
-            self.inputs = [a.clone() for a in args]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (autotuned kernels, allocator) before capture
-                    self.package(*self.inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.package(*self.inputs)
+            return self.package(*args)
         for target, source in zip(self.inputs, args):
             target.copy_(source)
         self.graph.replay()
@@ -94,7 +107,12 @@ class TorchRunner(StageRunner):
         self.loaded: dict = {}
 
     def describe(self) -> str:
-        return f"torch AOTInductor {self.precision} ({self.device})"
+        text = f"torch AOTInductor {self.precision} ({self.device})"
+        replays = [p for p in self.loaded.values() if isinstance(p, _Replay)]
+        failed = sorted({p.error for p in replays if p.error})
+        if failed:
+            return f"{text}, CUDA graphs off where capture failed: {failed[0]}"
+        return f"{text}, replayed from CUDA graphs" if replays else text
 
     def _package(self, name: str, key: str):
         if (name, key) not in self.loaded:

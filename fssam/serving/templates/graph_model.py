@@ -119,7 +119,10 @@ class TorchStage:
     """AOTInductor packages (torch._inductor.aoti_load_package) on the CPU, or, built for CUDA, on
     this instance's GPU: inputs go there, outputs come back to the CPU for the DLPack hand-over.
     Static CUDA packages (torch_buckets): a call is padded to the smallest bucket that holds it (its
-    last episode repeated), run, and cut back; larger calls run in chunks of the largest bucket."""
+    last episode repeated), run, and cut back; larger calls run in chunks of the largest bucket. Each
+    bucket's package is replayed from a CUDA graph captured on its first call (static input and output
+    buffers on the GPU), as fssam's own torch runner does; where a capture fails the package is called
+    directly from then on, and the server's log says why once."""
 
     def __init__(self, path, params, inputs, outputs):
         import torch
@@ -146,6 +149,7 @@ class TorchStage:
 
         self.packages = ({b: load(f"model.b{b}.pt2") for b in self.buckets} if self.buckets
                          else {None: load(os.path.basename(path))})
+        self.graphs = {}  # bucket -> (CUDA graph, its static inputs, its static outputs) or None
 
     def array(self, tensor):
         return self.torch.from_dlpack(_DLPack(tensor))
@@ -157,7 +161,38 @@ class TorchStage:
     def tensor(name, value):
         return pb_utils.Tensor.from_dlpack(name, value.contiguous())
 
+    def _capture(self, size, args):
+        """A CUDA graph of the bucket's package on static copies of `args`, after two warm-up calls
+        on a side stream (autotuned kernels, the allocator); None, logged once, when it fails."""
+        torch = self.torch
+        try:
+            inputs = [a.clone() for a in args]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.packages[size](*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.packages[size](*inputs)
+            return graph, inputs, list(out) if isinstance(out, (tuple, list)) else [out]
+        except RuntimeError as error:
+            torch.cuda.synchronize()
+            pb_utils.Logger.log_warn(f"bucket {size}: CUDA graph capture failed, the package runs without one: "
+                                     f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            return None
+
     def _call(self, size, args):
+        if size is not None and self.device.type == "cuda":
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size, args)
+            if self.graphs[size] is not None:
+                graph, inputs, outputs = self.graphs[size]
+                for target, source in zip(inputs, args):
+                    target.copy_(source)
+                graph.replay()
+                return [o.clone() for o in outputs]
         out = self.packages[size](*args)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
