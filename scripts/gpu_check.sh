@@ -27,6 +27,14 @@
 # This script finds .gpu-deps/ itself (PYTHONPATH; the tritonserver unpacked under $FSSAM_GPU_WORK).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
+    # images with `python3` alone: a `python` that execs it (a wrapper, not a link, so that a venv's
+    # python3 still finds its pyvenv.cfg)
+    mkdir -p "${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin"
+    printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin/python"
+    chmod +x "${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin/python"
+    export PATH="${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin:$PATH"
+fi
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU on this machine: nothing to check here')" || exit 1
 full=0
 if [ "${1:-}" = "--full" ]; then full=1; shift; fi
