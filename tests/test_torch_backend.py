@@ -349,3 +349,60 @@ def test_cuda_packages_replayed_from_cuda_graphs_match_direct_calls_in_process_a
         assert triton.stop() == 0
     torch.testing.assert_close(torch.as_tensor(served), plain.cpu(), rtol=0, atol=1e-5)
     assert "CUDA graph capture failed" not in open(tmp_path / "tritonserver.log").read()
+
+
+def test_reference_scma_traces_the_graphs_without_the_op(tiny_model):
+    """Inside reference_scma() the exported graph holds SCMA as standard torch ops (what a package
+    compiled there runs), outside it the custom op torch.ops.fssam.scma."""
+    from fssam.export.aoti import graph_module
+    from fssam.export.onnx_export import _examples
+    from fssam.ops.scma import reference_scma
+    from fssam.runtime.contract import GRAPH_ORDER
+
+    module = graph_module(tiny_model, "query_segmenter", "fp32", "cpu")
+    examples = _examples(tiny_model, 1, torch.float32, (GRAPH_ORDER,))["query_segmenter"]
+
+    def targets():
+        with torch.no_grad():
+            program = torch.export.export(module, examples)
+        return [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+
+    assert targets().count("fssam.scma.default") == get_config("tiny").memory_attention_layers
+    with reference_scma():
+        decomposed = targets()
+    assert not [t for t in decomposed if "fssam" in t] and [t for t in decomposed if "softmax" in t]
+
+
+def test_a_tolerant_build_compiles_again_with_the_reference_then_records_the_failure(
+        tmp_path, monkeypatch, tiny_artifacts, tiny_model):
+    """`fssam deploy --device cuda` builds tolerantly: a precision whose compilation raises is compiled
+    again with the reference SCMA; one that still fails is recorded (passed False, both errors, none
+    of its files left) and no precision is chosen from it; a plain export raises the first error."""
+    import fssam.export.aoti as aoti
+    from fssam.ops.scma import _reference_only
+    from fssam.runtime.manifest import load_manifest
+    from fssam.runtime.parity import ParityError
+
+    attempts = []
+
+    def failing(module, examples, names, path, device, limit):
+        attempts.append(_reference_only.get())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:  # what a compilation that breaks half-way leaves
+            handle.write(b"partial")
+        raise RuntimeError("the kernel did not compile" if not _reference_only.get() else "nor did the reference")
+
+    monkeypatch.setattr(aoti, "compile_package", failing)
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_artifacts[0], folder)
+    manifest = load_manifest(str(folder))
+    result = aoti.build_packages(str(folder), manifest, tiny_model, ("fp32",), "cpu", tolerant=True)
+    entry = result["fp32"]
+    assert attempts == [False, True]
+    assert entry["passed"] is False and entry["graphs"] == {} and entry["scma"] == "reference"
+    assert "the kernel did not compile" in entry["scma_error"] and "nor did the reference" in entry["error"]
+    assert not list((folder / "aoti").rglob("*.pt2"))
+    with pytest.raises(ParityError, match="no precision passed"):
+        aoti.choose_packages(str(folder), {**manifest, "aoti": result}, tiny_model.config)
+    with pytest.raises(RuntimeError, match="the kernel did not compile"):
+        aoti.build_packages(str(folder), load_manifest(str(folder)), tiny_model, ("fp32",), "cpu")

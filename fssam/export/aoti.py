@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import torch
 
@@ -99,10 +100,45 @@ def compile_package(module, examples: tuple, names: list, path: str, device: str
         torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
 
 
+def _compile_graphs(folder: str, manifest: dict, model, precision: str, device: str, examples: dict, dtype,
+                    progress) -> dict:
+    """Every graph's package(s) of one precision: {graph: {"files", "max_batch"}}."""
+    graphs = {}
+    for name in GRAPH_ORDER:
+        if progress is not None:
+            progress.set_postfix_str(f"{name} -> AOTInductor {precision} {device}")
+        module = graph_module(model, name, precision, device)
+        limit = int(manifest["graphs"][name]["max_batch"])
+        files = {}
+        sizes = (None,) if device == "cpu" else buckets(int(manifest.get("max_batch", limit)))
+        for size in sizes:
+            stem = f"{name}.pt2" if size is None else f"{name}.b{size}.pt2"
+            relative = os.path.join(FOLDER, precision, device, stem)
+            batch = EXAMPLE_BATCH if size is None else size  # the graphs see one item per episode
+            compile_package(module, _batched(examples[name], batch, device, dtype),
+                            [entry["name"] for entry in manifest["graphs"][name]["inputs"]],
+                            os.path.join(folder, relative), device, limit if size is None else None)
+            files["dynamic" if size is None else str(size)] = {"file": relative,
+                                                              "sha256": file_sha256(os.path.join(folder, relative))}
+        graphs[name] = {"files": files, "max_batch": limit}
+    return graphs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def build_packages(folder: str, manifest: dict, model, precisions, device: str = "cpu", progress=None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, tolerant: bool = False) -> dict:
     """Compile, write and gate the packages; returns manifest["aoti"] ({precision: entry}). A
-    precision whose gate fails keeps its entry with passed False and its files removed."""
+    precision whose gate fails keeps its entry with passed False and its files removed. Each entry's
+    "scma" says what the packages run for SCMA: "op" (torch.ops.fssam.scma: on CUDA the Triton
+    kernels compiled in) or "reference". `tolerant` (`fssam deploy --device cuda`): a precision
+    whose compilation raises is compiled again with the reference SCMA (standard torch ops; the
+    entry keeps the kernel's error in "scma_error"), and one that still fails is recorded (passed
+    False, "error") instead of ending the export."""
+    from fssam.ops.scma import reference_scma
     from fssam.export.onnx_export import _examples
     from fssam.runtime import as_torch
     from fssam.runtime.parity import parity_report, sample_episode
@@ -114,25 +150,26 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
         dtype = torch.float16 if precision == "fp16" else torch.float32
         base = model if precision != "fp16" else copy.deepcopy(model).to_dtype(torch.float16)
         examples = _examples(base, shots, dtype, (GRAPH_ORDER,))
-        graphs = {}
-        for name in GRAPH_ORDER:
-            if progress is not None:
-                progress.set_postfix_str(f"{name} -> AOTInductor {precision} {device}")
-            module = graph_module(model, name, precision, device)
-            limit = int(manifest["graphs"][name]["max_batch"])
-            files = {}
-            sizes = (None,) if device == "cpu" else buckets(int(manifest.get("max_batch", limit)))
-            for size in sizes:
-                stem = f"{name}.pt2" if size is None else f"{name}.b{size}.pt2"
-                relative = os.path.join(FOLDER, precision, device, stem)
-                batch = EXAMPLE_BATCH if size is None else size  # the graphs see one item per episode
-                compile_package(module, _batched(examples[name], batch, device, dtype),
-                                [entry["name"] for entry in manifest["graphs"][name]["inputs"]],
-                                os.path.join(folder, relative), device, limit if size is None else None)
-                files["dynamic" if size is None else str(size)] = {"file": relative,
-                                                                  "sha256": file_sha256(os.path.join(folder, relative))}
-            graphs[name] = {"files": files, "max_batch": limit}
-        result[precision] = {**build_record(device), "graphs": graphs}
+        record = {**build_record(device), "scma": "op"}
+        try:
+            graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
+        except Exception as error:  # noqa: BLE001 (recorded: the other precisions go on)
+            if not tolerant:
+                raise
+            record.update(scma="reference", scma_error=_first_line(error))
+            shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)  # this call's own
+            try:
+                with reference_scma():
+                    graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
+            except Exception as again:  # noqa: BLE001
+                shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)
+                result[precision] = {**record, "graphs": {}, "passed": False, "error": _first_line(again)}
+                manifest["aoti"] = result
+                write_manifest(folder, manifest)
+                if progress is not None:
+                    progress.update()
+                continue
+        result[precision] = {**record, "graphs": graphs}
         manifest["aoti"] = result
         write_manifest(folder, manifest)
         if progress is not None:
@@ -172,7 +209,8 @@ def choose_packages(folder: str, manifest: dict, config, seed: int = 0, budget_s
     candidates = {}
     for precision, entry in packages.items():
         if not entry.get("passed"):
-            candidates[precision] = {"passed": False, "note": "failed its gate at export: not timed"}
+            why = f"failed to compile ({entry['error']})" if "error" in entry else "failed its gate at export"
+            candidates[precision] = {"passed": False, "note": f"{why}: not timed"}
             continue
         runner = TorchRunner(folder, precision=precision, verify=False)
         pair = as_torch(runner)

@@ -481,7 +481,8 @@ def export(
             from fssam.export.aoti import build_packages
 
             write_manifest(tmp, manifest)
-            manifest["aoti"] = build_packages(tmp, manifest, model, aoti, aoti_device, progress=bar, seed=seed)
+            manifest["aoti"] = build_packages(tmp, manifest, model, aoti, aoti_device, progress=bar, seed=seed,
+                                              tolerant=aoti_plan)
             if aoti_plan:
                 from fssam.export.aoti import choose_packages
 

@@ -199,12 +199,22 @@ def describe_aoti(manifest: dict) -> list[str]:
     plan = manifest["aoti_plan"]
     lines = []
     for precision, entry in plan["candidates"].items():
-        parity = manifest["aoti"][precision]["parity"]["end_to_end"]
-        gate = (f"passed (max abs {parity['max_abs']:.2e}, limit {parity['limit']:.2e})" if entry["passed"]
-                else "FAILED its gate")
+        package = manifest["aoti"][precision]
+        if "error" in package:
+            gate = "FAILED to compile"
+        else:
+            parity = package["parity"]["end_to_end"]
+            gate = (f"passed (max abs {parity['max_abs']:.2e}, limit {parity['limit']:.2e})" if entry["passed"]
+                    else "FAILED its gate")
         timed = f"{entry['ms']:9.2f} ms" if entry["passed"] else "not timed"
         lines.append(f"    torch AOTInductor {precision:5s} {gate:45s} {timed}"
                      + (" <- chosen" if precision == plan["chosen"] else ""))
+        if "error" in package:
+            lines.append(f"      with the SCMA kernel: {package.get('scma_error')}; with the reference SCMA: "
+                         f"{package['error']}")
+        elif package.get("scma") == "reference":
+            lines.append(f"      SCMA as the reference's torch ops: the Triton kernel did not compile into the package "
+                         f"({package['scma_error']})")
     return lines
 
 

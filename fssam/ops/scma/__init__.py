@@ -14,11 +14,17 @@ Modules (the math is defined once, in `reference`; the kernels are fused version
   * while `torch.onnx.export` runs: the reference, i.e. a decomposition into standard ONNX ops
     (the default), or, inside an exporter's `with onnx_custom_node():` block, one custom node
     fssam::SCMA (for the TensorRT plugin).
+Inside `reference_scma()` the model calls the reference in every mode (an AOTInductor package
+compiled there holds the decomposed math, no Triton kernel: the fall-back of `fssam deploy
+--device cuda` where the kernel fails to compile into a package).
 Importing this package needs neither triton nor tensorrt; `triton_kernel` and
 `tensorrt_plugin` import them when used.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -27,7 +33,19 @@ from fssam.ops.scma.onnx_node import active_custom_node, onnx_custom_node, scma_
 from fssam.ops.scma.op import triton_on_cpu
 from fssam.ops.scma.reference import scma_reference
 
-__all__ = ["scma", "scma_reference", "onnx_custom_node", "triton_on_cpu"]
+__all__ = ["scma", "scma_reference", "onnx_custom_node", "triton_on_cpu", "reference_scma"]
+
+_reference_only: contextvars.ContextVar[bool] = contextvars.ContextVar("fssam_scma_reference_only", default=False)
+
+
+@contextlib.contextmanager
+def reference_scma():
+    """Within the block, `scma` is the reference (standard torch ops) instead of the custom op."""
+    token = _reference_only.set(True)
+    try:
+        yield
+    finally:
+        _reference_only.reset(token)
 
 
 def scma(q, k, v, support_masks, mode: str = "paper"):
@@ -37,4 +55,6 @@ def scma(q, k, v, support_masks, mode: str = "paper"):
         if node is not None:
             return scma_onnx_node(q, k, v, support_masks, mode, aot=node.aot)
         return scma_reference(q, k, v, support_masks, mode)
+    if _reference_only.get():
+        return op._reference(q, k, v, support_masks, mode)  # what the op's CPU kernel runs
     return torch.ops.fssam.scma(q, k, v, support_masks, mode)
