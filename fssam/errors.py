@@ -19,3 +19,10 @@ class InputError(FSSAMError):
 
 class DataError(FSSAMError):
     """A data set folder or split list that is missing or malformed."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): what a
+    one-line report quotes of an error from a library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -27,20 +27,20 @@
 # This script finds .gpu-deps/ itself (PYTHONPATH; the tritonserver unpacked under $FSSAM_GPU_WORK).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+work="${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}"
 if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
     # images with `python3` alone: a `python` that execs it (a wrapper, not a link, so that a venv's
     # python3 still finds its pyvenv.cfg)
-    mkdir -p "${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin"
-    printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin/python"
-    chmod +x "${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin/python"
-    export PATH="${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}/bin:$PATH"
+    mkdir -p "$work/bin"
+    printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$work/bin/python"
+    chmod +x "$work/bin/python"
+    export PATH="$work/bin:$PATH"
 fi
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU on this machine: nothing to check here')" || exit 1
 full=0
 if [ "${1:-}" = "--full" ]; then full=1; shift; fi
 if [ "${1:-}" = "--quick" ]; then shift; fi  # the bounded run is the default now
 out="${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}"
-work="${FSSAM_GPU_WORK:-/tmp/fssam-gpu-work}"
 mkdir -p "$out" "$work"
 out=$(cd "$out" && pwd)
 begin=$(date +%s)
@@ -58,7 +58,7 @@ failed=()
 # step NAME CMD...: run CMD with the time left (SIGTERM, then SIGKILL 20 s later), log to $out/NAME.log
 step() {
     local name=$1; shift
-    local now left status rc start
+    local now left status rc start tenths
     now=$(date +%s)
     left=$((deadline - now - 25))
     if [ "$deadline" != 0 ] && [ "$left" -lt 20 ]; then
@@ -66,12 +66,13 @@ step() {
         printf '%s\tskipped\t\t0\tthe deadline was near\n' "$name" >>"$steps"; return 0
     fi
     echo "gpu_check: $name ($(( now - begin )) s in)" >&2
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     if [ "$deadline" = 0 ]; then "$@" >"$out/$name.log" 2>&1; rc=$?
     else timeout --kill-after=20 "$left" "$@" >"$out/$name.log" 2>&1; rc=$?; fi
     case $rc in 0) status=passed ;; 124|137) status=timed-out ;; *) status=failed ;; esac
     [ "$rc" = 0 ] || failed+=("$name")
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(python -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(date +%s.%N)" "$start")" "$(tail -n 1 "$out/$name.log" | tr '\t' ' ' | cut -c1-300)" >>"$steps"
+    tenths=$(( ($(date +%s%N) - start) / 100000000 ))
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((tenths / 10)).$((tenths % 10))" "$(tail -n 1 "$out/$name.log" | tr '\t' ' ' | cut -c1-300)" >>"$steps"
     tail -n 3 "$out/$name.log" >&2
 }
 

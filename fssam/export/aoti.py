@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from fssam.errors import ConfigError
+from fssam.errors import ConfigError, first_line
 from fssam.export.stages import STAGE_MODULES, BF16Autocast, batch_dynamic_shapes
 from fssam.runtime.contract import BATCH, GRAPH_ORDER
 from fssam.runtime.manifest import file_sha256, write_manifest
@@ -124,9 +124,26 @@ def _compile_graphs(folder: str, manifest: dict, model, precision: str, device: 
     return graphs
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+def _compile_tolerantly(folder: str, manifest: dict, model, precision: str, device: str, examples: dict, dtype,
+                        progress, record: dict) -> dict | None:
+    """_compile_graphs; where it raises, again with the reference SCMA. `record` gets what happened
+    ("scma", "scma_error", and "passed"/"error" when neither compiled: then None, with none of this
+    precision's files left)."""
+    from fssam.ops.scma import reference_scma
+
+    try:
+        return _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
+    except Exception as error:  # noqa: BLE001 (recorded: the other precisions go on)
+        record.update(scma="reference", scma_error=f"{type(error).__name__}: {first_line(error)}"[:300])
+    partial = os.path.join(folder, FOLDER, precision, device)  # this call's own files
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with reference_scma():
+            return _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
+    except Exception as again:  # noqa: BLE001
+        shutil.rmtree(partial, ignore_errors=True)
+        record.update(passed=False, error=f"{type(again).__name__}: {first_line(again)}"[:300])
+        return None
 
 
 def build_packages(folder: str, manifest: dict, model, precisions, device: str = "cpu", progress=None,
@@ -138,7 +155,6 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
     whose compilation raises is compiled again with the reference SCMA (standard torch ops; the
     entry keeps the kernel's error in "scma_error"), and one that still fails is recorded (passed
     False, "error") instead of ending the export."""
-    from fssam.ops.scma import reference_scma
     from fssam.export.onnx_export import _examples
     from fssam.runtime import as_torch
     from fssam.runtime.parity import parity_report, sample_episode
@@ -151,40 +167,27 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
         base = model if precision != "fp16" else copy.deepcopy(model).to_dtype(torch.float16)
         examples = _examples(base, shots, dtype, (GRAPH_ORDER,))
         record = {**build_record(device), "scma": "op"}
-        try:
+        if tolerant:
+            graphs = _compile_tolerantly(folder, manifest, model, precision, device, examples, dtype, progress, record)
+        else:
             graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
-        except Exception as error:  # noqa: BLE001 (recorded: the other precisions go on)
-            if not tolerant:
-                raise
-            record.update(scma="reference", scma_error=_first_line(error))
-            shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)  # this call's own
-            try:
-                with reference_scma():
-                    graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
-            except Exception as again:  # noqa: BLE001
-                shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)
-                result[precision] = {**record, "graphs": {}, "passed": False, "error": _first_line(again)}
-                manifest["aoti"] = result
-                write_manifest(folder, manifest)
-                if progress is not None:
-                    progress.update()
-                continue
-        result[precision] = {**record, "graphs": graphs}
+        result[precision] = {**record, "graphs": graphs or {}}
         manifest["aoti"] = result
         write_manifest(folder, manifest)
-        if progress is not None:
-            progress.set_postfix_str(f"AOTInductor {precision} gate")
-        runner = as_torch(TorchRunner(folder, precision=precision, verify=False))
-        episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
-        report = parity_report(model, runner, precision, episode, stages=GRAPH_ORDER)
-        report["runtime"] = runner.describe()
-        result[precision]["parity"] = report
-        result[precision]["passed"] = bool(report["passed"])
-        if not report["passed"]:
-            for entry in graphs.values():
-                for item in entry["files"].values():
-                    os.unlink(os.path.join(folder, item["file"]))
-            result[precision]["graphs"] = {}
+        if graphs is not None:
+            if progress is not None:
+                progress.set_postfix_str(f"AOTInductor {precision} gate")
+            runner = as_torch(TorchRunner(folder, precision=precision, verify=False))
+            episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
+            report = parity_report(model, runner, precision, episode, stages=GRAPH_ORDER)
+            report["runtime"] = runner.describe()
+            result[precision]["parity"] = report
+            result[precision]["passed"] = bool(report["passed"])
+            if not report["passed"]:
+                for entry in graphs.values():
+                    for item in entry["files"].values():
+                        os.unlink(os.path.join(folder, item["file"]))
+                result[precision]["graphs"] = {}
         if progress is not None:
             progress.update()
     return result

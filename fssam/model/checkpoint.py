@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from fssam.errors import CheckpointError
+from fssam.errors import CheckpointError, first_line
 from fssam.model.dino import convert_dinov2_state_dict
 from fssam.runtime.manifest import file_sha256  # noqa: F401  (re-exported)
 
@@ -26,10 +26,9 @@ def read_checkpoint(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on damaged files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"checkpoint {path!r} cannot be read: corrupt, not a PyTorch file, or holding Python objects "
-            f"that weights_only=True refuses ({first_line})"
+            f"that weights_only=True refuses ({first_line(error)})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict of tensors")

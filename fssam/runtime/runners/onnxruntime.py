@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from fssam.errors import ConfigError
+from fssam.errors import ConfigError, first_line
 from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # the export's own dtype; int8: the graph plan's int8 graphs
@@ -202,8 +202,7 @@ class OnnxRuntimeRunner(StageRunner):
             except (RuntimeError, ValueError) as error:
                 if TENSORRT not in self.providers or self.sessions:
                     raise
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                why = first_line[:200]
+                why = first_line(error)[:200]
             else:
                 if TENSORRT in self.providers and TENSORRT not in session.get_providers():
                     # onnxruntime < 1.23 ignores enable_fallback: it reopened on CUDA + CPU itself, with

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from fssam.errors import ConfigError
+from fssam.errors import ConfigError, first_line
 from fssam.runtime.contract import GRAPH_ORDER
 from fssam.runtime.runner import StageRunner
 
@@ -74,7 +74,7 @@ class _Replay:
             try:
                 self._capture(args)
             except RuntimeError as error:
-                self.error = str(error).splitlines()[0] if str(error) else type(error).__name__
+                self.error = first_line(error)
                 self.inputs = self.outputs = None
                 torch.cuda.synchronize()
         if self.graph is None:
