@@ -52,7 +52,8 @@ def main(argv=None) -> int:
                  "export them with `fssam export --aoti P`")
     device = packages[precisions[0]]["device"]
     cfg = manifest["config"]
-    model = build(cfg["name"], seed=0).to(device).eval()  # the timing does not depend on the weights
+    model = build(cfg["name"], seed=0, num_refine=cfg["num_refine"], refine_version=cfg["refine_version"],
+                  scma_mode=cfg["scma_mode"]).to(device).eval()  # the timing does not depend on the weights
     runners = {p: open_runner("torch", args.artifacts, precision=p) for p in precisions}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

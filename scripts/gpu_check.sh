@@ -22,8 +22,9 @@
 #   $FSSAM_GPU_CHECK_S: the deadline in seconds (default 480; --full: none)
 # On a lent machine whose image has torch, triton and nvcc but not fssam's other packages, no network
 # and Python 3.12: here, `bash scripts/gpu_deps.sh` (writes .gpu-deps/, git-ignored, about 47 MB), then
-# with the device tool, carry [".gpu-deps"] and, as the command:
-#   bash scripts/gpu_check.sh /tmp/gpu; tar -czf $OUT/gpu.tgz -C /tmp gpu
+# with the device tool, carry [".gpu-deps"], timeout_s 570 and, as the command (the outer timeout
+# leaves the tar its time even if this script overran):
+#   mkdir -p /tmp/gpu; timeout 545 bash scripts/gpu_check.sh /tmp/gpu; tar -czf $OUT/gpu.tgz -C /tmp gpu
 # This script finds .gpu-deps/ itself (PYTHONPATH; the tritonserver unpacked under $FSSAM_GPU_WORK).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ source scripts/gpu_env.sh  # the kit of scripts/gpu_deps.sh, when it was carried
 # the compiled kernels, never the interpreter: tests/conftest.py only sets TRITON_INTERPRET on a
 # machine without CUDA or when FSSAM_TRITON_INTERPRET=1, and test_gpu_kernel_runs_compiled checks it
 unset TRITON_INTERPRET
-export FSSAM_TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export FSSAM_TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5  # bars in the logs: a line each 5 s
 
 steps="$out/steps.tsv"
 : >"$steps"
@@ -72,8 +73,8 @@ step() {
     case $rc in 0) status=passed ;; 124|137) status=timed-out ;; *) status=failed ;; esac
     [ "$rc" = 0 ] || failed+=("$name")
     tenths=$(( ($(date +%s%N) - start) / 100000000 ))
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((tenths / 10)).$((tenths % 10))" "$(tail -n 1 "$out/$name.log" | tr '\t' ' ' | cut -c1-300)" >>"$steps"
-    tail -n 3 "$out/$name.log" >&2
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((tenths / 10)).$((tenths % 10))" "$(tail -n 1 "$out/$name.log" | tr '\r' '\n' | tail -n 1 | tr '\t' ' ' | cut -c1-300)" >>"$steps"
+    tail -n 3 "$out/$name.log" | tr '\r' '\n' | tail -n 3 >&2
 }
 
 # the tritonserver of the nvidia-pytriton wheel (or one on PATH) and whether its Python stub loads here
@@ -100,8 +101,9 @@ serve=$(python -c "import json, sys; r = json.loads(open(sys.argv[1]).read().spl
 
 if [ "$full" = 1 ]; then precisions=bf16,fp16,fp32; else precisions=bf16; export FSSAM_AOTI_BUCKETS=1,8 FSSAM_AOTI_AUTOTUNE=0; fi
 if [ "$serve" = 1 ]; then
-    step deploy python -m fssam.cli deploy --config small --device cuda --precisions "$precisions" --out "$work/deploy" --no-progress
+    step deploy python -m fssam.cli deploy --config small --device cuda --precisions "$precisions" --out "$work/deploy"
     [ -f "$work/deploy/deploy.json" ] && cp "$work/deploy/deploy.json" "$out/deploy.json"
+    for log in "${TMPDIR:-/tmp}"/fssam-tritonserver-*.log; do [ -f "$log" ] && cp "$log" "$out/"; done
     artifacts="$work/deploy/artifacts"
 else
     echo "gpu_check: no tritonserver can run here (see preflight.log): the packages are built and gated, not served" >&2
@@ -149,12 +151,12 @@ try:
 except ImportError:
     triton_version = None
 rows = []
-for line in open(steps):
+for line in open(steps, encoding="utf-8", errors="replace"):  # a log's last line cut mid-character
     name, status, rc, seconds, last = line.rstrip("\n").split("\t")
     rows.append({"step": name, "status": status, "rc": int(rc) if rc else None, "wall_s": float(seconds),
                  "last_line": last})
 summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": triton_version, "mode": "full" if full else "bounded", "served": serve, "steps": rows,
+           "triton": triton_version, "mode": "full" if full else "bounded", "tritonserver_usable": serve, "steps": rows,
            "wall_s": round(time.time() - begin, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 with open(os.path.join(out, "gpu-check.json"), "w") as handle:
     json.dump(summary, handle, indent=1)

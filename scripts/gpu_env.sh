@@ -10,11 +10,16 @@ if [ -d .gpu-deps/site ]; then
         python -m pip install --quiet --upgrade --no-index --no-deps --no-compile --target "$_work/serving" .gpu-deps/wheels/*.whl \
             && _paths="$_paths:$_work/serving"
     fi
-    _kit=$(ls .gpu-deps/tritonserver-*.tar.xz 2>/dev/null | head -1)
-    if [ -n "$_kit" ] && ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytriton') is None)"; then
-        mkdir -p "$_work/site" && tar -xJf "$_kit" -C "$_work/site" && _paths="$_paths:$_work/site"
+    _version=$(python -c "import sys; print('%d.%d' % sys.version_info[:2])")
+    _kit=.gpu-deps/tritonserver-cp${_version/./}.tar.xz
+    if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pytriton') is None)"; then
+        if [ -f "$_kit" ]; then
+            mkdir -p "$_work/site" && tar -xJf "$_kit" -C "$_work/site" && _paths="$_paths:$_work/site"
+        else
+            echo "gpu_env: no $_kit in the kit (it has: $(cd .gpu-deps && ls tritonserver-*.tar.xz 2>/dev/null | tr '\n' ' ')): no tritonserver for this Python; build the kit with \`bash scripts/gpu_deps.sh --python $_version\`" >&2
+        fi
     fi
     export PYTHONPATH="$_paths:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu_env: PYTHONPATH=$PYTHONPATH" >&2
-    unset _work _paths _kit
+    unset _work _paths _kit _version
 fi

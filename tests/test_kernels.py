@@ -804,6 +804,34 @@ _TRACE_SCRIPT = textwrap.dedent(
     from fssam.ops.scma import triton_kernel as tk
 
     tk._check_device = lambda *tensors: None  # CPU tensors stand in for CUDA ones (no GPU here)
+
+
+    class SM90Driver:  # what torch's analysis compiles the kernels for (their TTIR): an H100's target
+        def get_current_target(self):
+            from triton.backends.compiler import GPUTarget
+
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+
+    import triton
+
+    triton.runtime.driver.set_active(SM90Driver())
+    try:  # which arguments torch takes as written (and copies before each launch)
+        from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors
+
+        def written(node, kernel, arguments, tiles):
+            return get_mutated_tensors(node.kwargs["kernel_idx"], node.kwargs["constant_args_idx"],
+                                       {**arguments, **tiles}, node.kwargs["tma_descriptor_metadata"])
+    except ImportError:  # torch <= 2.11
+        from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
+
+        def written(node, kernel, arguments, tiles):
+            constants = kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])
+            return identify_mutated_tensors(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]),
+                                            {**arguments, **constants, **tiles}, node.kwargs["tma_descriptor_metadata"])
     result = {"recorded": [k.__name__ for k in get_triton_kernels_for_op("fssam::scma")], "cases": []}
     for shots, mode, num_splits, dtype in ((1, "paper", 1, torch.float32), (3, "paper", 1, torch.float16),
                                            (3, "official", 3, torch.float32), (2, "paper", 2, torch.float16)):
@@ -824,13 +852,23 @@ _TRACE_SCRIPT = textwrap.dedent(
                 kernel = kernel.fn  # autotuner -> JITFunction
             arguments = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
             tensors = sorted(name for name, value in arguments.items() if isinstance(value, torch.fx.Node))
+            configs = getattr(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]), "configs", None)
+            fakes = {name: value.meta["val"] if isinstance(value, torch.fx.Node) else value
+                     for name, value in node.kwargs["kwargs"].items()}
+            mutated = sorted(written(node, kernel, fakes, configs[0].kwargs if configs else {}))
             constants = {name: type(value).__name__ for name, value in arguments.items() if name not in tensors}
             launches.append({"kernel": kernel.__name__, "grids": [list(g) for g in node.kwargs["grid"]],
+                             "written": mutated,
                              "constants": constants, "tensors": tensors, "arguments": sorted(arguments)})
         result["cases"].append({"shots": shots, "splits": num_splits, "launches": launches, "others": sorted(others)})
     print(json.dumps(result))
     """
 )
+
+
+OUTPUTS = {"_scma_prototype_kernel": ["COUNT_PART", "PROTO_PART", "SK", "SV"], "_scma_calibration_kernel": ["STATS", "W"],
+           "_scma_kernel": ["O"], "_scma_stats_kernel": ["ROW_MAX", "ROW_MIN"], "_scma_split_kernel": ["LSE_PART", "O_PART"],
+           "_scma_combine_kernel": ["O"]}
 
 
 def test_triton_op_body_traces_into_kernel_launches():
@@ -839,7 +877,9 @@ def test_triton_op_body_traces_into_kernel_launches():
     torch.library.wrap_triton: concrete grids, tensors as tensor arguments, shape-derived ints and the
     constexprs as constants, and besides the launches only allocations and views (the calibration is
     all in the kernels: no PyTorch arithmetic per call). In a fresh process with the compiled
-    kernels (not the interpreter), CPU tensors standing in for CUDA ones (no GPU needed to trace)."""
+    kernels (not the interpreter), CPU tensors standing in for CUDA ones (no GPU needed to trace).
+    Torch takes as written only each kernel's outputs (it copies every argument it takes as written
+    before the launch: a false one, k or v, would be a copy per SCMA layer)."""
     result = _run_compiled(_TRACE_SCRIPT)
     assert result.returncode == 0, result.stderr[-3000:]
     traced = json.loads(result.stdout.strip().splitlines()[-1])
@@ -861,6 +901,8 @@ def test_triton_op_body_traces_into_kernel_launches():
             assert set(fn.arg_names) - set(launch["arguments"]) <= {"BLOCK_M", "BLOCK_N"}, launch
         prototype = case["launches"][0]
         assert prototype["grids"][0][1] == 4  # B * H programs on axis 1
+        assert {launch["kernel"]: launch["written"] for launch in case["launches"]} == {
+            kernel: written for kernel, written in OUTPUTS.items() if kernel in kernels}, case
 
 
 _AOTI_RUN = textwrap.dedent(

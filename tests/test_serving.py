@@ -700,6 +700,10 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert [(row["concurrency"], row["cached_support"]) for row in figures["throughput"]] == [
         (1, True), (2, True), (1, False), (2, False)]
     assert all(row["failures"] == 0 and row["episodes_per_s"] > 0 for row in figures["throughput"])
+    for row in figures["throughput"]:  # Triton's own counts: new support sets were never answered from the cache
+        assert (row["cache_hits"], row["cache_misses"]) == (
+            (row["requests"], 0) if row["cached_support"] else (0, row["requests"])), row
+    assert "cache hits" in out
     assert figures["cache_check"] == {"hits": 1, "misses": 1}
     for name in ("gate_episode", "fresh_episode"):  # the same runtime served and in process
         same = figures["served_vs_inprocess"][name]

@@ -349,6 +349,7 @@ def test_cuda_packages_replayed_from_cuda_graphs_match_direct_calls_in_process_a
         assert triton.stop() == 0
     torch.testing.assert_close(torch.as_tensor(served), plain.cpu(), rtol=0, atol=1e-5)
     assert "CUDA graph capture failed" not in open(tmp_path / "tritonserver.log").read()
+    assert {p.device.type for p in tiny_model.parameters()} == {"cpu"}  # the gate ran on its own copy
 
 
 def test_reference_scma_traces_the_graphs_without_the_op(tiny_model):
@@ -406,3 +407,53 @@ def test_a_tolerant_build_compiles_again_with_the_reference_then_records_the_fai
         aoti.choose_packages(str(folder), {**manifest, "aoti": result}, tiny_model.config)
     with pytest.raises(RuntimeError, match="the kernel did not compile"):
         aoti.build_packages(str(folder), load_manifest(str(folder)), tiny_model, ("fp32",), "cpu")
+
+
+def test_a_tolerant_build_whose_packages_fail_in_the_gate_is_built_again_with_the_reference(
+        tmp_path, monkeypatch, aoti_artifacts, tiny_artifacts, tiny_model):
+    """A package that compiles but raises when the gate runs it (a kernel launch that fails) is, in a
+    tolerant build, built again with the reference SCMA and gated; that one passes and is recorded
+    with the kernel's error. (The packages here are the module's gated CPU ones, copied in place of
+    a compilation.)"""
+    import fssam.export.aoti as aoti
+    from fssam.ops.scma import _reference_only
+    from fssam.runtime.manifest import load_manifest
+    from fssam.runtime.runners.torch import TorchRunner
+
+    def copied(module, examples, names, path, device, limit):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copy2(os.path.join(aoti_artifacts, os.path.relpath(path, folder)), path)
+
+    run_stage = TorchRunner.run_stage
+
+    def launch_fails_with_the_kernel(self, name, *tensors):
+        if not _reference_only.get():
+            raise RuntimeError("CUDA error: an illegal instruction was encountered")
+        return run_stage(self, name, *tensors)
+
+    monkeypatch.setattr(aoti, "compile_package", copied)
+    monkeypatch.setattr(TorchRunner, "run_stage", launch_fails_with_the_kernel)
+    folder = str(tmp_path / "export")
+    shutil.copytree(tiny_artifacts[0], folder)
+    entry = aoti.build_packages(folder, load_manifest(folder), tiny_model, ("fp32",), "cpu", tolerant=True)["fp32"]
+    assert entry["passed"] is True and entry["scma"] == "reference" and "error" not in entry
+    assert "illegal instruction" in entry["scma_error"]
+    assert sorted(entry["graphs"]) == sorted(GRAPHS) and load_manifest(folder)["aoti"]["fp32"] == entry
+    for graph in entry["graphs"].values():
+        assert os.path.isfile(os.path.join(folder, graph["files"]["dynamic"]["file"]))
+    with pytest.raises(RuntimeError, match="illegal instruction"):  # a plain export stops there
+        aoti.build_packages(folder, load_manifest(folder), tiny_model, ("fp32",), "cpu")
+    assert not os.path.exists(os.path.join(folder, "aoti", "fp32", "cpu"))
+
+
+def test_cuda_batch_buckets_from_the_environment(monkeypatch):
+    from fssam.errors import ConfigError
+    from fssam.export.aoti import buckets
+
+    assert buckets(8) == (1, 2, 4, 8) and buckets(3) == (1, 2)
+    monkeypatch.setenv("FSSAM_AOTI_BUCKETS", " 8, 2 ")
+    assert buckets(8) == (1, 2, 8) and buckets(4) == (1, 2)  # batch 1 always: latency, torch-aoti
+    for bad in ("0,8", "x", "1,-2", ","):
+        monkeypatch.setenv("FSSAM_AOTI_BUCKETS", bad)
+        with pytest.raises(ConfigError, match="FSSAM_AOTI_BUCKETS"):
+            buckets(8)

@@ -114,13 +114,20 @@ def _shots_section(result: dict, shots: str, runs: dict) -> list[str]:
                 lines.append(f"| {unit} | " + " | ".join(cells) + " |")
     if runs.get("concurrency"):
         lines.append("\nServer, client-measured, concurrency sweep:\n")
-        lines.append("| concurrency | support | requests | failures | median ms | throughput episodes/s |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| concurrency | support | requests | failures | median ms | throughput episodes/s | "
+                     "cache hits | cache misses |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for row in runs["concurrency"]:
             support = "cached" if row["cached_support"] else "new"
             lines.append(f"| {row['concurrency']} | {support} | {row['requests']} | {row['failures']} | "
-                         f"{row['median_ms']:.1f} | {row['episodes_per_s']:.2f} |")
+                         f"{row['median_ms']:.1f} | {row['episodes_per_s']:.2f} | {reported(row.get('cache_hits'))} | "
+                         f"{reported(row.get('cache_misses'))} |")
     return lines + [""]
+
+
+def reported(value) -> str:
+    """A count the server may not have reported (None)."""
+    return "not reported" if value is None else str(value)
 
 
 def _timed_modes(runs: dict, units) -> list[str]:

@@ -3,6 +3,7 @@ concurrent clients, request payload. Shared by `fssam bench --modes triton` and 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -12,6 +13,13 @@ import numpy as np
 from fssam.runtime.contract import binary_masks
 
 CONCURRENCY = (1, 2, 4, 8)
+# every support set a process sends as new (Served, concurrency_sweep) has its own number, so that no
+# later level or mode repeats one an earlier one sent (which the response cache would answer)
+_FRESH = itertools.count(1)
+
+
+def next_fresh() -> int:
+    return next(_FRESH)
 
 
 def default_levels(cores: int | None = None) -> tuple[int, ...]:
@@ -34,12 +42,10 @@ class Served:
 
         self.url, self.protocol = url, protocol
         self.remote = RemoteFSSAM(url, protocol=protocol)
-        self.calls = 0
 
     def __call__(self, query, supports, masks, cache: bool):
         if not cache:
-            self.calls += 1
-            supports = fresh_support(supports, self.calls)
+            supports = fresh_support(supports, next_fresh())
         return self.remote.infer(query, supports, masks)
 
     def close(self) -> None:
@@ -47,11 +53,11 @@ class Served:
 
 
 def fresh_support(supports, counter: int):
-    """The support images with pixels (0, 0) and (0, 1) of the first image's red channel set from
-    `counter` (distinct for counters up to 65535): a different cache key, the same work."""
+    """The support images with pixels (0, 0), (0, 1) and (0, 2) of the first image's red channel set
+    from `counter` (distinct for counters below 2**24): a different cache key, the same work."""
     changed = supports.clone() if hasattr(supports, "clone") else np.array(supports, copy=True)
-    changed[..., 0, 0, 0, 0] = float(counter % 256)
-    changed[..., 0, 0, 0, 1] = float(counter // 256 % 256)
+    for column in range(3):
+        changed[..., 0, 0, 0, column] = float(counter // 256 ** column % 256)
     return changed
 
 
@@ -62,26 +68,37 @@ def payload_bytes(query, supports, masks) -> dict:
     return {"fp32": 4 * elements, "uint8": elements, "ratio": 4.0}
 
 
+def _cache_stats(url: str, protocol: str) -> dict | None:
+    from fssam.serving import ServingError
+    from fssam.serving.client import RemoteFSSAM
+
+    try:
+        with RemoteFSSAM(url, protocol=protocol) as remote:
+            return remote.cache_stats()
+    except ServingError:
+        return None
+
+
 def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client: int = 5, cached: bool = True,
                       protocol: str = "grpc") -> list[dict]:
     """Client-measured throughput with C clients sending at once (each its own connection).
     `cached`: every request repeats one support set (cache hits after the first); else every
-    request has a support set of its own (full episodes)."""
+    request has a support set this process never sent before (full episodes). Each row carries
+    Triton's own response-cache counts of support_encoder over its level (cache_hits, cache_misses):
+    what the figure measured, not what was meant."""
     from fssam.serving.client import RemoteFSSAM
 
     query, supports, masks = inputs
     masks = binary_masks(masks)
-    rows, counter = [], [1000]
+    rows = []
     for level in levels:
         latencies, errors, lock = [], [], threading.Lock()
+        before = _cache_stats(url, protocol)
 
         def client():
             with RemoteFSSAM(url, protocol=protocol) as remote:
                 for _ in range(requests_per_client):
-                    with lock:
-                        counter[0] += 1
-                        mine = counter[0]
-                    episode_supports = supports if cached else fresh_support(supports, mine)
+                    episode_supports = supports if cached else fresh_support(supports, next_fresh())
                     start = time.perf_counter()
                     try:
                         remote.infer(query, episode_supports, masks)
@@ -99,6 +116,7 @@ def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client:
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - start
+        after = _cache_stats(url, protocol)
         rows.append({
             "concurrency": level,
             "cached_support": cached,
@@ -107,5 +125,8 @@ def concurrency_sweep(url: str, inputs, levels=CONCURRENCY, requests_per_client:
             **({"first_error": errors[0]} if errors else {}),
             "median_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
             "episodes_per_s": len(latencies) / wall,
+            # None: the server did not report its statistics
+            "cache_hits": after["hits"] - before["hits"] if after and before else None,
+            "cache_misses": after["misses"] - before["misses"] if after and before else None,
         })
     return rows

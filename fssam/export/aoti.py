@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import time
 
 import torch
 
@@ -58,18 +59,24 @@ def check_target(precisions, device: str) -> None:
 
 
 def buckets(limit: int) -> tuple:
-    """The CUDA batch buckets up to `limit`; $FSSAM_AOTI_BUCKETS (e.g. "1,8") picks fewer for a short run."""
+    """The CUDA batch buckets up to `limit`; $FSSAM_AOTI_BUCKETS (e.g. "1,8") picks fewer for a short
+    run. Batch 1 is always one (latency, and the only batch of a torch-aoti repository)."""
     chosen = CUDA_BUCKETS
-    if os.environ.get("FSSAM_AOTI_BUCKETS"):
-        chosen = tuple(sorted({int(b) for b in os.environ["FSSAM_AOTI_BUCKETS"].split(",") if b.strip()}))
+    text = os.environ.get("FSSAM_AOTI_BUCKETS", "").strip()
+    if text:
+        items = [b.strip() for b in text.split(",") if b.strip()]
+        if not items or not all(b.isdigit() and int(b) >= 1 for b in items):
+            raise ConfigError(f"FSSAM_AOTI_BUCKETS={text!r}: expected a comma list of batch sizes >= 1, e.g. 1,8")
+        chosen = tuple(sorted({1, *(int(b) for b in items)}))
     return tuple(b for b in chosen if b <= limit) or (1,)
 
 
 def graph_module(model, name: str, precision: str, device: str) -> torch.nn.Module:
-    """The eager graph module a package is compiled from (the ONNX export's own)."""
+    """The eager graph module a package is compiled from (the ONNX export's own); `model` on `device`
+    (build_packages' copy: a module is never moved here, which would move the caller's model)."""
     if precision == "fp16":
         model = copy.deepcopy(model).to_dtype(torch.float16)
-    module = STAGE_MODULES[name](model.to(device)).eval()
+    module = STAGE_MODULES[name](model).eval()
     return BF16Autocast(module, device).eval() if precision == "bf16" else module
 
 
@@ -115,79 +122,86 @@ def _compile_graphs(folder: str, manifest: dict, model, precision: str, device: 
             stem = f"{name}.pt2" if size is None else f"{name}.b{size}.pt2"
             relative = os.path.join(FOLDER, precision, device, stem)
             batch = EXAMPLE_BATCH if size is None else size  # the graphs see one item per episode
+            start = time.perf_counter()
             compile_package(module, _batched(examples[name], batch, device, dtype),
                             [entry["name"] for entry in manifest["graphs"][name]["inputs"]],
                             os.path.join(folder, relative), device, limit if size is None else None)
-            files["dynamic" if size is None else str(size)] = {"file": relative,
-                                                              "sha256": file_sha256(os.path.join(folder, relative))}
+            files["dynamic" if size is None else str(size)] = {
+                "file": relative, "sha256": file_sha256(os.path.join(folder, relative)),
+                "compile_s": round(time.perf_counter() - start, 1)}  # torch.export and AOTInductor
         graphs[name] = {"files": files, "max_batch": limit}
     return graphs
 
 
-def _compile_tolerantly(folder: str, manifest: dict, model, precision: str, device: str, examples: dict, dtype,
-                        progress, record: dict) -> dict | None:
-    """_compile_graphs; where it raises, again with the reference SCMA. `record` gets what happened
-    ("scma", "scma_error", and "passed"/"error" when neither compiled: then None, with none of this
-    precision's files left)."""
-    from fssam.ops.scma import reference_scma
+def _build(folder: str, manifest: dict, model, precision: str, device: str, examples: dict, dtype, episode,
+           progress) -> dict:
+    """One precision's packages compiled, written and gated (`model` on `device`): {"graphs",
+    "parity", "passed"}; a failed gate leaves no files (graphs {})."""
+    from fssam.runtime import as_torch
+    from fssam.runtime.parity import parity_report
+    from fssam.runtime.runners.torch import TorchRunner
 
-    try:
-        return _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
-    except Exception as error:  # noqa: BLE001 (recorded: the other precisions go on)
-        record.update(scma="reference", scma_error=f"{type(error).__name__}: {first_line(error)}"[:300])
-    partial = os.path.join(folder, FOLDER, precision, device)  # this call's own files
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        with reference_scma():
-            return _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
-    except Exception as again:  # noqa: BLE001
-        shutil.rmtree(partial, ignore_errors=True)
-        record.update(passed=False, error=f"{type(again).__name__}: {first_line(again)}"[:300])
-        return None
+    graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
+    manifest["aoti"][precision]["graphs"] = graphs
+    write_manifest(folder, manifest)
+    if progress is not None:
+        progress.set_postfix_str(f"AOTInductor {precision} gate")
+    runner = as_torch(TorchRunner(folder, precision=precision, verify=False), device=device)
+    report = parity_report(model, runner, precision, episode, stages=GRAPH_ORDER)
+    report["runtime"] = runner.describe()
+    compile_s = sum(item["compile_s"] for entry in graphs.values() for item in entry["files"].values())
+    if not report["passed"]:
+        _remove(folder, precision, device)
+        graphs = {}
+    return {"graphs": graphs, "parity": report, "passed": bool(report["passed"]), "compile_s": round(compile_s, 1)}
+
+
+def _remove(folder: str, precision: str, device: str) -> None:
+    """This precision's package folder (build_packages' own files)."""
+    shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)
 
 
 def build_packages(folder: str, manifest: dict, model, precisions, device: str = "cpu", progress=None,
                    seed: int = 0, tolerant: bool = False) -> dict:
     """Compile, write and gate the packages; returns manifest["aoti"] ({precision: entry}). A
-    precision whose gate fails keeps its entry with passed False and its files removed. Each entry's
-    "scma" says what the packages run for SCMA: "op" (torch.ops.fssam.scma: on CUDA the Triton
-    kernels compiled in) or "reference". `tolerant` (`fssam deploy --device cuda`): a precision
-    whose compilation raises is compiled again with the reference SCMA (standard torch ops; the
-    entry keeps the kernel's error in "scma_error"), and one that still fails is recorded (passed
-    False, "error") instead of ending the export."""
+    precision whose gate fails keeps its entry with passed False and its files removed. The gate
+    runs on the packages' device (eager fp32, IEEE, and eager bf16 autocast there) on a copy of
+    `model`, which stays where it is. Each entry's "scma" says what the packages run for SCMA: "op"
+    (torch.ops.fssam.scma: on CUDA the Triton kernels compiled in) or "reference". `tolerant`
+    (`fssam deploy --device cuda`): a precision whose packages raise (compiled, loaded, run or
+    captured in the gate) is built again with the reference SCMA (standard torch ops; the entry
+    keeps the kernel's error in "scma_error"), and one that still raises is recorded (passed False,
+    "error") instead of ending the export."""
     from fssam.export.onnx_export import _examples
-    from fssam.runtime import as_torch
-    from fssam.runtime.parity import parity_report, sample_episode
-    from fssam.runtime.runners.torch import TorchRunner, build_record
+    from fssam.ops.scma import reference_scma
+    from fssam.runtime.parity import sample_episode
+    from fssam.runtime.runners.torch import build_record
 
     shots = int(manifest["shots"])
-    result = dict(manifest.get("aoti", {}))
+    manifest["aoti"] = result = dict(manifest.get("aoti", {}))
+    eager = model if device == "cpu" else copy.deepcopy(model).to(device)
+    episode = tuple(t.to(device) for t in sample_episode(model.config, shots, batch=1, seed=seed + 7))
     for precision in precisions:
         dtype = torch.float16 if precision == "fp16" else torch.float32
         base = model if precision != "fp16" else copy.deepcopy(model).to_dtype(torch.float16)
         examples = _examples(base, shots, dtype, (GRAPH_ORDER,))
-        record = {**build_record(device), "scma": "op"}
-        if tolerant:
-            graphs = _compile_tolerantly(folder, manifest, model, precision, device, examples, dtype, progress, record)
-        else:
-            graphs = _compile_graphs(folder, manifest, model, precision, device, examples, dtype, progress)
-        result[precision] = {**record, "graphs": graphs or {}}
-        manifest["aoti"] = result
+        result[precision] = record = {**build_record(device), "scma": "op", "graphs": {}}
+        try:
+            record.update(_build(folder, manifest, eager, precision, device, examples, dtype, episode, progress))
+        except Exception as error:  # noqa: BLE001 (tolerant: recorded, the other precisions go on)
+            _remove(folder, precision, device)
+            if not tolerant:
+                raise
+            record.update(scma="reference", scma_error=f"{type(error).__name__}: {first_line(error)}"[:300],
+                          graphs={})
+            try:
+                with reference_scma():
+                    record.update(_build(folder, manifest, eager, precision, device, examples, dtype, episode,
+                                         progress))
+            except Exception as again:  # noqa: BLE001
+                _remove(folder, precision, device)
+                record.update(passed=False, graphs={}, error=f"{type(again).__name__}: {first_line(again)}"[:300])
         write_manifest(folder, manifest)
-        if graphs is not None:
-            if progress is not None:
-                progress.set_postfix_str(f"AOTInductor {precision} gate")
-            runner = as_torch(TorchRunner(folder, precision=precision, verify=False))
-            episode = sample_episode(model.config, shots, batch=1, seed=seed + 7)
-            report = parity_report(model, runner, precision, episode, stages=GRAPH_ORDER)
-            report["runtime"] = runner.describe()
-            result[precision]["parity"] = report
-            result[precision]["passed"] = bool(report["passed"])
-            if not report["passed"]:
-                for entry in graphs.values():
-                    for item in entry["files"].values():
-                        os.unlink(os.path.join(folder, item["file"]))
-                result[precision]["graphs"] = {}
         if progress is not None:
             progress.update()
     return result
@@ -216,7 +230,7 @@ def choose_packages(folder: str, manifest: dict, config, seed: int = 0, budget_s
             candidates[precision] = {"passed": False, "note": f"{why}: not timed"}
             continue
         runner = TorchRunner(folder, precision=precision, verify=False)
-        pair = as_torch(runner)
+        pair = as_torch(runner, device=runner.device)  # graph to graph on the device, as served in process
         device = torch.device(runner.device)
 
         def call():

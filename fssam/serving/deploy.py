@@ -59,8 +59,8 @@ SERVED, INPROCESS = "served", "plan in process"
 
 
 def _step(i: int, text: str, progress: bool) -> float:
-    if progress:
-        print(f"[{i}/{STEPS}] {text}", flush=True)
+    """The step's line (always: without progress bars too, a log shows where the time went)."""
+    print(f"[{i}/{STEPS}] {text}", flush=True)
     return time.perf_counter()
 
 
@@ -138,11 +138,12 @@ def _latency(url: str, pair, model, episode, runs: int, budget_s: float, emulate
     `warm` ran this episode in the checks: no warm-up."""
     from fssam.bench.harness import EpisodeMode, GraphMode, run_adaptive
     from fssam.bench.served import Served
+    from fssam.runtime.parity import ieee_fp32
 
     served = Served(url, protocol="http")
     try:
         modes = [EpisodeMode(SERVED, served), GraphMode(INPROCESS, pair, device=device),
-                 GraphMode(BASELINES[0], model, device=device),
+                 GraphMode(BASELINES[0], model, context=ieee_fp32, device=device),  # IEEE: no TF32 on a GPU
                  GraphMode(BASELINES[1], model, context=lambda: _autocast(device), device=device)]
         bar = tqdm(desc="latency", unit="episode", disable=not progress, leave=False)
         try:
@@ -186,10 +187,14 @@ def _print_latency(figures: dict, latency: dict, plan: str, config: str, shots: 
 
 
 def _print_throughput(rows: list[dict], payload: dict) -> None:
-    print(f"        {'clients':>7s} {'support':>8s} {'episodes/s':>11s} {'median ms':>10s} {'failures':>9s}")
+    from fssam.bench.report import reported
+
+    print(f"        {'clients':>7s} {'support':>8s} {'episodes/s':>11s} {'median ms':>10s} {'failures':>9s} "
+          f"{'cache hits':>10s} {'misses':>7s}")
     for row in rows:
         print(f"        {row['concurrency']:7d} {'cached' if row['cached_support'] else 'new':>8s} "
-              f"{row['episodes_per_s']:11.2f} {row['median_ms']:10.1f} {row['failures']:9d}")
+              f"{row['episodes_per_s']:11.2f} {row['median_ms']:10.1f} {row['failures']:9d} "
+              f"{reported(row['cache_hits']):>10s} {reported(row['cache_misses']):>7s}")
     print(f"      request payload per episode: {payload['uint8']:,} bytes as UINT8 (was {payload['fp32']:,} as FP32, "
           f"{payload['ratio']:.0f}x less)")
 
@@ -213,8 +218,10 @@ def describe_aoti(manifest: dict) -> list[str]:
             lines.append(f"      with the SCMA kernel: {package.get('scma_error')}; with the reference SCMA: "
                          f"{package['error']}")
         elif package.get("scma") == "reference":
-            lines.append(f"      SCMA as the reference's torch ops: the Triton kernel did not compile into the package "
+            lines.append(f"      SCMA as the reference's torch ops: the packages with the Triton kernel failed "
                          f"({package['scma_error']})")
+        if "compile_s" in package:
+            lines.append(f"      compiled in {package['compile_s']:.0f} s; runs as: {package['parity']['runtime']}")
     return lines
 
 
@@ -350,7 +357,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
             from fssam.runtime import as_torch
             from fssam.runtime.runners.torch import TorchRunner
 
-            pair = as_torch(TorchRunner(artifacts, precision=precision, device="cuda"))
+            pair = as_torch(TorchRunner(artifacts, precision=precision, device="cuda"), device="cuda")  # no host trips
         else:
             pair = open_plan(artifacts, manifest, threads)
         episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
@@ -387,6 +394,8 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
                          "cached and new support sets)", progress)
         bar = tqdm(total=2 * len(clients), desc="throughput", unit="level", disable=not progress, leave=False)
         throughput = []
+        if target == "cuda":  # untimed: each batch bucket's CUDA graph captured before the first timed level
+            concurrency_sweep(url, episode, (max(clients),), 1, cached=False, protocol="http")
         for cached in (True, False):
             for level in clients:
                 throughput += concurrency_sweep(url, episode, (level,), requests_per_client, cached=cached,

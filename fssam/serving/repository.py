@@ -423,7 +423,8 @@ def _torch_config(backend: str, precision: str, entry: dict, packages: dict, mod
     if backend == "python-torch":
         buckets = ",".join(sorted((key for key in packages if key != "dynamic"), key=int))
         return 'backend: "python"\n', {"runtime": "torch", "model_file": model_file, "torch_version": entry["torch"],
-                                       "torch_device": entry["device"], "torch_buckets": buckets,
+                                       "torch_device": entry["device"], "torch_gpu": entry.get("gpu", ""),
+                                       "torch_buckets": buckets,
                                        "torch_float": "float16" if precision == "fp16" else "float32",
                                        "intra_op_threads": threads}, kind
     # triton-inference-server/pytorch_backend, README "AOT Inductor Support (Beta)" and src/pt2: model.pt2

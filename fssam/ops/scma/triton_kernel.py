@@ -195,33 +195,38 @@ def _attend_keys(
 
 
 @triton.jit
+def _tile_offsets(pid_m, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """An attention program's query-tile offsets and masks. No pointer goes in: torch's analysis of
+    which arguments a kernel writes (for wrap_triton) counts every pointer passed to a helper whose
+    results reach a store's address as written, and then copies it before each launch."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs_m, tl.arange(0, BLOCK_N), offs_d, offs_d < HEAD_DIM, offs_m < N
+
+
+@triton.jit
 def _query_tile(
-    Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh,
+    Q, SK, SV, K, V, CAL, STATS, b, h, pid_bh, offs_m, offs_d, d_mask, m_mask,
     stride_qb, stride_qh, stride_qn,
     stride_skb, stride_skh,
     stride_svb, stride_svh,
     stride_kb, stride_kh,
     stride_vb, stride_vh,
-    stride_cb, stride_ch, N,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_cb, stride_ch,
     CAL_SHOTS: tl.constexpr, MAX_SLICES: tl.constexpr,
 ):
-    """What every attention program starts with: the (batch, head) bases of the key/value and
-    calibration tensors, the tile offsets and masks, and its BLOCK_M queries."""
+    """What every attention program reads first: the (batch, head) bases of the key/value and
+    calibration tensors (for loads only) and its BLOCK_M queries."""
     sk_base = SK + b * stride_skb + h * stride_skh
     sv_base = SV + b * stride_svb + h * stride_svh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     cal_base = CAL + b * stride_cb + h * stride_ch
     stats_base = STATS + pid_bh.to(tl.int64) * CAL_SHOTS * MAX_SLICES * 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < N
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    return q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask
+    return q, sk_base, sv_base, k_base, v_base, cal_base, stats_base
 
 
 @triton.jit
@@ -244,10 +249,11 @@ def _one_pass(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask = _query_tile(
-        Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh, stride_qb, stride_qh, stride_qn, stride_skb, stride_skh,
-        stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, N,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAL_SHOTS, MAX_SLICES)
+    offs_m, offs_n, offs_d, d_mask, m_mask = _tile_offsets(pid_m, N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base = _query_tile(
+        Q, SK, SV, K, V, CAL, STATS, b, h, pid_bh, offs_m, offs_d, d_mask, m_mask, stride_qb, stride_qh, stride_qn,
+        stride_skb, stride_skh, stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
+        stride_ch, CAL_SHOTS, MAX_SLICES)
     o_base = O + b * stride_ob + h * stride_oh
 
     # loop 1: row min / max of the pseudo-query scores (fp32)
@@ -337,15 +343,14 @@ def _scma_kernel(
 
 
 @triton.jit
-def _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """What both calibration kernels start with: program ids, the (batch, head), k's base for it, and
-    the row / head-dim offsets of a BLOCK_T-row tile with its head-dim mask."""
+def _key_tiles(H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """What both calibration kernels start with: program ids, the (batch, head), and the row /
+    head-dim offsets of a BLOCK_T-row tile with its head-dim mask (no pointer: see _tile_offsets)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    return pid, pid_bh, b, h, K + b * stride_kb + h * stride_kh, tl.arange(0, BLOCK_T), offs_d, offs_d < HEAD_DIM
+    return pid, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), tl.arange(0, BLOCK_T), offs_d, \
+        offs_d < HEAD_DIM
 
 
 @triton.jit
@@ -367,8 +372,8 @@ def _scma_prototype_kernel(
       * program NUM_SHOTS * NUM_SLICES + t (launched only when NUM_SHOTS > 1): keys/values
         t*BLOCK_T.. of the shot mean into SK/SV (B, H, N, c), in k's dtype (fp32 sums).
     MASKS (B, >= NUM_SHOTS, N) fp32, fp16 or bf16 (read as fp32: exact), unit stride along N."""
-    pid, pid_bh, b, h, k_base, offs_t, offs_d, d_mask = _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM, BLOCK_D,
-                                                                    BLOCK_T)
+    pid, pid_bh, b, h, offs_t, offs_d, d_mask = _key_tiles(H, HEAD_DIM, BLOCK_D, BLOCK_T)
+    k_base = K + b * stride_kb + h * stride_kh
     if pid < NUM_SHOTS * NUM_SLICES:
         shot = pid // NUM_SLICES
         part = pid % NUM_SLICES
@@ -420,8 +425,8 @@ def _scma_calibration_kernel(
     the cosine with p_s into W (B*H, NUM_SHOTS, N) and its min / max over the slice into STATS
     (B*H, NUM_SHOTS, MAX_SLICES, 2), all fp32. The attention kernels take the min / max over the
     slices and normalise (`_attend_range`)."""
-    pid, pid_bh, b, h, k_base, offs_t, offs_d, d_mask = _key_tiles(K, stride_kb, stride_kh, H, HEAD_DIM, BLOCK_D,
-                                                                    BLOCK_T)
+    pid, pid_bh, b, h, offs_t, offs_d, d_mask = _key_tiles(H, HEAD_DIM, BLOCK_D, BLOCK_T)
+    k_base = K + b * stride_kb + h * stride_kh
     shot = pid // NUM_SLICES
     part = pid % NUM_SLICES
     slices = tl.arange(0, MAX_SLICES)
@@ -514,10 +519,11 @@ def _scma_split_kernel(
     pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base, offs_m, offs_n, offs_d, d_mask, m_mask = _query_tile(
-        Q, SK, SV, K, V, CAL, STATS, b, h, pid_m, pid_bh, stride_qb, stride_qh, stride_qn, stride_skb, stride_skh,
-        stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, N,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAL_SHOTS, MAX_SLICES)
+    offs_m, offs_n, offs_d, d_mask, m_mask = _tile_offsets(pid_m, N, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    q, sk_base, sv_base, k_base, v_base, cal_base, stats_base = _query_tile(
+        Q, SK, SV, K, V, CAL, STATS, b, h, pid_bh, offs_m, offs_d, d_mask, m_mask, stride_qb, stride_qh, stride_qn,
+        stride_skb, stride_skh, stride_svb, stride_svh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
+        stride_ch, CAL_SHOTS, MAX_SLICES)
 
     # exact row min / max of the pseudo-query scores: min / max over the stats slices
     row_min = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -1054,15 +1060,17 @@ def _calibration_pass(k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, sho
     count_part = torch.empty((b * h, shots, MAX_SLICES), dtype=torch.float32, device=k.device)
     cosines = torch.empty((b * h, shots, num_tokens), dtype=torch.float32, device=k.device)
     stats = torch.empty((b * h, shots, MAX_SLICES, 2), dtype=torch.float32, device=k.device)
-    if shots > 1:
-        sk = torch.empty((b, h, num_tokens, c), dtype=k.dtype, device=k.device)
-        sv = torch.empty_like(sk)
-    else:
-        sk, sv = k, v
+    # one shot: no support-mean to write (k and v are it); the launch gets empty buffers in its place,
+    # not k and v, which torch's tracing would take as written and copy
+    mean = num_tokens if shots > 1 else 0
+    sk = torch.empty((b, h, mean, c), dtype=k.dtype, device=k.device)
+    sv = torch.empty_like(sk)
     mean_tiles = _cdiv(num_tokens, config["BLOCK_T"]) if shots > 1 else 0
     _launch("prototype", (shots * num_slices + mean_tiles, b * h),
             (k, v, masks, proto_part, count_part, sk, sv, *_strides(k), *_strides(v), *_strides(masks, 2),
              *_strides(sk), h, num_tokens, shots, num_slices, per_slice), c, k.dtype, config, traceable=traceable)
+    if shots == 1:
+        sk, sv = k, v
     _launch("calibration", (shots * num_slices, b * h),
             (k, proto_part, count_part, cosines, stats, *_strides(k), h, num_tokens, shots, num_slices, per_slice),
             c, k.dtype, config, traceable=traceable)

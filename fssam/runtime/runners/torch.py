@@ -9,12 +9,14 @@ input and output buffers on the device), and cut back. Only the graphs run here 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from fssam.errors import ConfigError, first_line
 from fssam.runtime.contract import GRAPH_ORDER
+from fssam.runtime.parity import ieee_fp32
 from fssam.runtime.runner import StageRunner
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -57,7 +59,8 @@ class _Replay:
         self.package, self.graph, self.inputs, self.outputs, self.error = package, None, None, None, None
 
     def _capture(self, args) -> None:
-        self.inputs = [a.clone() for a in args]
+        with torch.inference_mode(False):  # static inputs that a later call outside inference mode can copy into
+            self.inputs = [a.clone() for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -65,8 +68,9 @@ class _Replay:
                 self.package(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.package(*self.inputs)
+        with recover_failed_capture(graph):
+            with torch.cuda.graph(graph):
+                self.outputs = self.package(*self.inputs)
         self.graph = graph
 
     def __call__(self, *args):
@@ -84,6 +88,32 @@ class _Replay:
         self.graph.replay()
         outputs = self.outputs if isinstance(self.outputs, (tuple, list)) else (self.outputs,)
         return tuple(o.clone() for o in outputs)
+
+
+@contextlib.contextmanager
+def recover_failed_capture(graph):
+    """Around `torch.cuda.graph(graph)`: where the capture raises, put back what its exit skipped
+    (the caller's stream; the allocator's capture into the graph's pool, which otherwise makes every
+    later empty_cache and capture in the process fail), then re-raise."""
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    except RuntimeError:
+        torch.cuda.set_stream(stream)
+        try:
+            torch._C._cuda_endAllocateToPool(stream.device.index, graph.pool())
+            torch._C._cuda_releasePool(stream.device.index, graph.pool())
+        except (RuntimeError, AttributeError, TypeError):
+            pass  # the capture had already ended it
+        raise
+
+
+def load_package(path: str, device: str):
+    """A package loaded to run on `device`; CUDA ones single-threaded (one model instance, no
+    polling of its last run's event), which a CUDA graph capture needs."""
+    if device == "cuda":
+        return torch._inductor.aoti_load_package(path, run_single_threaded=True)
+    return torch._inductor.aoti_load_package(path)
 
 
 class TorchRunner(StageRunner):
@@ -117,7 +147,7 @@ class TorchRunner(StageRunner):
     def _package(self, name: str, key: str):
         if (name, key) not in self.loaded:
             entry = self.entry["graphs"][name]["files"][key]
-            package = torch._inductor.aoti_load_package(os.path.join(self.artifacts, entry["file"]))
+            package = load_package(os.path.join(self.artifacts, entry["file"]), self.device)
             self.loaded[(name, key)] = _Replay(package) if self.device == "cuda" and self.cuda_graphs else package
         return self.loaded[(name, key)]
 
@@ -128,11 +158,13 @@ class TorchRunner(StageRunner):
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
         args = [t.to(self.device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous() for t in tensors]
         files = self.entry["graphs"][name]["files"]
-        if "dynamic" in files:
-            with torch.no_grad():
+        # as gated: no TF32 (ATen convolutions and matmuls in a package read the flags when they run,
+        # and a CUDA graph keeps those of its capture)
+        with ieee_fp32(), torch.no_grad():
+            if "dynamic" in files:
                 out = self._package(name, "dynamic")(*args)
-        else:
-            out = self._bucketed(name, files, args)
+            else:
+                out = self._bucketed(name, files, args)
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return out if len(out) > 1 else out[0]
 
@@ -148,8 +180,7 @@ class TorchRunner(StageRunner):
             chunk = [a[start:start + take] for a in args]
             if take < size:
                 chunk = [torch.cat([c, c[-1:].expand(size - take, *c.shape[1:])]) for c in chunk]
-            with torch.no_grad():
-                out = self._package(name, str(size))(*chunk)
+            out = self._package(name, str(size))(*chunk)
             out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
             results.append(tuple(o[:take] for o in out))
             start += take

@@ -10,9 +10,9 @@ Config parameters:
   intra_op_threads     ONNX Runtime / torch threads (0: the runtime's default)
   openvino_properties  JSON of the compile_model properties, written by the generator from
                        fssam.runtime.runners.openvino.compile_properties (precision hint, threads)
-  torch_version, torch_device, torch_float, torch_buckets
+  torch_version, torch_device, torch_gpu, torch_float, torch_buckets
                        torch: the torch that built the packages (the only one that loads them), cpu or
-                       cuda, the float dtype the packages take (float16 for fp16 ones), and the batch
+                       cuda, the GPU model that built CUDA ones (the only one they run on), the float dtype the packages take (float16 for fp16 ones), and the batch
                        buckets of static CUDA packages ("1,2,4,8"; empty: one package, dynamic batch)
   cache_key_inputs     inputs that are part of the request (and so of Triton's response-cache key)
                        but not of the graph: support_key, the validate step's HMAC of the support set
@@ -136,7 +136,14 @@ class TorchStage:
             if not torch.cuda.is_available():
                 raise ValueError("the AOTInductor packages were built for CUDA and this server has no CUDA GPU")
             self.device = torch.device("cuda", int(params.get("device_id", "0")))
+            built_on, here = params.get("torch_gpu", ""), torch.cuda.get_device_name(self.device)
+            if built_on and built_on != here:
+                raise ValueError(f"the AOTInductor packages were built on a {built_on}, this server's GPU "
+                                 f"{self.device.index} is a {here}: export them again on this GPU")
             torch.cuda.set_device(self.device)
+            # as gated at export: IEEE fp32, no TF32 (ATen convolutions and matmuls in a package read
+            # these flags when they run; a CUDA graph keeps those of its capture)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         threads = int(params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -145,7 +152,10 @@ class TorchStage:
         folder, index = os.path.dirname(path), self.device.index if self.device.type == "cuda" else -1
 
         def load(file):
-            return torch._inductor.aoti_load_package(os.path.join(folder, file), device_index=index)
+            # CUDA: single-threaded (one model instance, no polling of its last run's event inside a
+            # CUDA graph capture); the stub runs one request at a time
+            return torch._inductor.aoti_load_package(os.path.join(folder, file), run_single_threaded=index >= 0,
+                                                     device_index=index)
 
         self.packages = ({b: load(f"model.b{b}.pt2") for b in self.buckets} if self.buckets
                          else {None: load(os.path.basename(path))})
@@ -165,19 +175,31 @@ class TorchStage:
         """A CUDA graph of the bucket's package on static copies of `args`, after two warm-up calls
         on a side stream (autotuned kernels, the allocator); None, logged once, when it fails."""
         torch = self.torch
+        caller = torch.cuda.current_stream()
+        graph = None
         try:
-            inputs = [a.clone() for a in args]
+            with torch.inference_mode(False):
+                inputs = [a.clone() for a in args]
             stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(caller)
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self.packages[size](*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
+            caller.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self.packages[size](*inputs)
             return graph, inputs, list(out) if isinstance(out, (tuple, list)) else [out]
         except RuntimeError as error:
+            # what a failed capture's exit skips: the caller's stream, and the allocator's capture into
+            # the graph's pool (left open, it fails every later empty_cache and capture)
+            torch.cuda.set_stream(caller)
+            if graph is not None:
+                try:
+                    torch._C._cuda_endAllocateToPool(self.device.index, graph.pool())
+                    torch._C._cuda_releasePool(self.device.index, graph.pool())
+                except (RuntimeError, AttributeError, TypeError):
+                    pass
             torch.cuda.synchronize()
             pb_utils.Logger.log_warn(f"bucket {size}: CUDA graph capture failed, the package runs without one: "
                                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
