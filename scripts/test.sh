@@ -25,7 +25,7 @@ mkdir "$FSSAM_TEST_ARTIFACTS"
 export REPORTS="$reports"
 # longest first (as measured on a 2-core EPYC), so the two lanes end together; test_kernels second:
 # it reads no export, so it runs while test_export makes the tiny export the others wait for
-order="test_export test_kernels test_bench test_runtime test_serving test_graph_plan test_torch_backend test_cli_predict test_files test_front test_predict test_server"
+order="test_export test_kernels test_serving test_bench test_runtime test_graph_plan test_torch_backend test_cli_predict test_files test_front test_predict test_server"
 files=$( (for name in $order; do echo "tests/$name.py"; done; ls tests/test_*.py) | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 status=0
 echo "$files" | xargs -P "${FSSAM_TEST_JOBS:-2}" -I{} bash -c '

@@ -727,6 +727,37 @@ def test_deploy_tiny_end_to_end(tmp_path):
     assert fresh.returncode == 1 and not (tmp_path / "e").exists(), fresh.stderr
 
 
+def test_deploy_of_aoti_packages_on_the_cpu(tmp_path):
+    """`fssam deploy --device cpu --precisions fp32`: the branch a GPU deploy takes (AOTInductor packages
+    gated and timed, served by python-torch behind the front, checked against eager and the same
+    packages in process, latency vs both eager baselines, throughput), on CPU packages."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fssam.cli", "deploy", "--config", "tiny", "--device", "cpu",
+                             "--precisions", "fp32", "--out", str(tmp_path / "d"), "--runs", "3", "--budget-s", "3",
+                             "--no-progress", "--clients", "1,2"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "[6/6] throughput" in out and "AOTInductor CPU packages at fp32" in out and "PASS" in out
+    assert "torch AOTInductor fp32" in out and "<- chosen" in out and "compiled in" in out
+    figures = json.loads((tmp_path / "d" / "deploy.json").read_text())
+    info = json.loads((tmp_path / "d" / "repository" / "fssam_repository.json").read_text())
+    assert figures["passed"] and figures["device"] == "cpu" and figures["plan"] == {"torch aoti": "fp32"}
+    assert figures["backend"] == info["backend"] == "python-torch" and figures["precision"] == "fp32"
+    entry = figures["aoti"]["fp32"]
+    assert entry["passed"] and entry["scma"] == "op" and entry["compile_s"] > 0 and entry["device"] == "cpu"
+    assert figures["plan_candidates"]["fp32"]["passed"] and figures["plan_candidates"]["fp32"]["ms"] > 0
+    for name in ("gate_episode", "fresh_episode"):  # the same packages served and in process
+        same = figures["served_vs_inprocess"][name]
+        assert same["max_abs"] <= same["limit"], (name, same)
+    for label in ("eager fp32", "eager bf16 autocast"):
+        assert figures["speedups"][label]["episode"] > 0 and figures[label]["runs"] >= 1
+    for row in figures["throughput"]:
+        assert row["failures"] == 0 and (row["cache_hits"], row["cache_misses"]) == (
+            (row["requests"], 0) if row["cached_support"] else (0, row["requests"])), row
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the refusal is for machines without")
 def test_deploy_on_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path):
     import subprocess
@@ -740,12 +771,12 @@ def test_deploy_on_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path
 
 
 @pytest.mark.parametrize("device, precisions, message", [
-    ("cpu", "bf16", "--precisions is for --device cuda"),
+    ("cpu", "fp32,fp16", "--precisions fp16 is for --device cuda"),
     ("cpu", "bf16,fp8", "--precisions bf16,fp8: expected a comma list of fp32, bf16, fp16"),
 ])
 def test_deploy_precisions_are_checked_in_one_line_before_any_work(tmp_path, device, precisions, message):
-    """--precisions picks the AOTInductor candidates of a CUDA deploy: with the CPU plan, or naming an
-    unknown precision (refused first, on any machine), one error line and no --out."""
+    """--precisions picks the AOTInductor candidates: fp16 on the CPU, or an unknown precision (refused
+    first, on any machine), is one error line and no --out."""
     import subprocess
     import sys
 

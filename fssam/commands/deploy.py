@@ -43,8 +43,9 @@ def register(subparsers) -> None:
                              "sees one; there the candidates are AOTInductor CUDA packages at bf16, fp16 and fp32, "
                              "served by python-torch)")
     deploy.add_argument("--precisions", default=None,
-                        help="with --device cuda: the AOTInductor precisions tried, a comma list of bf16, fp16, fp32 "
-                             "(default all three; fewer compile faster)")
+                        help="the AOTInductor precisions tried, a comma list of bf16, fp16, fp32: with --device cuda "
+                             "(default all three; fewer compile faster); with --device cpu, packages (fp32, bf16 on a "
+                             "CPU with native bf16) served by python-torch instead of the graph plan")
     deploy.add_argument("--no-progress", action="store_true")
     deploy.set_defaults(func=handle)
 

@@ -42,7 +42,7 @@ def parse_precisions(text, flag: str = "--aoti") -> tuple:
     return tuple(dict.fromkeys(items))
 
 
-def check_target(precisions, device: str) -> None:
+def check_target(precisions, device: str, flag: str = "--aoti") -> None:
     """ConfigError (one line) for a device this machine lacks or a precision it cannot build there."""
     from fssam.runtime import cpu
 
@@ -52,9 +52,9 @@ def check_target(precisions, device: str) -> None:
         raise ConfigError("--device cuda: this machine has no CUDA GPU that torch can use; build CPU packages with "
                           "--device cpu, or export on the GPU machine that will serve them")
     if device == "cpu" and "fp16" in precisions:
-        raise ConfigError("--aoti fp16 is for --device cuda (CPUs have no fast fp16 matrix kernels); use fp32 or bf16")
+        raise ConfigError(f"{flag} fp16 is for --device cuda (CPUs have no fast fp16 matrix kernels); use fp32 or bf16")
     if device == "cpu" and "bf16" in precisions and not cpu.native_bf16():
-        raise ConfigError(f"--aoti bf16 on the CPU needs native bf16 ({' or '.join(cpu.NATIVE_BF16_FLAGS)}); this "
+        raise ConfigError(f"{flag} bf16 on the CPU needs native bf16 ({' or '.join(cpu.NATIVE_BF16_FLAGS)}); this "
                           f"one has neither: {cpu.describe()}")
 
 

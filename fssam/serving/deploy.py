@@ -226,15 +226,16 @@ def describe_aoti(manifest: dict) -> list[str]:
 
 
 def _export(config, artifacts, checkpoint, shots, seed, progress, calibration, threads, overrides,
-            device: str = "cpu", precisions: tuple = CUDA_PRECISIONS) -> dict:
+            device: str = "cpu", precisions: tuple | None = None) -> dict:
     from fssam.export import export
     from fssam.export.graph_plan import describe
 
-    if device == "cuda":
-        start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) as AOTInductor CUDA packages at "
-                         f"{', '.join(precisions)}, each gated and timed on this GPU -> {artifacts}", progress)
+    if precisions:
+        where = "this GPU" if device == "cuda" else "this CPU"
+        start = _step(1, f"export {config} ({shots}-shot, the two deployable graphs) as AOTInductor {device.upper()} "
+                         f"packages at {', '.join(precisions)}, each gated and timed on {where} -> {artifacts}", progress)
         manifest = export(config, out=artifacts, checkpoint=checkpoint, shots=shots, precision="fp32", seed=seed,
-                          progress=progress, stages=False, aoti=precisions, aoti_device="cuda", aoti_plan=True,
+                          progress=progress, stages=False, aoti=precisions, aoti_device=device, aoti_plan=True,
                           **overrides)
         lines = describe_aoti(manifest)
     else:
@@ -274,11 +275,12 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     """`overrides`: num_refine, refine_version, scma_mode, as `fssam.model.build` takes them (None: the
     config's). `runs`: at least this many timed episodes per latency mode; `budget_s`: a mode stops
     once its median is stable or it has spent this many seconds. `device`: auto, cpu or cuda (see
-    the module docstring); `precisions`: with device cuda, the AOTInductor precisions tried (a comma
-    list or a sequence; default bf16, fp16, fp32)."""
+    the module docstring); `precisions`: the AOTInductor precisions tried (a comma list or a
+    sequence): on cuda (default bf16, fp16, fp32); on the CPU, given, the packages (fp32, bf16 on a
+    native-bf16 CPU) gated, timed and served by python-torch there instead of the graph plan."""
     from fssam.bench.report import machine
     from fssam.device import resolve_device
-    from fssam.export.aoti import parse_precisions
+    from fssam.export.aoti import check_target, parse_precisions
     from fssam.bench.served import concurrency_sweep, default_levels, payload_bytes
     from fssam.export.graph_plan import open_plan
     from fssam.model import build, get_config
@@ -293,10 +295,10 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     target = resolve_device(device).type  # cuda without a GPU: one ConfigError line, before any work
     if precisions is not None:
         precisions = parse_precisions(precisions, "--precisions")
-        if target != "cuda":
-            raise ConfigError("--precisions is for --device cuda (the AOTInductor candidates); on the CPU every "
-                              "runtime and precision of this machine is planned")
-    precisions = precisions or CUDA_PRECISIONS
+        check_target(precisions, target, "--precisions")  # fp16 on the CPU, bf16 on a CPU without it: one line
+    elif target == "cuda":
+        precisions = CUDA_PRECISIONS
+    packages = bool(precisions)  # AOTInductor packages served by python-torch, not the CPU graph plan
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
     if not budget_s > 0:
@@ -327,7 +329,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     phases["export_and_plan_s"] = time.perf_counter() - begin
     weights = manifest["weights"]
     plan = plan_label(manifest)
-    if target == "cuda":
+    if packages:
         precision = manifest["aoti_plan"]["chosen"]
         backend, kind = "python-torch", REFERENCE[precision]
     else:
@@ -353,11 +355,11 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
               f"{server.http_url} behind it)", flush=True)
         start = _step(4, "the gate's episode through the ensemble vs eager PyTorch; the response cache", progress)
         model = build(config, checkpoint=checkpoint, seed=seed, **overrides).to(target)
-        if target == "cuda":
+        if packages:
             from fssam.runtime import as_torch
             from fssam.runtime.runners.torch import TorchRunner
 
-            pair = as_torch(TorchRunner(artifacts, precision=precision, device="cuda"), device="cuda")  # no host trips
+            pair = as_torch(TorchRunner(artifacts, precision=precision, device=target), device=target)  # no host trips
         else:
             pair = open_plan(artifacts, manifest, threads)
         episode = sample_episode(model.config, shots, batch=1, seed=seed + GATE_EPISODE_SEED)
@@ -419,10 +421,10 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     result = {
         "format": DEPLOY_FORMAT, "config": config, "shots": shots, "weights": weights["source"], "device": target,
         **({"plan": manifest["graph_plan"]["chosen"], "plan_candidates": manifest["graph_plan"]["candidates"],
-            "plan_skipped": manifest["graph_plan"]["skipped"]} if target == "cpu" else
+            "plan_skipped": manifest["graph_plan"]["skipped"]} if not packages else
            {"plan": {"torch aoti": precision}, "plan_candidates": manifest["aoti_plan"]["candidates"],
             "aoti": {p: {k: v for k, v in e.items() if k != "graphs"} for p, e in manifest["aoti"].items()}}),
-        "backend": backend, "precision": ("reduced" if kind != "fp32" else "fp32") if target == "cpu" else precision,
+        "backend": backend, "precision": ("reduced" if kind != "fp32" else "fp32") if not packages else precision,
         "served": latency,
         "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
