@@ -241,7 +241,6 @@ def choose_packages(folder: str, manifest: dict, config, seed: int = 0, budget_s
             seconds, runs = adaptive_median(call, budget_s)
         candidates[precision] = {"passed": True, "ms": round(1000 * seconds, 3), "runs": runs,
                                  "device": runner.device}
-        del runner, pair
     timed = [(c["ms"], p) for p, c in candidates.items() if c["passed"]]
     if not timed:
         raise ParityError("AOTInductor: no precision passed its gate ("

@@ -34,7 +34,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from fssam.errors import ConfigError, InputError
+from fssam.errors import InputError
 from fssam.files import check_output_folder, json_with, write_json
 from fssam.serving import DEFAULT_CACHE_MB, ServingError
 
