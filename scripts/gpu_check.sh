@@ -103,7 +103,7 @@ if [ "$full" = 1 ]; then precisions=bf16,fp16,fp32; else precisions=bf16; export
 if [ "$serve" = 1 ]; then
     step deploy python -m fssam.cli deploy --config small --device cuda --precisions "$precisions" --out "$work/deploy"
     [ -f "$work/deploy/deploy.json" ] && cp "$work/deploy/deploy.json" "$out/deploy.json"
-    for log in "${TMPDIR:-/tmp}"/fssam-tritonserver-*.log; do [ -f "$log" ] && cp "$log" "$out/"; done
+    [ -f "$work/deploy/tritonserver.log" ] && cp "$work/deploy/tritonserver.log" "$out/deploy-tritonserver.log"
     artifacts="$work/deploy/artifacts"
 else
     echo "gpu_check: no tritonserver can run here (see preflight.log): the packages are built and gated, not served" >&2

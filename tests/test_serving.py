@@ -744,6 +744,8 @@ def test_deploy_of_aoti_packages_on_the_cpu(tmp_path):
     figures = json.loads((tmp_path / "d" / "deploy.json").read_text())
     info = json.loads((tmp_path / "d" / "repository" / "fssam_repository.json").read_text())
     assert figures["passed"] and figures["device"] == "cpu" and figures["plan"] == {"torch aoti": "fp32"}
+    log = tmp_path / "d" / "tritonserver.log"  # kept: what the served models logged
+    assert figures["server_log"] == str(log) and "successfully loaded 'query_segmenter'" in log.read_text()
     assert figures["backend"] == info["backend"] == "python-torch" and figures["precision"] == "fp32"
     entry = figures["aoti"]["fp32"]
     assert entry["passed"] and entry["scma"] == "op" and entry["compile_s"] > 0 and entry["device"] == "cpu"

@@ -444,6 +444,7 @@ def test_a_tolerant_build_whose_packages_fail_in_the_gate_is_built_again_with_th
     with pytest.raises(RuntimeError, match="illegal instruction"):  # a plain export stops there
         aoti.build_packages(folder, load_manifest(folder), tiny_model, ("fp32",), "cpu")
     assert not os.path.exists(os.path.join(folder, "aoti", "fp32", "cpu"))
+    assert load_manifest(folder)["aoti"]["fp32"]["graphs"] == {}  # the manifest lists none of the removed files
 
 
 def test_cuda_batch_buckets_from_the_environment(monkeypatch):

@@ -75,7 +75,7 @@ def _cache_stats(url: str, protocol: str) -> dict | None:
     try:
         with RemoteFSSAM(url, protocol=protocol) as remote:
             return remote.cache_stats()
-    except ServingError:
+    except (ServingError, KeyError, IndexError, ValueError):  # refused, or statistics of another shape
         return None
 
 

@@ -65,7 +65,7 @@ def buckets(limit: int) -> tuple:
     text = os.environ.get("FSSAM_AOTI_BUCKETS", "").strip()
     if text:
         items = [b.strip() for b in text.split(",") if b.strip()]
-        if not items or not all(b.isdigit() and int(b) >= 1 for b in items):
+        if not items or not all(b.isascii() and b.isdigit() and int(b) >= 1 for b in items):
             raise ConfigError(f"FSSAM_AOTI_BUCKETS={text!r}: expected a comma list of batch sizes >= 1, e.g. 1,8")
         chosen = tuple(sorted({1, *(int(b) for b in items)}))
     return tuple(b for b in chosen if b <= limit) or (1,)
@@ -156,6 +156,18 @@ def _build(folder: str, manifest: dict, model, precision: str, device: str, exam
     return {"graphs": graphs, "parity": report, "passed": bool(report["passed"]), "compile_s": round(compile_s, 1)}
 
 
+def _attempt(folder: str, manifest: dict, model, precision: str, device: str, examples: dict, dtype, episode,
+             progress, record: dict) -> Exception | None:
+    """_build into `record`; the exception it raised (its files removed, graphs {}), else None."""
+    try:
+        record.update(_build(folder, manifest, model, precision, device, examples, dtype, episode, progress))
+        return None
+    except Exception as error:  # noqa: BLE001 (the caller raises it, or records it and goes on)
+        _remove(folder, precision, device)
+        record["graphs"] = {}
+        return error
+
+
 def _remove(folder: str, precision: str, device: str) -> None:
     """This precision's package folder (build_packages' own files)."""
     shutil.rmtree(os.path.join(folder, FOLDER, precision, device), ignore_errors=True)
@@ -186,21 +198,19 @@ def build_packages(folder: str, manifest: dict, model, precisions, device: str =
         base = model if precision != "fp16" else copy.deepcopy(model).to_dtype(torch.float16)
         examples = _examples(base, shots, dtype, (GRAPH_ORDER,))
         result[precision] = record = {**build_record(device), "scma": "op", "graphs": {}}
-        try:
-            record.update(_build(folder, manifest, eager, precision, device, examples, dtype, episode, progress))
-        except Exception as error:  # noqa: BLE001 (tolerant: recorded, the other precisions go on)
-            _remove(folder, precision, device)
-            if not tolerant:
-                raise
-            record.update(scma="reference", scma_error=f"{type(error).__name__}: {first_line(error)}"[:300],
-                          graphs={})
-            try:
-                with reference_scma():
-                    record.update(_build(folder, manifest, eager, precision, device, examples, dtype, episode,
-                                         progress))
-            except Exception as again:  # noqa: BLE001
-                _remove(folder, precision, device)
-                record.update(passed=False, graphs={}, error=f"{type(again).__name__}: {first_line(again)}"[:300])
+        failed = _attempt(folder, manifest, eager, precision, device, examples, dtype, episode, progress, record)
+        if failed is not None and not tolerant:
+            write_manifest(folder, manifest)  # no files of this precision, none listed
+            raise failed
+        if failed is not None:  # its traceback dropped: the failed attempt's frames (packages, graphs) are freed
+            failed.__traceback__ = None
+            record.update(scma="reference", scma_error=f"{type(failed).__name__}: {first_line(failed)}"[:300])
+            del failed
+            with reference_scma():
+                again = _attempt(folder, manifest, eager, precision, device, examples, dtype, episode, progress,
+                                 record)
+            if again is not None:
+                record.update(passed=False, error=f"{type(again).__name__}: {first_line(again)}"[:300])
         write_manifest(folder, manifest)
         if progress is not None:
             progress.update()

@@ -28,6 +28,7 @@ fp32 (IEEE: no TF32) and eager bf16 autocast on the same GPU.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -42,6 +43,7 @@ GATE_EPISODE_SEED = 7  # fssam.export gates on sample_episode(seed + 7)
 FRESH_EPISODE_SEED = 1000  # an episode no gate saw, for the served-vs-in-process check
 STEPS = 6
 RESULT_FILE = "deploy.json"
+SERVER_LOG = "tritonserver.log"
 DEPLOY_FORMAT = "fssam-deploy/2"  # deploy.json: the folder is a deploy run's own, which a later run may replace
 OLDER_FORMATS = ("fssam-deploy/1",)
 BASELINES = ("eager fp32", "eager bf16 autocast")
@@ -260,12 +262,15 @@ def _forget_earlier_run(out: str, repository: str) -> None:
     self-consistent export (and perhaps its new repository), never files of two models with a
     deploy.json describing one of them."""
     from fssam.serving.repository import remove_repository
+    from fssam.serving.server import written_log
 
     if os.path.isdir(repository):
         remove_repository(repository)
-    result = os.path.join(out, RESULT_FILE)
+    result, log = os.path.join(out, RESULT_FILE), os.path.join(out, SERVER_LOG)
     if os.path.isfile(result):
         os.remove(result)
+    if os.path.isfile(log) and written_log(log):  # its server's log (a file of another kind stays)
+        os.remove(log)
 
 
 def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0, runs: int = 3,
@@ -313,7 +318,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
     get_config(config, **overrides)  # a bad config or option fails before any folder is made
     clients = tuple(clients or default_levels())
     out = check_output_folder(out, RESULT_FILE, json_with("format", DEPLOY_FORMAT, *OLDER_FORMATS), "--out",
-                              (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*"))
+                              (r"artifacts", r"repository", r"\.(artifacts|repository)\.partial-.*", re.escape(SERVER_LOG)))
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     artifacts, repository = os.path.join(out, "artifacts"), os.path.join(out, "repository")
@@ -344,7 +349,8 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
 
     start = _step(3, f"start tritonserver on 127.0.0.1 (free ports, response cache {cache_mb} MB) behind the front",
                   progress)
-    server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=cache_mb)
+    server_log = os.path.join(out, SERVER_LOG)  # kept: what the served models said (a failed CUDA graph capture)
+    server = TritonServer(repository, http_port=0, grpc_port=0, cache_mb=cache_mb, log_path=server_log)
     server.start()
     front = None
     try:
@@ -396,8 +402,9 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
                          "cached and new support sets)", progress)
         bar = tqdm(total=2 * len(clients), desc="throughput", unit="level", disable=not progress, leave=False)
         throughput = []
-        if target == "cuda":  # untimed: each batch bucket's CUDA graph captured before the first timed level
-            concurrency_sweep(url, episode, (max(clients),), 1, cached=False, protocol="http")
+        if target == "cuda":  # untimed, each level once: the batch buckets' CUDA graphs captured before timing
+            for level in clients:
+                concurrency_sweep(url, episode, (level,), 1, cached=False, protocol="http")
         for cached in (True, False):
             for level in clients:
                 throughput += concurrency_sweep(url, episode, (level,), requests_per_client, cached=cached,
@@ -429,7 +436,7 @@ def deploy(config: str, out: str, checkpoint=None, shots: int = 1, seed: int = 0
         "end_to_end": end, "passed": not failures, "served_vs_inprocess": vs_inprocess,
         "cache_check": cache, **figures, "throughput": throughput, "payload_bytes": payload,
         "phases": phases, "wall_s": phases["total_s"], "machine": machine(), "artifacts": artifacts,
-        "repository": repository,
+        "repository": repository, "server_log": server_log,
     }
     write_json(os.path.join(out, RESULT_FILE), result)
     if failures:

@@ -67,9 +67,9 @@ class _Replay:
             for _ in range(2):  # warm up (autotuned kernels, allocator) before capture
                 self.package(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with recover_failed_capture(graph):
-            with torch.cuda.graph(graph):
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        with recover_failed_capture(pool):
+            with torch.cuda.graph(graph, pool=pool):
                 self.outputs = self.package(*self.inputs)
         self.graph = graph
 
@@ -78,7 +78,7 @@ class _Replay:
             try:
                 self._capture(args)
             except RuntimeError as error:
-                self.error = first_line(error)
+                self.error = capture_error(error)
                 self.inputs = self.outputs = None
                 torch.cuda.synchronize()
         if self.graph is None:
@@ -91,21 +91,30 @@ class _Replay:
 
 
 @contextlib.contextmanager
-def recover_failed_capture(graph):
-    """Around `torch.cuda.graph(graph)`: where the capture raises, put back what its exit skipped
-    (the caller's stream; the allocator's capture into the graph's pool, which otherwise makes every
-    later empty_cache and capture in the process fail), then re-raise."""
+def recover_failed_capture(pool):
+    """Around `torch.cuda.graph(graph, pool=pool)`: where the capture raises, put back what its exit
+    skipped (the caller's stream; the allocator's capture into `pool`, which left open makes every
+    later empty_cache and capture in the process fail; a failed graph cannot name its pool), then
+    re-raise."""
     stream = torch.cuda.current_stream()
     try:
         yield
     except RuntimeError:
         torch.cuda.set_stream(stream)
         try:
-            torch._C._cuda_endAllocateToPool(stream.device.index, graph.pool())
-            torch._C._cuda_releasePool(stream.device.index, graph.pool())
-        except (RuntimeError, AttributeError, TypeError):
-            pass  # the capture had already ended it
+            torch._C._cuda_endAllocateToPool(stream.device.index, pool)
+        except RuntimeError:
+            pass  # the capture got as far as ending it (the graph releases the pool)
+        else:
+            torch._C._cuda_releasePool(stream.device.index, pool)
         raise
+
+
+def capture_error(error: BaseException) -> str:
+    """One line for a failed capture: the operation that broke it (CUDA reports the capture's end
+    failing "due to a previous error", with the cause as the exception's context) and that end."""
+    cause = error.__context__
+    return f"{first_line(cause)} (then: {first_line(error)})" if cause is not None else first_line(error)
 
 
 def load_package(path: str, device: str):

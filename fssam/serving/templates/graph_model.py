@@ -176,7 +176,7 @@ class TorchStage:
         on a side stream (autotuned kernels, the allocator); None, logged once, when it fails."""
         torch = self.torch
         caller = torch.cuda.current_stream()
-        graph = None
+        pool = None
         try:
             with torch.inference_mode(False):
                 inputs = [a.clone() for a in args]
@@ -186,23 +186,28 @@ class TorchStage:
                 for _ in range(2):
                     self.packages[size](*inputs)
             caller.wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=pool):
                 out = self.packages[size](*inputs)
             return graph, inputs, list(out) if isinstance(out, (tuple, list)) else [out]
         except RuntimeError as error:
             # what a failed capture's exit skips: the caller's stream, and the allocator's capture into
             # the graph's pool (left open, it fails every later empty_cache and capture)
             torch.cuda.set_stream(caller)
-            if graph is not None:
+            if pool is not None:  # a failed graph cannot name its pool: the capture's own handle
                 try:
-                    torch._C._cuda_endAllocateToPool(self.device.index, graph.pool())
-                    torch._C._cuda_releasePool(self.device.index, graph.pool())
-                except (RuntimeError, AttributeError, TypeError):
-                    pass
+                    torch._C._cuda_endAllocateToPool(self.device.index, pool)
+                except RuntimeError:
+                    pass  # the capture got as far as ending it (the graph releases the pool)
+                else:
+                    torch._C._cuda_releasePool(self.device.index, pool)
             torch.cuda.synchronize()
-            pb_utils.Logger.log_warn(f"bucket {size}: CUDA graph capture failed, the package runs without one: "
-                                     f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            def line(e):
+                return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+            # CUDA: the capture's end fails "due to a previous error", the cause being its context
+            cause = f"{line(error.__context__)} (then: {line(error)})" if error.__context__ else line(error)
+            pb_utils.Logger.log_warn(f"bucket {size}: CUDA graph capture failed, the package runs without one: {cause}")
             return None
 
     def _call(self, size, args):
