@@ -24,8 +24,9 @@ def next_fresh() -> int:
 
 def default_levels(cores: int | None = None) -> tuple[int, ...]:
     """The client counts worth measuring on this machine: CONCURRENCY up to its cores (at least
-    2). Past that the requests only queue: on two cores 4 clients gave what 2 gave (0.44 and 0.43
-    episodes/s with new support sets, 0.58 and 0.63 cached; benchmarks/results/cpu-small-1shot-deploy)."""
+    2). Past that the requests only queue: on two cores 4 clients gave what 2 gave (0.58 and 0.63
+    episodes/s cached; new support sets 0.35 at 2 clients, benchmarks/results/cpu-small-1shot-deploy,
+    deploy-run5: the earlier 0.43-0.44 counted cache hits)."""
     import os
 
     cores = cores or os.cpu_count() or 1
