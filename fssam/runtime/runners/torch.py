@@ -95,7 +95,8 @@ def recover_failed_capture(pool):
     """Around `torch.cuda.graph(graph, pool=pool)`: where the capture raises, put back what its exit
     skipped (the caller's stream; the allocator's capture into `pool`, which left open makes every
     later empty_cache and capture in the process fail; a failed graph cannot name its pool), then
-    re-raise."""
+    re-raise. The served python-torch model (serving/templates/graph_model.py, which imports no
+    fssam) writes the same steps out in TorchStage._capture."""
     stream = torch.cuda.current_stream()
     try:
         yield

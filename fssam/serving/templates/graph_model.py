@@ -64,6 +64,10 @@ class NumpyIO:
 RUNTIMES = {}
 
 
+def _first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 # >>> runtime onnxruntime
 class OnnxRuntimeStage(NumpyIO):
     def __init__(self, path, params, inputs, outputs):
@@ -173,7 +177,9 @@ class TorchStage:
 
     def _capture(self, size, args):
         """A CUDA graph of the bucket's package on static copies of `args`, after two warm-up calls
-        on a side stream (autotuned kernels, the allocator); None, logged once, when it fails."""
+        on a side stream (autotuned kernels, the allocator); None, logged once, when it fails. The
+        twin of fssam.runtime.runners.torch._Replay and recover_failed_capture, written out here
+        because a repository's model files import no fssam."""
         torch = self.torch
         caller = torch.cuda.current_stream()
         pool = None
@@ -202,11 +208,9 @@ class TorchStage:
                 else:
                     torch._C._cuda_releasePool(self.device.index, pool)
             torch.cuda.synchronize()
-            def line(e):
-                return str(e).splitlines()[0] if str(e) else type(e).__name__
-
             # CUDA: the capture's end fails "due to a previous error", the cause being its context
-            cause = f"{line(error.__context__)} (then: {line(error)})" if error.__context__ else line(error)
+            cause = (f"{_first_line(error.__context__)} (then: {_first_line(error)})" if error.__context__
+                     else _first_line(error))
             pb_utils.Logger.log_warn(f"bucket {size}: CUDA graph capture failed, the package runs without one: {cause}")
             return None
 
