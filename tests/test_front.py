@@ -907,7 +907,7 @@ def _self_signed(folder: Path):
     return cert, key
 
 
-def test_api_keys_and_tls(repository, runner, tmp_path):
+def test_api_keys_and_tls(repository, runner, image_files, tmp_path):
     api_key = "k3y-" + "x" * 20
     cert, key = _self_signed(tmp_path)
     tls = ["--tls-cert", str(cert), "--tls-key", str(key)] if cert is not None else []
@@ -943,8 +943,38 @@ def test_api_keys_and_tls(repository, runner, tmp_path):
         with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP to the HTTPS port
             call(served.url.replace("https://", "http://"), "GET", "/v2/health/ready", timeout=10)
         assert call(served.url, "GET", "/v2/health/ready", context=context).status == 200
+        _client_over_tls(served.url, api_key, cert, expected, image_files, tmp_path)
     finally:
         assert served.stop() == 0, "".join(filter(None, served.stderr))
+
+
+def _client_over_tls(url, api_key, cert, expected, image_files, tmp_path):
+    """fssam's client library and `fssam predict --url https://... --cacert` against the front's TLS."""
+    from PIL import Image
+
+    from fssam.serving import ServingError
+    from fssam.serving.client import RemoteFSSAM
+
+    episode = (GOOD["query"], GOOD["support_images"], GOOD["support_masks"])
+    with RemoteFSSAM(url, protocol="http", api_key=api_key, ca_file=str(cert)) as remote:
+        assert np.abs(np.asarray(remote.infer(*episode)) - expected).max() <= 1e-6
+    with RemoteFSSAM(url, protocol="http", api_key=api_key) as remote:  # the system's CAs do not know it
+        with pytest.raises(ServingError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            remote.infer(*episode)
+    with pytest.raises(ServingError, match="cannot be used"):
+        RemoteFSSAM(url, protocol="http", ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(ServingError, match=r"is for an https:// URL"):
+        RemoteFSSAM(url.replace("https://", "http://"), protocol="http", ca_file=str(cert))
+    out = tmp_path / "tls.png"
+    predict = [sys.executable, "-m", "fssam.cli", "predict", "--url", url, "--support", str(image_files["support"]),
+               "--support-mask", str(image_files["support_mask"]), "--query", str(image_files["query"]),
+               "--out", str(out), "--api-key", api_key]
+    refused = subprocess.run(predict, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "certificate verify failed" in refused.stderr.lower() and not out.exists(), refused.stderr
+    result = subprocess.run(predict + ["--cacert", str(cert)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 255}
 
 
 # ---------------------------------------------------------------- 11: CLI refusals

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                               "tritonserver itself, e.g. fssam serve --no-front)")
     predict.add_argument("--api-key", default=os.environ.get("FSSAM_API_KEY"),
                          help="with --url: the front's API key (default $FSSAM_API_KEY); an https:// --url speaks TLS")
+    predict.add_argument("--cacert", default=None, metavar="PEM",
+                         help="with an https:// --url: the CA certificate(s) that the front's certificate is checked "
+                              "against (default: the system's CAs), e.g. fssam serve's own self-signed --tls-cert")
     predict.add_argument("--precision", default=None,
                          help="eager: fp32 (default) or bf16 (the fp32 model under torch.autocast bf16, as the "
                          "official test; logits float32)")
@@ -96,7 +99,7 @@ def _predict_remote(args) -> int:
 
     _refuse_remote_model_options(args)
     wanted = get_config(args.config).image_size if args.config else None  # unknown name: fails before connecting
-    with RemoteFSSAM(args.url, protocol=args.protocol, api_key=args.api_key) as remote:
+    with RemoteFSSAM(args.url, protocol=args.protocol, api_key=args.api_key, ca_file=args.cacert) as remote:
         size = int(remote.metadata()["inputs"][0]["shape"][-1])  # the served config's image size
         if wanted is not None and wanted != size:
             raise ConfigError(

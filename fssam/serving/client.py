@@ -40,6 +40,17 @@ def _uint8(x, name: str, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _tls_context(ca_file: str | None):
+    """The client's TLS context: the server's certificate checked against the system's CAs or the
+    PEM certificates of `ca_file`, made now so that a bad file is one error line before any request."""
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except OSError as error:  # a missing file, or one that holds no PEM certificate (ssl.SSLError)
+        raise ServingError(f"CA file {ca_file!r} cannot be used: {' '.join(str(error).split())}") from None
+
+
 class RemoteFSSAM:
     """A connection to the `fssam` ensemble; `infer` returns logits (B,1,S,S) float32.
 
@@ -52,6 +63,8 @@ class RemoteFSSAM:
         self.tls = url.startswith("https://")
         if self.tls and protocol != "http":
             raise ServingError(f"{url}: https is for the HTTP protocol (the front); use --protocol http")
+        if ca_file is not None and not self.tls:
+            raise ServingError(f"a CA file ({ca_file}) is for an https:// URL, not {url}")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.address = _address(url, protocol)
         self.model = model
@@ -69,9 +82,8 @@ class RemoteFSSAM:
         else:
             kwargs = {"connection_timeout": timeout, "network_timeout": timeout} if timeout else {}
             if self.tls:
-                import ssl
-
-                kwargs.update(ssl=True, ssl_context_factory=lambda: ssl.create_default_context(cafile=ca_file))
+                context = _tls_context(ca_file)
+                kwargs.update(ssl=True, ssl_context_factory=lambda: context)
             self.client = module.InferenceServerClient(self.address, **kwargs)
 
     def _unreachable(self, error) -> ServingError:
@@ -189,13 +201,15 @@ class RemoteFSSAM:
 
 
 def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", model: str = ENSEMBLE_MODEL,
-                   timeout: float | None = 120.0, api_key: str | None = None) -> torch.Tensor:
+                   timeout: float | None = 120.0, api_key: str | None = None,
+                   ca_file: str | None = None) -> torch.Tensor:
     """Logits (B,1,S,S) float32 of one episode (B = 1 for `fssam predict`) from a running server.
 
-    url: host:port of the gRPC (default port 8001) or HTTP (8000) endpoint; a scheme prefix is
-    ignored. query (B,3,S,S) or (3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) with 0/1 (255 =
+    url: host:port of the gRPC (default port 8001) or HTTP (8000) endpoint; https:// speaks TLS
+    (HTTP only; `ca_file`: PEM certificates to check the server's against), another scheme prefix
+    is ignored. `api_key`: see RemoteFSSAM. query (B,3,S,S) or (3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) with 0/1 (255 =
     ignore): torch tensors or numpy arrays, RGB 0..255. Raises ServingError (an FSSAMError) with
     the server's message for rejected inputs, or when the server cannot be reached.
     """
-    with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout, api_key=api_key) as remote:
+    with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout, api_key=api_key, ca_file=ca_file) as remote:
         return remote.infer(query, supports, masks)
