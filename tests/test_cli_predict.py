@@ -180,6 +180,19 @@ def test_predict_url_refuses_precision_and_device(episode, capsys, flag, value):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("url", [None, "http://127.0.0.1:1"])
+def test_predict_cacert_needs_an_https_url(episode, capsys, url):
+    from fssam import cli
+
+    folder, pairs, query = episode
+    out = folder / "cacert.png"
+    args = [*_predict_args(pairs, query, out), "--cacert", str(folder / "ca.pem")]
+    code = cli.main(args + (["--url", url] if url else []))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "https://" in lines[0], lines
+    assert not out.exists()
+
+
 def test_predict_replaces_only_its_own_pngs(episode, tmp_path):
     """--out may be a new file or a PNG predict wrote (tagged), never an input or a user's file: those
     are refused with one line before any work, and left as they were."""

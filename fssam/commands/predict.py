@@ -54,6 +54,10 @@ def handle(args) -> int:
     _check_outputs(args)
     if args.url:
         return _predict_remote(args)
+    if args.cacert:
+        from fssam.errors import ConfigError
+
+        raise ConfigError("--cacert checks a server's certificate: it needs an https:// --url")
     args.config = args.config or "small"
     cfg = get_config(args.config)  # fail fast on an unknown config, before reading files
     precision = eager.check_eager_precision(args.precision)
