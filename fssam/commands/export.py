@@ -12,7 +12,7 @@ from fssam.runtime.contract import DEFAULT_MAX_BATCH
 def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export", help="export every stage to ONNX (+ TensorRT on a GPU, OpenVINO plans, AOTInductor packages), "
-                               "with a manifest and parity gate")
+                       "with a manifest and parity gate")
     add_model_options(export)
     export.add_argument("--shots", type=int, default=1, help="K support images per episode (fixed in the graphs)")
     export.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (bf16: opset 22, see the README)")

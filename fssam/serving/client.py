@@ -207,9 +207,10 @@ def predict_remote(url: str, query, supports, masks, protocol: str = "grpc", mod
 
     url: host:port of the gRPC (default port 8001) or HTTP (8000) endpoint; https:// speaks TLS
     (HTTP only; `ca_file`: PEM certificates to check the server's against), another scheme prefix
-    is ignored. `api_key`: see RemoteFSSAM. query (B,3,S,S) or (3,S,S), supports (B,K,3,S,S), masks (B,K,S,S) with 0/1 (255 =
-    ignore): torch tensors or numpy arrays, RGB 0..255. Raises ServingError (an FSSAMError) with
-    the server's message for rejected inputs, or when the server cannot be reached.
+    is ignored. `api_key`: see RemoteFSSAM. query (B,3,S,S) or (3,S,S), supports (B,K,3,S,S),
+    masks (B,K,S,S) with 0/1 (255 = ignore): torch tensors or numpy arrays, RGB 0..255. Raises
+    ServingError (an FSSAMError) with the server's message for rejected inputs, or when the server
+    cannot be reached.
     """
     with RemoteFSSAM(url, protocol=protocol, model=model, timeout=timeout, api_key=api_key, ca_file=ca_file) as remote:
         return remote.infer(query, supports, masks)
